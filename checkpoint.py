@@ -1,0 +1,137 @@
+"""Checkpoints: atomic writes, weights-only loading with clear refusals, and RNG state capture."""
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, not a checkpoint, or of another model."""
+
+
+def _atomic_write(path, write):
+    """Write through a temporary file in the same folder, fsync it, then os.replace it into place.
+
+    A crash at any instant leaves either the old file or the complete new one, never a torn one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
+                               dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path), atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def unwrap(model):
+    """The plain nn.Module behind DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def plain_state_dict(model):
+    """state_dict with CPU tensors and no module./_orig_mod. prefixes: loads anywhere."""
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def strip_prefixes(state_dict):
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_file(path, what='checkpoint'):
+    """torch.load(path, weights_only=True) onto the CPU, with every failure as CheckpointError."""
+    if not os.path.exists(path):
+        raise CheckpointError(f'{path} does not exist')
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a directory, not a {what}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # garbage, truncated, or a pickle that would run code
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'{path} is not a {what} that can be loaded safely '
+                              f'({type(e).__name__}: {reason[:200]})') from None
+
+
+def load_weights(model, path):
+    """Load a plain state_dict from path into model, or refuse naming the file and the model."""
+    expected = type(unwrap(model)).__name__
+    state = load_file(path, f'{expected} checkpoint')
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(f'{path} is not a {expected} checkpoint (expected a state_dict '
+                              f'of tensors, found {type(state).__name__})')
+    try:
+        unwrap(model).load_state_dict(strip_prefixes(state), strict=True)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[0]
+        raise CheckpointError(f'{path} is not a {expected} checkpoint: its weights do not fit '
+                              f'{expected} ({detail[:200]})') from None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-number state, in a form that loads with weights_only=True (tensors and plain types)
+
+def capture_rng_state():
+    np_state = np.random.get_state()
+    state = {
+        'python': random.getstate(),
+        'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    version, internal, gauss_next = state['python']
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])

@@ -1,0 +1,122 @@
+"""torchrun support: process-group set-up, reductions, and BatchNorm synchronized on any backend."""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def launched_by_torchrun():
+    return int(os.environ.get('WORLD_SIZE', '1')) > 1
+
+
+def init_distributed(device):
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a no-op otherwise.
+
+    Returns (DistInfo, device), where a CUDA device becomes this process's local GPU.
+    """
+    if not launched_by_torchrun():
+        return DistInfo(), device
+    info = DistInfo(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']),
+                    int(os.environ.get('LOCAL_RANK', '0')))
+    if device.type == 'cuda':
+        device = torch.device('cuda', info.local_rank)
+        torch.cuda.set_device(device)
+    backend = 'nccl' if device.type == 'cuda' else 'gloo'
+    # A bounded timeout: a rank that died turns into an error on the others, not a hang.
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
+                            **({'device_id': device} if backend == 'nccl' else {}))
+    return info, device
+
+
+def shutdown_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (identity in a single process)."""
+    if _active():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag, device):
+    """True on every rank when flag is true on any: all ranks stop at the same batch."""
+    if not _active():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def barrier():
+    if _active():
+        dist.barrier()
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are taken over the global batch of all ranks.
+
+    torch.nn.SyncBatchNorm runs on GPUs only; this one also runs with gloo on CPUs, so the
+    same code path is tested here. Parameter and buffer names equal BatchNorm2d's, so
+    checkpoints stay interchangeable. In a single process it is plain BatchNorm2d.
+    """
+
+    def forward(self, x):
+        if not (self.training and _active()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+        channels = x.shape[1]
+        xf = x.float()
+        count = torch.full((1,), xf.numel() / channels, device=x.device)
+        stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
+        stats = differentiable_all_reduce(stats)  # backward sums the gradients over ranks too
+        n = stats[-1]
+        mean = stats[:channels] / n
+        var = (stats[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = self.momentum if self.momentum is not None else \
+                1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            unbiased = var.detach() * n / (n - 1).clamp_min(1)
+            self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        shift = self.bias - mean * scale
+        return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
+
+
+def convert_sync_batchnorm(module):
+    """Replace every BatchNorm2d in module by SyncBatchNorm2d, keeping its weights and buffers."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm2d):
+            sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            sync.to(next(child.buffers()).device)
+            setattr(module, name, sync)
+        else:
+            convert_sync_batchnorm(child)
+    return module

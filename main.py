@@ -1,0 +1,526 @@
+"""Knowledge distillation on CIFAR-10: train a ResNet-18 teacher, then a distilled and a baseline student.
+
+    python main.py --train-teacher                  # writes best_teacher.pth
+    python main.py --temperature 4 --alpha 0.1      # writes best_student_kd.pth, best_student_base.pth
+    python main.py --evaluate                       # test accuracy of the best_*.pth in --out-dir
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+MODEL_NAMES = ('teacher', 'student_kd', 'student_base')
+# Configuration keys that change what a run computes: a resumed run must agree on all of them.
+RUN_KEYS = {
+    'teacher': ('epochs', 'batch_size', 'lr', 'weight_decay', 'seed', 'val_fraction', 'subset',
+                'precision'),
+    'students': ('epochs', 'batch_size', 'lr', 'weight_decay', 'seed', 'val_fraction', 'subset',
+                 'precision', 'temperature', 'alpha', 'no_baseline', 'teacher_sha256'),
+}
+
+
+class UsageError(Exception):
+    """Bad usage or a bad flag value: exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, instead of the usage block
+        raise UsageError(f'{message} (see python main.py --help)')
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {value}')
+    return value
+
+
+def finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
+    return value
+
+
+def build_parser():
+    p = ArgumentParser(
+        description='Knowledge distillation on CIFAR-10: a ResNet-18 teacher, a KD student and '
+                    'a baseline student trained in lockstep on identical batches.',
+        epilog='Loss of the KD student: alpha*CE(student, labels) + (1-alpha)*T^2*'
+               'KL(softmax(teacher/T) || softmax(student/T)). alpha weights the HARD LABELS: '
+               'alpha=0.1 puts 0.9 on the teacher.')
+    a = p.add_argument
+    a('--train-teacher', action='store_true',
+      help='train the teacher and write best_teacher.pth (default: train the students)')
+    a('--evaluate', action='store_true',
+      help='evaluate the best_*.pth found in --out-dir on the test set and print the table '
+           '(default: off)')
+    a('--epochs', type=positive_int, default=200, help='epochs per model (default: 200)')
+    a('--batch-size', type=positive_int, default=128,
+      help='global batch size, the same whatever the number of torchrun processes (default: 128)')
+    a('--lr', type=finite_float, default=None,
+      help='peak learning rate (default: 0.1 * batch-size / 128)')
+    a('--weight-decay', type=finite_float, default=5e-4, help='weight decay (default: 5e-4)')
+    a('--temperature', type=finite_float, default=4.0, help='KD temperature T > 0 (default: 4.0)')
+    a('--alpha', type=finite_float, default=0.1,
+      help='weight of the hard-label CE in [0, 1]; the teacher gets 1 - alpha (default: 0.1)')
+    a('--seed', type=int, default=0,
+      help='seed of initialization, validation split, order and augmentation (default: 0)')
+    a('--seeds', type=int, nargs='+', default=None, metavar='N',
+      help='run once per seed into OUT_DIR/seed<N>/ and aggregate (mean, std, paired KD gain '
+           'with 95%% CI); top-level best_*.pth are the first seed\'s (default: off, one --seed)')
+    a('--data-dir', default='./data',
+      help='folder holding cifar-10-batches-py, or where to download it (default: ./data)')
+    a('--out-dir', default='.', help='where checkpoints, logs and results go (default: .)')
+    a('--device', default='auto',
+      help='auto, cpu, cuda or cuda:N (default: auto = cuda when available)')
+    a('--subset', type=positive_int, default=None, metavar='N',
+      help='use only the first N training and the first N test images, for quick CPU runs; '
+           'results say so (default: all)')
+    a('--val-fraction', type=finite_float, default=0.1,
+      help='share of the training images held out (chosen by the seed) to select the best epoch; '
+           '0 trains on all and keeps the last epoch (default: 0.1)')
+    a('--no-baseline', action='store_true',
+      help='train only the KD student, not the baseline student (default: train both)')
+    a('--teacher-checkpoint', default=None,
+      help='teacher weights for the students (default: OUT_DIR/best_teacher.pth)')
+    a('--num-workers', type=int, default=2,
+      help='unused, kept so reference commands still run: the data lives in device memory and '
+           'is augmented in batches there, with no DataLoader workers (default: 2)')
+    a('--amp', action=argparse.BooleanOptionalAction, default=None,
+      help='mixed precision: bf16 autocast (fp16 on GPUs without bf16). Default: on for CUDA; '
+           'on CPU only for the teacher on CPUs with bf16 instructions (default: auto)')
+    a('--compile', action='store_true', help='torch.compile the models (default: off)')
+    a('--resume', action='store_true',
+      help='continue the unfinished run whose state (last_<phase>.pt) is in --out-dir '
+           '(default: off)')
+    a('--restart', action='store_true',
+      help='discard an unfinished run\'s state in --out-dir and start over (default: off)')
+    a('--tensorboard', action='store_true',
+      help='also write the per-epoch scalars to OUT_DIR/tensorboard (default: off)')
+    return p
+
+
+def validate(args):
+    """Raise UsageError for values argparse's types cannot judge alone."""
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f'--alpha must be in [0, 1], got {args.alpha}')
+    if args.temperature <= 0:
+        raise UsageError(f'--temperature must be > 0, got {args.temperature}')
+    if args.lr is not None and args.lr < 0:
+        raise UsageError(f'--lr must be >= 0, got {args.lr}')
+    if args.weight_decay < 0:
+        raise UsageError(f'--weight-decay must be >= 0, got {args.weight_decay}')
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UsageError(f'--val-fraction must be in [0, 1), got {args.val_fraction}')
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        raise UsageError('--seeds must not repeat a seed')
+    if args.resume and args.restart:
+        raise UsageError('--resume and --restart exclude each other')
+    if args.evaluate and args.train_teacher:
+        raise UsageError('--evaluate and --train-teacher exclude each other')
+
+
+def resolve_device(name):
+    import torch
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f'--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)') \
+            from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UsageError(f'--device {name}: CUDA is not available on this machine '
+                             f'(use --device cpu)')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f'--device {name}: this machine has {torch.cuda.device_count()} GPU(s)')
+    elif device.type != 'cpu':
+        raise UsageError(f'--device {name!r} is not supported (use auto, cpu, cuda or cuda:N)')
+    return device
+
+
+def check_out_dir(path):
+    """Create --out-dir if needed and prove it is writable, before any training."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f'--out-dir {path} is a file, not a directory')
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f'--out-dir {path} cannot be written: {e.strerror or e}') from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Run record
+
+def versions():
+    import numpy
+    import torch
+    out = {'python': platform.python_version(), 'torch': torch.__version__,
+           'numpy': numpy.__version__}
+    try:
+        import torchvision
+        out['torchvision'] = torchvision.__version__
+    except Exception:
+        out['torchvision'] = None
+    return out
+
+
+def git_state():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(['git', '-C', here, 'rev-parse', 'HEAD'], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', '-C', here, 'status', '--porcelain', '--untracked-files=no'],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return {'commit': commit or None, 'dirty': bool(dirty) if commit else None}
+    except (OSError, subprocess.SubprocessError):
+        return {'commit': None, 'dirty': None}
+
+
+def device_name(device):
+    import torch
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resume_command():
+    argv = [a for a in sys.argv[1:] if a not in ('--resume', '--restart')]
+    return 'python ' + ' '.join(shlex.quote(a) for a in [sys.argv[0]] + argv + ['--resume'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+def run_dirs(out_dir, seeds, per_seed_folders):
+    return {s: (os.path.join(out_dir, f'seed{s}') if per_seed_folders else out_dir) for s in seeds}
+
+
+def find_states(phase, dirs, args, config_by_seed):
+    """Load the saved state of each seed for --resume, or refuse to overwrite an unfinished run."""
+    from checkpoint import load_file
+    states = {}
+    for seed, d in dirs.items():
+        path = os.path.join(d, f'last_{phase}.pt')
+        if not os.path.exists(path):
+            continue
+        state = load_file(path, 'training state')
+        if not isinstance(state, dict) or 'config' not in state or 'finished' not in state:
+            raise UsageError(f'{path} is not a training state of this program; '
+                             f'remove it or use --restart')
+        if not state['finished'] and not args.resume and not args.restart:
+            raise UsageError(
+                f"{path} holds an unfinished {phase} run (epoch {state['epoch']} of "
+                f"{state['config'].get('epochs')}). Resume it with --resume, or start over "
+                f"with --restart.")
+        if args.resume:
+            new = config_by_seed[seed]
+            changed = [k for k in RUN_KEYS[phase] if state['config'].get(k) != new.get(k)]
+            if changed:
+                details = ', '.join(f"{k}: {state['config'].get(k)!r} -> {new.get(k)!r}"
+                                    for k in changed)
+                raise UsageError(f'cannot resume {path}: the configuration changed ({details}); '
+                                 f'use the original flags, or --restart to start over')
+            states[seed] = state
+    return states
+
+
+def train_phase_for_seeds(phase, args, device, dist, arrays, log, teacher=None, teacher_sha=None):
+    """Train one phase once per seed; return {seed: summary} and the run folders."""
+    import torch
+    from models import StudentNet, TeacherNet
+    from train import Recipe, StopSignal, Trainee, choose_precision, precision_name, train_phase
+    from utils import make_loaders
+
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    dirs = run_dirs(args.out_dir, seeds, args.seeds is not None)
+    recipe = Recipe(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                    temperature=args.temperature, alpha=args.alpha)
+    names = ['teacher'] if phase == 'teacher' else \
+        ['student_kd'] + ([] if args.no_baseline else ['student_base'])
+    precisions = {n: choose_precision(n, device, args.amp) for n in names}
+    teacher_precision = choose_precision('teacher', device, args.amp)
+    base_config = {k: getattr(args, k) for k in (
+        'epochs', 'batch_size', 'lr', 'weight_decay', 'val_fraction', 'subset', 'data_dir',
+        'out_dir', 'compile', 'amp')}
+    base_config['device'] = str(device)
+    base_config['world_size'] = dist.world_size
+    base_config['precision'] = {n: precision_name(p) for n, p in precisions.items()}
+    if phase == 'students':
+        base_config.update(temperature=args.temperature, alpha=args.alpha,
+                           no_baseline=args.no_baseline, teacher_checkpoint=args.teacher_checkpoint,
+                           teacher_sha256=teacher_sha,
+                           teacher_precision=precision_name(teacher_precision))
+    configs = {s: dict(base_config, seed=s) for s in seeds}
+    states = find_states(phase, dirs, args, configs)
+    if args.resume and not states and dist.is_main:
+        log(f'--resume: no saved {phase} state in {args.out_dir}; starting from the beginning')
+
+    stop = StopSignal()
+    stop.install()
+    writer = open_tensorboard(args, log) if dist.is_main else None
+    summaries = {}
+    for seed in seeds:
+        if dist.is_main:
+            os.makedirs(dirs[seed], exist_ok=True)
+        data = make_loaders(args.data_dir, args.batch_size, device, args.val_fraction, seed,
+                            args.subset, eval_batch_size=5000 if device.type == 'cuda' else 1000,
+                            channels_last=True, rank=dist.rank, world_size=dist.world_size,
+                            arrays=arrays)
+        torch.manual_seed(seed)
+        # both students start from the same weights: the pair differs only by the loss
+        init = {'teacher': TeacherNet} if phase == 'teacher' else {}
+        if phase == 'students':
+            student_init = StudentNet().state_dict()
+        trainees = []
+        for n in names:
+            module = init[n]() if n in init else StudentNet()
+            if phase == 'students':
+                module.load_state_dict(student_init)
+            trainees.append(Trainee(n, module, 'kd' if n == 'student_kd' else 'ce', recipe,
+                                    device, precisions[n], ddp=dist.enabled,
+                                    compile_model=args.compile))
+        if dist.is_main:
+            log(f'[{phase}, seed {seed}] {data.num_train} training, {data.num_val} validation, '
+                f'{data.num_test} test images; {len(data.train)} steps per epoch; precision '
+                + ', '.join(f'{n} {precision_name(p)}' for n, p in precisions.items())
+                + (f', teacher {precision_name(teacher_precision)}' if teacher is not None else ''))
+        callback = (lambda epoch, rows, s=seed: log_tensorboard(writer, phase, s, epoch, rows)) \
+            if writer else None
+        summaries[seed] = train_phase(
+            phase, trainees, data, recipe, dirs[seed], device, teacher=teacher,
+            teacher_precision=teacher_precision, config=configs[seed],
+            resume_state=states.get(seed), stop=stop, dist=dist,
+            log=log if dist.is_main else (lambda *_: None), epoch_callback=callback)
+        if args.seeds is not None and dist.is_main:
+            write_results(dirs[seed], phase, {seed: summaries[seed]}, configs[seed], args,
+                          device, {phase: [dirs[seed]]}, log=lambda *_: None)
+    if writer:
+        writer.close()
+    if args.seeds is not None and dist.is_main:
+        first = dirs[seeds[0]]
+        for n in names:  # the top-level files stay usable by the README's snippet
+            shutil.copyfile(os.path.join(first, f'best_{n}.pth'),
+                            os.path.join(args.out_dir, f'best_{n}.pth'))
+    return summaries, dirs, base_config
+
+
+def open_tensorboard(args, log):
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log('tensorboard is not installed: --tensorboard is ignored (pip install tensorboard)')
+        return None
+    return SummaryWriter(os.path.join(args.out_dir, 'tensorboard'))
+
+
+def log_tensorboard(writer, phase, seed, epoch, rows):
+    for model, row in rows.items():
+        for key, value in row.items():
+            if key != 'epoch' and value is not None:
+                writer.add_scalar(f'seed{seed}/{model}/{key}', value, epoch)
+    writer.flush()
+
+
+def write_results(out_dir, phase, summaries, config, args, device, curve_dirs, log):
+    """Merge this phase into OUT_DIR/results.json and rewrite results.md and curves.png."""
+    from checkpoint import atomic_write_text
+    from report import aggregate_models, kd_gain, plot_curves, results_markdown
+    path = os.path.join(out_dir, 'results.json')
+    results = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except (OSError, ValueError):
+            results = {}
+    models = results.get('models', {})
+    for n in (['teacher'] if phase == 'teacher' else ['student_kd', 'student_base']):
+        models.pop(n, None)
+    if phase == 'students':
+        results.pop('kd_gain', None)
+    models.update(aggregate_models({s: v['models'] for s, v in summaries.items()}))
+    results['models'] = models
+    if phase == 'students':
+        results['kd_gain'] = kd_gain({s: v['models'] for s, v in summaries.items()})
+        teacher_accs = [v['models']['teacher_in_use']['test_acc'] for v in summaries.values()]
+        results['teacher_in_use'] = {'checkpoint': config.get('teacher_checkpoint'),
+                                     'sha256': config.get('teacher_sha256'),
+                                     'test_acc': teacher_accs[0]}
+    seeds = list(summaries)
+    results['seeds'] = seeds
+    results.setdefault('phases', {})[phase] = {
+        'seeds': seeds, 'config': config,
+        'wall_seconds': {str(s): v['elapsed_seconds'] for s, v in summaries.items()},
+        'folders': curve_dirs[phase]}
+    results['config'] = config
+    results['run'] = {'data_dir': os.path.abspath(args.data_dir), 'subset': args.subset,
+                      'device': device_name(device), 'seeds': seeds,
+                      'wall_seconds': {p: sum(v['wall_seconds'].values())
+                                       for p, v in results['phases'].items()}}
+    results['versions'] = versions()
+    results['git'] = git_state()
+    atomic_write_text(path, json.dumps(results, indent=2) + '\n')
+    atomic_write_text(os.path.join(out_dir, 'results.md'), results_markdown(results))
+    folders = {}
+    for p, v in results['phases'].items():
+        for n in (['teacher'] if p == 'teacher' else ['student_kd', 'student_base']):
+            folders[n] = v['folders']
+    plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log)
+    return results
+
+
+def evaluate_checkpoints(args, device, arrays, log):
+    """--evaluate: test accuracy of each best_*.pth in --out-dir."""
+    from checkpoint import load_weights
+    from models import StudentNet, TeacherNet
+    from report import print_table
+    from train import choose_precision, evaluate
+    from utils import make_loaders
+    data = make_loaders(args.data_dir, args.batch_size, device, 0.0, args.seed, args.subset,
+                        eval_batch_size=1000, channels_last=True, arrays=arrays)
+    models = {}
+    for name in MODEL_NAMES:
+        path = os.path.join(args.out_dir, f'best_{name}.pth')
+        if not os.path.exists(path):
+            continue
+        model = load_weights(TeacherNet() if name == 'teacher' else StudentNet(), path)
+        model = model.to(device, memory_format=__import__('torch').channels_last)
+        acc = evaluate(model, data.test, choose_precision(name, device, args.amp))
+        models[name] = {'test_acc': acc, 'params': sum(p.numel() for p in model.parameters())}
+    if not models:
+        raise UsageError(f'no best_*.pth in {args.out_dir}: train first, or point --out-dir at '
+                         f'the folder holding them')
+    log(f'Test set: {data.num_test} images')
+    print_table(models, log)
+    return models
+
+
+def run(args, log=print):
+    validate(args)
+    import torch
+    from distributed import init_distributed
+    from utils import load_cifar10
+
+    device = resolve_device(args.device)
+    dist, device = init_distributed(device)
+    if dist.enabled and args.batch_size % dist.world_size:
+        raise UsageError(f'--batch-size {args.batch_size} (global) is not divisible by the '
+                         f'{dist.world_size} processes')
+    if args.lr is None:
+        args.lr = 0.1 * args.batch_size / 128
+    if args.teacher_checkpoint is None:
+        args.teacher_checkpoint = os.path.join(args.out_dir, 'best_teacher.pth')
+    phase = 'evaluate' if args.evaluate else 'teacher' if args.train_teacher else 'students'
+    if dist.is_main:
+        log('Configuration:')
+        for key, value in sorted(vars(args).items()):
+            log(f'  {key:<20} {value}')
+        log(f'  {"device (resolved)":<20} {device_name(device)}'
+            + (f' x {dist.world_size} processes' if dist.enabled else ''))
+        if args.subset:
+            log(f'  --subset {args.subset}: a quick run on part of CIFAR-10, not comparable to '
+                f'full-data numbers')
+    check_out_dir(args.out_dir)
+
+    teacher, teacher_sha = None, None
+    if phase == 'students':  # refuse a bad teacher before reading data or writing anything
+        from checkpoint import CheckpointError, load_weights
+        from models import TeacherNet
+        if not os.path.exists(args.teacher_checkpoint):
+            raise CheckpointError(f'no teacher checkpoint at {args.teacher_checkpoint}: run '
+                                  f'`python main.py --train-teacher` first, or pass '
+                                  f'--teacher-checkpoint')
+        teacher = load_weights(TeacherNet(), args.teacher_checkpoint)
+        teacher = teacher.to(device, memory_format=torch.channels_last).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher_sha = file_sha256(args.teacher_checkpoint)
+
+    if dist.is_main:  # one process downloads; the others wait and read
+        arrays = load_cifar10(args.data_dir)
+    from distributed import barrier
+    barrier()
+    if not dist.is_main:
+        arrays = load_cifar10(args.data_dir, download=False)
+
+    if phase == 'evaluate':
+        if dist.is_main:
+            evaluate_checkpoints(args, device, arrays, log)
+        return 0
+
+    start = time.time()
+    summaries, dirs, config = train_phase_for_seeds(phase, args, device, dist, arrays, log,
+                                                    teacher, teacher_sha)
+    if dist.is_main:
+        results = write_results(args.out_dir, phase, summaries, config, args, device,
+                                {phase: list(dirs.values())}, log)
+        from report import describe_gain, print_table
+        log(f'\n{phase} phase done in {time.time() - start:.0f}s; results in '
+            f'{os.path.join(args.out_dir, "results.json")} and results.md')
+        print_table(results['models'], log)
+        if phase == 'students' and not args.no_baseline:
+            log(describe_gain(results.get('kd_gain')))
+    return 0
+
+
+def main(argv=None):
+    from checkpoint import CheckpointError
+    from distributed import shutdown_distributed
+    from train import NonFiniteLoss, TrainingInterrupted
+    from utils import DataError
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError, NonFiniteLoss) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f'\nInterrupted (signal {int(e.signum)}); the state is saved in {e.state_path}.\n'
+              f'Resume with: {resume_command()}', file=sys.stderr)
+        return 128 + int(e.signum)
+    except KeyboardInterrupt:
+        print('\nInterrupted; the state of the last finished epoch is kept. Resume with: '
+              f'{resume_command()}', file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a folder that vanished: say what, not where in the code
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

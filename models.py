@@ -1,0 +1,111 @@
+"""The two networks: TeacherNet (ResNet-18 for 32x32 images) and StudentNet (a compact plain CNN)."""
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class TeacherNet(nn.Module):
+    """ResNet-18 for CIFAR: 3x3 stem without max-pool, stages of 64-128-256-512 channels.
+
+    About 11.17M parameters and 0.56 GMACs per 32x32 image.
+    """
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, in_channels = [], 64
+        for out_channels, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            stages.append(nn.Sequential(BasicBlock(in_channels, out_channels, stride),
+                                        BasicBlock(out_channels, out_channels, 1)))
+            in_channels = out_channels
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+def conv_bn_relu(in_channels, out_channels, pool=False):
+    # Pooling sits between the convolution and BatchNorm (as in airbench): the second convolution
+    # of each block then runs at a quarter of the pixels, which is where the FLOP budget goes.
+    layers = [nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class StudentNet(nn.Module):
+    """A plain CNN (conv-BN-ReLU blocks with max-pooling, global average pooling, no residuals).
+
+    About 1.16M parameters (10% of TeacherNet) and 0.087 GMACs per image (16% of TeacherNet).
+    """
+
+    def __init__(self, num_classes=10, widths=(32, 64, 128, 256)):
+        super().__init__()
+        stem, w1, w2, w3 = widths
+        self.features = nn.Sequential(
+            conv_bn_relu(3, stem),
+            conv_bn_relu(stem, w1, pool=True), conv_bn_relu(w1, w1),   # 32x32 -> 16x16
+            conv_bn_relu(w1, w2, pool=True), conv_bn_relu(w2, w2),     # 16x16 -> 8x8
+            conv_bn_relu(w2, w3, pool=True), conv_bn_relu(w3, w3),     # 8x8 -> 4x4
+        )
+        self.classifier = nn.Linear(w3, num_classes)
+
+    def forward(self, x):
+        # average, not max, pooling: max-pooled features made early logits explode at lr 0.1
+        out = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(out)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model, input_size=(1, 3, 32, 32)):
+    """Multiply-accumulates of the convolutions and linear layers for one forward pass."""
+    import torch
+    macs = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            k = module.weight[0].numel()  # in_channels/groups * kh * kw
+            macs.append(output.numel() * k)
+        elif isinstance(module, nn.Linear):
+            macs.append(output.numel() * module.in_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(input_size))
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+    return sum(macs) // input_size[0]

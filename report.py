@@ -1,0 +1,240 @@
+"""Statistics, tables and plots: what a reader needs to judge the KD gain."""
+import csv
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+MODEL_LABELS = {'teacher': 'Teacher (ResNet-18)', 'student_kd': 'Student (KD)',
+                'student_base': 'Student (baseline)'}
+
+# Two-sided 95% quantiles of Student's t, df = 1..30 (standard tables).
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_quantile_975(df):
+    """The 0.975 quantile of Student's t with df degrees of freedom."""
+    if df < 1:
+        raise ValueError('df must be at least 1')
+    if df <= 30:
+        return _T975[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion around the normal quantile; < 1e-4 off beyond 30
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def sample_std(values):
+    """Standard deviation with n - 1 in the denominator; None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def paired_difference(a, b):
+    """Mean of a_i - b_i with its 95% Student-t confidence interval (None when n < 2)."""
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    out = {'per_seed': diffs, 'n': n, 'mean': mean(diffs) if n else None, 'std': None,
+           'ci95': None}
+    if n >= 2:
+        sd = sample_std(diffs)
+        half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+        out.update(std=sd, ci95=[out['mean'] - half, out['mean'] + half])
+    return out
+
+
+def expected_calibration_error(logits, labels, bins=15):
+    """ECE in percent: sum over equal-width confidence bins of |accuracy - confidence| * share."""
+    probs = F.softmax(logits.float(), dim=1)
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            share = in_bin.float().mean().item()
+            gap = (correct[in_bin].mean() - confidence[in_bin].mean()).abs().item()
+            ece += gap * share
+    return 100.0 * ece
+
+
+def agreement(teacher_logits, student_logits):
+    """Top-1 agreement with the teacher (percent) and mean KL(teacher || student) at T=1."""
+    top1 = (teacher_logits.argmax(1) == student_logits.argmax(1)).float().mean().item()
+    kl = F.kl_div(F.log_softmax(student_logits.float(), 1), F.log_softmax(teacher_logits.float(), 1),
+                  reduction='batchmean', log_target=True).item()
+    return {'agreement': 100.0 * top1, 'kl_to_teacher': kl}
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregating seeds
+
+AGGREGATED = ('test_acc', 'last_test_acc', 'ece', 'agreement', 'kl_to_teacher')
+
+
+def aggregate_models(per_seed):
+    """per_seed: {seed: {model: entry}} -> {model: mean/std of each metric, and per-seed values}."""
+    models = {}
+    seeds = list(per_seed)
+    names = [n for n in per_seed[seeds[0]] if n != 'teacher_in_use']
+    for name in names:
+        entries = [per_seed[s][name] for s in seeds]
+        out = {'seeds': seeds, 'params': entries[0]['params'],
+               'best_epoch': [e['best_epoch'] for e in entries],
+               'precision': entries[0].get('precision')}
+        for key in AGGREGATED:
+            values = [e[key] for e in entries if e.get(key) is not None]
+            if len(values) == len(entries):
+                out[key] = mean(values)
+                out[key + '_std'] = sample_std(values)
+                out[key + '_per_seed'] = values
+        models[name] = out
+    return models
+
+
+def kd_gain(per_seed):
+    """The paired KD - baseline test-accuracy difference over the seeds that trained both."""
+    seeds = [s for s in per_seed if 'student_kd' in per_seed[s] and 'student_base' in per_seed[s]]
+    if not seeds:
+        return None
+    gain = paired_difference([per_seed[s]['student_kd']['test_acc'] for s in seeds],
+                             [per_seed[s]['student_base']['test_acc'] for s in seeds])
+    gain['seeds'] = seeds
+    return gain
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+def _pm(entry, key, digits=2):
+    if entry is None or entry.get(key) is None:
+        return '-'
+    std = entry.get(key + '_std')
+    return f'{entry[key]:.{digits}f}' + (f' ± {std:.{digits}f}' if std is not None else '')
+
+
+def results_table(results):
+    """A Markdown table of every model in results.json, then the paired KD gain."""
+    models = results.get('models', {})
+    lines = ['| Model | Params | Test acc. (%) | Last-epoch acc. (%) | ECE (%) | '
+             'Agreement w/ teacher (%) | KL to teacher | Seeds |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|']
+    for name in ('teacher', 'student_kd', 'student_base'):
+        if name not in models:
+            continue
+        e = models[name]
+        lines.append(f"| {MODEL_LABELS[name]} | {e['params'] / 1e6:.2f}M | {_pm(e, 'test_acc')} | "
+                     f"{_pm(e, 'last_test_acc')} | {_pm(e, 'ece')} | {_pm(e, 'agreement')} | "
+                     f"{_pm(e, 'kl_to_teacher', 3)} | {len(e['seeds'])} |")
+    lines.append('')
+    lines.append(describe_gain(results.get('kd_gain')))
+    return '\n'.join(lines)
+
+
+def describe_gain(gain):
+    if not gain:
+        return 'KD − baseline: not measured (train both students with the same seeds).'
+    per_seed = ', '.join(f'{d:+.2f}' for d in gain['per_seed'])
+    text = f"KD − baseline (paired, test accuracy): {gain['mean']:+.2f} points over " \
+           f"{gain['n']} seed{'s' if gain['n'] != 1 else ''} ({per_seed})"
+    if gain['ci95'] is None:
+        return text + '; n is too small for a confidence interval (run at least 2 seeds).'
+    lo, hi = gain['ci95']
+    verdict = 'excludes 0' if lo > 0 or hi < 0 else 'includes 0: not distinguishable from noise'
+    return text + f'; 95% CI [{lo:+.2f}, {hi:+.2f}] (Student t, n−1 = {gain["n"] - 1}), {verdict}.'
+
+
+def results_markdown(results):
+    cfg = results.get('config', {})
+    run = results.get('run', {})
+    lines = ['# Results', '', results_table(results), '',
+             f"Data: {run.get('data_dir', '?')}"
+             + (f" (--subset {cfg['subset']}: not the full dataset)" if cfg.get('subset') else '')
+             + f"; validation split {cfg.get('val_fraction')} of the training images selects "
+               f"the checkpoints, the test set only reports.",
+             f"Device: {run.get('device', '?')}; torch {results.get('versions', {}).get('torch')}; "
+             f"git {results.get('git', {}).get('commit', '?')[:12]}"
+             + (' (dirty tree)' if results.get('git', {}).get('dirty') else '') + '.',
+             f"Recipe: {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, lr "
+             f"{cfg.get('lr')}, weight decay {cfg.get('weight_decay')}, T={cfg.get('temperature')}, "
+             f"α={cfg.get('alpha')} (α weights the hard labels).", '']
+    return '\n'.join(lines)
+
+
+def print_table(models, log=print):
+    """The console table: one line per model, then KD − baseline."""
+    log(f"{'Model':<22} {'Test acc.':>16} {'Params':>8}")
+    for name in ('teacher', 'student_kd', 'student_base'):
+        if name in models:
+            e = models[name]
+            log(f"{MODEL_LABELS[name]:<22} {_pm(e, 'test_acc'):>16} {e['params'] / 1e6:>7.2f}M")
+    if 'student_kd' in models and 'student_base' in models:
+        diff = models['student_kd']['test_acc'] - models['student_base']['test_acc']
+        log(f"{'KD − baseline':<22} {diff:>+16.2f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Curves
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return [{k: (float(v) if v not in ('', None) else None) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def plot_curves(run_dirs, path, log=print):
+    """curves.png: accuracy and loss per epoch for each model, mean over runs with a min-max band.
+
+    run_dirs: {model: [folders holding log_<model>.csv]}. Returns the path, or None when
+    matplotlib is not installed (said once) or there is nothing to plot.
+    """
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log('matplotlib is not installed: skipping curves.png (pip install matplotlib)')
+        return None
+    series = {}
+    for model, folders in run_dirs.items():
+        runs = [read_csv(os.path.join(d, f'log_{model}.csv')) for d in folders
+                if os.path.exists(os.path.join(d, f'log_{model}.csv'))]
+        runs = [r for r in runs if r]
+        if runs:
+            series[model] = runs
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = [('test_acc', 'val_acc', 'Accuracy (%)'), ('train_loss', None, 'Training loss')]
+    for ax, (key, key2, ylabel) in zip(axes, panels):
+        for model, runs in series.items():
+            for k, style in ((key, '-'), (key2, '--')):
+                if k is None or any(row[k] is None for r in runs for row in r):
+                    continue
+                n = min(len(r) for r in runs)
+                epochs = [runs[0][i]['epoch'] for i in range(n)]
+                values = [[r[i][k] for r in runs] for i in range(n)]
+                avg = [mean(v) for v in values]
+                label = f"{MODEL_LABELS[model]} ({'test' if k == 'test_acc' else 'val' if k == 'val_acc' else 'train'})"
+                line, = ax.plot(epochs, avg, style, label=label)
+                if len(runs) > 1:
+                    ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values],
+                                    color=line.get_color(), alpha=0.2)
+        ax.set_xlabel('Epoch')
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    n_runs = max(len(r) for r in series.values())
+    fig.suptitle(f'Mean over {n_runs} seed(s)' + (', band: min-max' if n_runs > 1 else ''))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny CIFAR-10 folders in the real pickle format, and a CLI runner."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_cifar(folder, train_per_batch=40, test_size=100, seed=0):
+    """Write data_batch_1..5 and test_batch as the python release does (uint8 N x 3072).
+
+    Each class has its own mean colour, so a model can learn something in a few steps.
+    """
+    rng = np.random.default_rng(seed)
+    out = os.path.join(folder, 'cifar-10-batches-py')
+    os.makedirs(out, exist_ok=True)
+
+    def batch(n, label):
+        labels = rng.integers(0, 10, n)
+        colours = (np.arange(10)[:, None] * np.array([25, 60, 95]) % 256).astype(np.float64)
+        images = colours[labels][:, :, None, None] + rng.normal(0, 40, (n, 3, 32, 32))
+        data = np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
+        return {'batch_label': label, 'labels': [int(x) for x in labels], 'data': data,
+                'filenames': [f'img_{i}.png' for i in range(n)]}
+
+    for i in range(1, 6):
+        with open(os.path.join(out, f'data_batch_{i}'), 'wb') as f:
+            pickle.dump(batch(train_per_batch, f'training batch {i} of 5'), f, protocol=2)
+    with open(os.path.join(out, 'test_batch'), 'wb') as f:
+        pickle.dump(batch(test_size, 'testing batch 1 of 1'), f, protocol=2)
+    with open(os.path.join(out, 'batches.meta'), 'wb') as f:
+        pickle.dump({'label_names': ['c%d' % i for i in range(10)]}, f, protocol=2)
+    return folder
+
+
+@pytest.fixture(scope='session')
+def cifar_dir(tmp_path_factory):
+    """A data root with 200 training and 100 test images (read-only for tests: copy to change)."""
+    return write_cifar(str(tmp_path_factory.mktemp('cifar')))
+
+
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """python main.py ARGS in a subprocess; returns the CompletedProcess (text, both streams)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder: to prove nothing changed."""
+    files = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, 'rb') as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files

@@ -1,0 +1,296 @@
+"""CIFAR-10 on disk and in device memory, batched augmentation, and the KD loss.
+
+The whole dataset is held as one uint8 tensor on the training device; each batch is gathered,
+randomly cropped (4-pixel zero padding) and flipped for all images at once, then normalized.
+There are no DataLoader workers: on a GPU the card never waits for PIL, and on a CPU the cores
+do model work instead of decoding.
+"""
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer',
+                   'dog', 'frog', 'horse', 'ship', 'truck')
+FOLDER = 'cifar-10-batches-py'
+TRAIN_FILES = [f'data_batch_{i}' for i in range(1, 6)]
+TEST_FILES = ['test_batch']
+
+
+class DataError(Exception):
+    """CIFAR-10 is missing, truncated or not CIFAR-10; the message says which file and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the python release from disk
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays, nothing else: a data batch is data, not code."""
+
+    def find_class(self, module, name):
+        core = getattr(np, '_core', None) or np.core
+        allowed = {
+            ('numpy', 'ndarray'): np.ndarray,
+            ('numpy', 'dtype'): np.dtype,
+            ('numpy.core.multiarray', '_reconstruct'): core.multiarray._reconstruct,
+            ('numpy._core.multiarray', '_reconstruct'): core.multiarray._reconstruct,
+            ('numpy.core.multiarray', 'scalar'): core.multiarray.scalar,
+            ('numpy._core.multiarray', 'scalar'): core.multiarray.scalar,
+            ('_codecs', 'encode'): __import__('codecs').encode,
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
+        return allowed[(module, name)]
+
+
+def read_cifar_batch(path):
+    """One batch file of the python release -> (uint8 images N x 3 x 32 x 32, int64 labels N)."""
+    try:
+        with open(path, 'rb') as f:
+            raw = _ArrayOnlyUnpickler(f, encoding='bytes').load()
+    except Exception as e:  # truncated, foreign or hostile file: all mean "not a CIFAR-10 batch"
+        raise DataError(f'{path} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); '
+                        f'replace it with the file from the official python release') from None
+    if not isinstance(raw, dict):
+        raise DataError(f'{path} is not a CIFAR-10 batch (holds a {type(raw).__name__}, not a dict)')
+    raw = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    data, labels = raw.get('data'), raw.get('labels')
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072:
+        desc = f'{data.dtype} {data.shape}' if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path} is not a CIFAR-10 batch: 'data' should be uint8 N x 3072, got {desc}")
+    labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
+    if labels.shape != (data.shape[0],):
+        raise DataError(f'{path} is not a CIFAR-10 batch: {data.shape[0]} images but '
+                        f'{labels.shape[0]} labels')
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f'{path} is not a CIFAR-10 batch: labels outside 0..9')
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def find_cifar10_folder(data_dir):
+    """The cifar-10-batches-py folder under data_dir (or data_dir itself), or None."""
+    for folder in (os.path.join(data_dir, FOLDER), data_dir):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in TRAIN_FILES + TEST_FILES):
+            return folder
+    return None
+
+
+def ensure_cifar10(data_dir, download=True):
+    """Return the folder holding the python release, downloading it with torchvision if absent."""
+    folder = find_cifar10_folder(data_dir)
+    if folder is not None:
+        return folder
+    error = 'downloading was not allowed'
+    if download:
+        try:
+            import torchvision
+            torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+        except Exception as e:  # no network, bad archive, unwritable folder, ...
+            error = f'the download failed: {type(e).__name__}: {e}'
+        folder = find_cifar10_folder(data_dir)
+        if folder is not None:
+            return folder
+    raise DataError(
+        f'CIFAR-10 was not found in {os.path.abspath(data_dir)} and {error}. Put '
+        f'cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) or its extracted '
+        f'{FOLDER} folder in that directory, or point --data-dir at the directory that holds it.')
+
+
+def load_cifar10(data_dir='./data', download=True):
+    """(train_images, train_labels, test_images, test_labels) as uint8 / int64 CPU tensors."""
+    folder = ensure_cifar10(data_dir, download)
+    parts = {}
+    for split, files in (('train', TRAIN_FILES), ('test', TEST_FILES)):
+        batches = [read_cifar_batch(os.path.join(folder, f)) for f in files]
+        parts[split] = (torch.from_numpy(np.concatenate([b[0] for b in batches])),
+                        torch.from_numpy(np.concatenate([b[1] for b in batches])))
+    return parts['train'] + parts['test']
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched augmentation and the device-resident loader
+
+def epoch_generator(seed, epoch):
+    """A CPU generator for one epoch of one run: the same numbers on every device and rank."""
+    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def crop_flip(images, dy, dx, flip, padding=4):
+    """Random-crop (zero padding) and horizontal-flip a whole batch with one gather.
+
+    images: B x C x H x W (any dtype); dy, dx: B offsets in [0, 2*padding]; flip: B bools.
+    Output pixel (i, j) of image b is padded_b[dy_b + i, dx_b + j], with j mirrored when flipped,
+    which is what RandomCrop(H, padding) followed by RandomHorizontalFlip() produces.
+    """
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    ar_h = torch.arange(h, device=images.device)
+    ar_w = torch.arange(w, device=images.device)
+    cols = torch.where(flip[:, None], ar_w.flip(0)[None, :], ar_w[None, :])
+    rows = (dy[:, None] + ar_h[None, :])[:, None, :, None]             # B x 1 x H x 1
+    cols = (dx[:, None] + cols)[:, None, None, :]                       # B x 1 x 1 x W
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    chans = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+class CifarLoader:
+    """Batches of (normalized float32 images, int64 labels) from uint8 tensors held on `device`.
+
+    Training loaders shuffle and augment with a per-epoch generator derived from (seed, epoch),
+    so epoch e is the same batches whatever happened before it: a resumed run sees what an
+    uninterrupted one would. With world_size > 1 each global batch is split into contiguous
+    per-rank slices, so N processes see together exactly what one process sees.
+    """
+
+    def __init__(self, images, labels, batch_size, train, device='cpu', seed=0,
+                 channels_last=False, rank=0, world_size=1):
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size, self.train, self.seed = int(batch_size), train, seed
+        self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(CIFAR10_MEAN, device=self.device).view(shape) * 255
+        self.inv_std = 1 / (torch.tensor(CIFAR10_STD, device=self.device).view(shape) * 255)
+
+    def __len__(self):
+        n = len(self.labels)
+        if self.train:  # a partial last batch would skew BatchNorm statistics and the lr schedule
+            return max(1, n // self.batch_size) if n else 0
+        return -(-n // self.batch_size)
+
+    def set_epoch(self, epoch, start_batch=0):
+        """Select epoch `epoch`'s order and augmentation; skip its first `start_batch` batches."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def normalize(self, images_uint8):
+        x = (images_uint8.float() - self.mean) * self.inv_std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _plan(self):
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(n), None
+        g = epoch_generator(self.seed, self.epoch)
+        order = torch.randperm(n, generator=g)
+        offsets = torch.randint(0, 9, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+        return order, (offsets, flips)
+
+    def __iter__(self):
+        order, aug = self._plan()
+        n, bs = len(order), self.batch_size
+        for i in range(self.start_batch, len(self)):
+            start, stop = i * bs, min((i + 1) * bs, n)
+            if self.train and i == len(self) - 1 and n < bs:
+                stop = n  # fewer images than one batch: use them all
+            # this rank's contiguous slice of the global batch
+            lo = start + (stop - start) * self.rank // self.world_size
+            hi = start + (stop - start) * (self.rank + 1) // self.world_size
+            idx = order[lo:hi]
+            dev_idx = idx.to(self.device, non_blocking=True)
+            x = self.images[dev_idx]
+            if aug is not None:
+                offsets, flips = (t[idx].to(self.device, non_blocking=True) for t in aug)
+                x = crop_flip(x, offsets[:, 0], offsets[:, 1], flips)
+            yield self.normalize(x), self.labels[dev_idx]
+        self.start_batch = 0
+
+
+@dataclass
+class CifarData:
+    train: CifarLoader
+    val: CifarLoader     # None when val_fraction is 0
+    test: CifarLoader
+    num_train: int
+    num_val: int
+    num_test: int
+
+
+def split_train_val(num_images, val_fraction, seed):
+    """Indices (train, val): a seeded random val_fraction of the training images is held out."""
+    n_val = int(round(num_images * val_fraction))
+    if val_fraction > 0 and (n_val < 1 or n_val >= num_images):
+        raise ValueError(f'--val-fraction {val_fraction} leaves {n_val} of {num_images} images '
+                         f'for validation; it needs at least one image on each side')
+    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(int(seed)))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0.1, seed=0,
+                 subset=None, eval_batch_size=1000, channels_last=False, rank=0, world_size=1,
+                 download=True, arrays=None):
+    """Train / validation / test loaders over CIFAR-10 held on `device`.
+
+    subset: use only the first N training and the first N test images.
+    arrays: already-loaded (train_x, train_y, test_x, test_y), to skip reading the disk again.
+    """
+    train_x, train_y, test_x, test_y = arrays if arrays is not None else load_cifar10(
+        data_dir, download)
+    if subset:
+        train_x, train_y, test_x, test_y = (train_x[:subset], train_y[:subset],
+                                            test_x[:subset], test_y[:subset])
+    train_idx, val_idx = split_train_val(len(train_y), val_fraction, seed)
+    common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size)
+    train = CifarLoader(train_x[train_idx], train_y[train_idx], batch_size, True, seed=seed,
+                        **common)
+    val = (CifarLoader(train_x[val_idx], train_y[val_idx], eval_batch_size, False, **common)
+           if len(val_idx) else None)
+    test = CifarLoader(test_x, test_y, eval_batch_size, False, **common)
+    return CifarData(train, val, test, len(train_idx), len(val_idx), len(test_y))
+
+
+def get_cifar10_loaders(batch_size=128, data_dir='./data', num_workers=2, device=None,
+                        val_fraction=0.0, seed=0, subset=None, download=True):
+    """(train_loader, test_loader) for CIFAR-10, as in the reference code.
+
+    Both yield (images, labels): float32 N x 3 x 32 x 32 normalized images and int64 labels,
+    already on `device` (default CPU). The training loader crops (4-pixel padding) and flips.
+    num_workers is accepted for compatibility and unused: the data lives in device memory.
+    """
+    del num_workers
+    data = make_loaders(data_dir, batch_size, device or 'cpu', val_fraction, seed, subset,
+                        eval_batch_size=batch_size, download=download)
+    return data.train, data.test
+
+
+# ---------------------------------------------------------------------------------------------
+# The distillation loss
+
+def kd_loss_terms(student_logits, teacher_logits, labels, temperature=4.0, alpha=0.1):
+    """Hinton et al.'s distillation loss and its two parts, for logging.
+
+        loss = alpha * CE(student, labels)
+             + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+    alpha weights the hard labels (alpha=0.1 puts 0.9 on the teacher). The KL is summed over
+    classes and averaged over samples; T^2 keeps its gradient on the scale of the CE term.
+    The softmaxes run in float32 whatever the autocast dtype, and no gradient reaches the
+    teacher. Returns (loss, ce, kd) with kd the unweighted T^2 * KL term.
+    """
+    t = float(temperature)
+    student_logits = student_logits.float()
+    teacher_logits = teacher_logits.detach().float()
+    ce = F.cross_entropy(student_logits, labels)
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / t, dim=1)
+    kd = F.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True) * t * t
+    return alpha * ce + (1 - alpha) * kd, ce, kd
+
+
+def kd_loss(student_logits, teacher_logits, labels, temperature=4.0, alpha=0.1):
+    """alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+
+    The KL is averaged per sample; alpha weights the hard labels, so alpha=0.1 puts 0.9 on the
+    teacher. No gradient flows into teacher_logits. See kd_loss_terms for the parts.
+    """
+    return kd_loss_terms(student_logits, teacher_logits, labels, temperature, alpha)[0]

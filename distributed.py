@@ -62,6 +62,34 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_reduce_min(tensor):
+    """Minimum of a tensor over ranks in place (identity in a single process)."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def all_gather_cat(tensor):
+    """Concatenate along dim 0 the tensors of all ranks, in rank order.
+
+    The tensors may differ in length along dim 0 (a sharded evaluation batch whose size does not
+    divide by the number of ranks); every rank gets the same result. Identity in one process.
+    """
+    if not _active():
+        return tensor
+    world = dist.get_world_size()
+    length = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    lengths = [int(n.item()) for n in lengths]
+    longest = max(lengths)
+    padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, lengths)])
+
+
 def any_rank(flag, device):
     """True on every rank when flag is true on any: all ranks stop at the same batch."""
     if not _active():
@@ -76,6 +104,27 @@ def barrier():
         dist.barrier()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the incoming gradients over ranks too.
+
+    (torch.distributed.nn.functional.all_reduce does the same but is deprecated.) Every rank's
+    loss depends on every rank's statistics, so the gradient reaching one rank's statistics is
+    the sum of the gradients of all ranks' losses.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = grad_output.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are taken over the global batch of all ranks.
 
@@ -87,12 +136,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and _active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
         channels = x.shape[1]
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()  # half precision: in float32
         count = torch.full((1,), xf.numel() / channels, device=x.device)
         stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
-        stats = differentiable_all_reduce(stats)  # backward sums the gradients over ranks too
+        stats = _AllReduceSum.apply(stats)  # backward sums the gradients over ranks too
         n = stats[-1]
         mean = stats[:channels] / n
         var = (stats[channels:2 * channels] / n - mean * mean).clamp_min(0)

@@ -485,7 +485,7 @@ def run(args, log=print):
         results = write_results(args.out_dir, phase, summaries, config, args, device,
                                 {phase: list(dirs.values())}, log)
         from report import describe_gain, print_table
-        log(f'\n{phase} phase done in {time.time() - start:.0f}s; results in '
+        log(f'\nFinished the {phase} phase in {time.time() - start:.0f}s; results in '
             f'{os.path.join(args.out_dir, "results.json")} and results.md')
         print_table(results['models'], log)
         if phase == 'students' and not args.no_baseline:

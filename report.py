@@ -42,8 +42,9 @@ def paired_difference(a, b):
     diffs = [x - y for x, y in zip(a, b)]
     n = len(diffs)
     out = {'per_seed': diffs, 'n': n, 'mean': mean(diffs) if n else None, 'std': None,
-           'ci95': None}
+           'ci95': None, 'note': 'n < 2: too few seeds for a confidence interval'}
     if n >= 2:
+        del out['note']
         sd = sample_std(diffs)
         half = t_quantile_975(n - 1) * sd / math.sqrt(n)
         out.update(std=sd, ci95=[out['mean'] - half, out['mean'] + half])
@@ -155,14 +156,19 @@ def describe_gain(gain):
 def results_markdown(results):
     cfg = results.get('config', {})
     run = results.get('run', {})
+    git = results.get('git') or {}
+    commit = (git.get('commit') or 'unknown')[:12]  # None outside a git checkout
+    if cfg.get('val_fraction'):
+        selection = (f"validation split {cfg.get('val_fraction')} of the training images selects "
+                     f"the checkpoints, the test set only reports.")
+    else:
+        selection = 'no validation split: the last epoch\'s weights are kept, the test set only reports.'
     lines = ['# Results', '', results_table(results), '',
              f"Data: {run.get('data_dir', '?')}"
              + (f" (--subset {cfg['subset']}: not the full dataset)" if cfg.get('subset') else '')
-             + f"; validation split {cfg.get('val_fraction')} of the training images selects "
-               f"the checkpoints, the test set only reports.",
+             + '; ' + selection,
              f"Device: {run.get('device', '?')}; torch {results.get('versions', {}).get('torch')}; "
-             f"git {results.get('git', {}).get('commit', '?')[:12]}"
-             + (' (dirty tree)' if results.get('git', {}).get('dirty') else '') + '.',
+             f"git {commit}" + (' (dirty tree)' if git.get('dirty') else '') + '.',
              f"Recipe: {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, lr "
              f"{cfg.get('lr')}, weight decay {cfg.get('weight_decay')}, T={cfg.get('temperature')}, "
              f"α={cfg.get('alpha')} (α weights the hard labels).", '']
@@ -194,15 +200,26 @@ def plot_curves(run_dirs, path, log=print):
     """curves.png: accuracy and loss per epoch for each model, mean over runs with a min-max band.
 
     run_dirs: {model: [folders holding log_<model>.csv]}. Returns the path, or None when
-    matplotlib is not installed (said once) or there is nothing to plot.
+    matplotlib cannot be imported (said through `log`; the caller silences the per-seed calls
+    so a run says it once) or there is nothing to plot. A plot never fails the run.
     """
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
-    except ImportError:
-        log('matplotlib is not installed: skipping curves.png (pip install matplotlib)')
+    except Exception as e:  # missing, or installed but broken: the run must not fail for a plot
+        what = 'is not installed' if isinstance(e, ImportError) else f'cannot be used ({e})'
+        log(f'matplotlib {what}: skipping curves.png (pip install matplotlib)')
         return None
+    try:
+        return _draw_curves(plt, run_dirs, path)
+    except Exception as e:  # a damaged CSV or a plotting error: keep the results, skip the plot
+        plt.close('all')
+        log(f'could not draw {path}: {e}; skipping it')
+        return None
+
+
+def _draw_curves(plt, run_dirs, path):
     series = {}
     for model, folders in run_dirs.items():
         runs = [read_csv(os.path.join(d, f'log_{model}.csv')) for d in folders

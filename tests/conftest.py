@@ -60,3 +60,15 @@ def snapshot(folder):
             with open(path, 'rb') as f:
                 files[os.path.relpath(path, folder)] = f.read()
     return files
+
+
+@pytest.fixture(scope='session')
+def trained_run(cifar_dir, tmp_path_factory):
+    """One teacher run then one students run on the tiny data (read-only: copy to change)."""
+    out = str(tmp_path_factory.mktemp('run'))
+    common = ['--data-dir', cifar_dir, '--out-dir', out, '--batch-size', '32', '--device', 'cpu']
+    teacher = run_cli('--train-teacher', '--epochs', '1', '--subset', '100', *common)
+    assert teacher.returncode == 0, teacher.stderr
+    students = run_cli('--epochs', '2', *common)
+    assert students.returncode == 0, students.stderr
+    return {'out': out, 'teacher': teacher, 'students': students, 'common': common}

@@ -1,0 +1,273 @@
+"""Resume after SIGKILL and SIGTERM, atomic writes, safe loading, and every bad input refused."""
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main
+from checkpoint import CheckpointError, atomic_save, load_weights
+from conftest import ROOT, run_cli, snapshot
+from models import StudentNet, TeacherNet
+
+EPOCHS = '3'
+
+
+def student_args(trained_run, out):
+    return ['--epochs', EPOCHS, '--subset', '96', '--data-dir', trained_run['common'][1], '--out-dir', str(out),
+            '--batch-size', '32', '--device', 'cpu',
+            '--teacher-checkpoint', os.path.join(trained_run['out'], 'best_teacher.pth')]
+
+
+def start_cli(args):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+
+def wait_for_epoch(path, epoch, proc, timeout=240):
+    """Wait until the saved state at path has finished `epoch` epochs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.exists(path):
+            try:
+                if torch.load(path, weights_only=True)['epoch'] >= epoch:
+                    return
+            except Exception:
+                pass  # never torn (atomic), but it may be replaced while we read
+        time.sleep(0.1)
+    raise AssertionError(f'{path} never reached epoch {epoch}')
+
+
+def results_of(out):
+    with open(os.path.join(out, 'results.json')) as f:
+        models = json.load(f)['models']
+    return {n: (m['test_acc'], m['last_test_acc'], m['best_epoch']) for n, m in models.items()}
+
+
+def logs_of(out):
+    rows = {}
+    for name in ('student_kd', 'student_base'):
+        with open(os.path.join(out, f'log_{name}.csv')) as f:
+            # drop timing columns, keep every number that depends on the computation
+            rows[name] = [line.split(',')[:8] for line in f.read().splitlines()]
+    return rows
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp('uninterrupted')
+    r = run_cli(*student_args(trained_run, out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(trained_run, uninterrupted, tmp_path):
+    proc = start_cli(student_args(trained_run, tmp_path))
+    wait_for_epoch(tmp_path / 'last_students.pt', 1, proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    r = run_cli(*student_args(trained_run, tmp_path), '--resume')
+    assert r.returncode == 0, r.stderr
+    assert results_of(tmp_path) == results_of(uninterrupted)
+    assert logs_of(tmp_path) == logs_of(uninterrupted)
+    for name in ('student_kd', 'student_base'):
+        a = torch.load(tmp_path / f'best_{name}.pth', weights_only=True)
+        b = torch.load(uninterrupted / f'best_{name}.pth', weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_mid_epoch_refuses_silent_restart_and_resumes(
+        trained_run, uninterrupted, tmp_path):
+    proc = start_cli(student_args(trained_run, tmp_path))
+    wait_for_epoch(tmp_path / 'last_students.pt', 1, proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert 'Traceback' not in err
+    assert '--resume' in err and 'Resume with: python' in err
+    state = torch.load(tmp_path / 'last_students.pt', weights_only=True)
+    assert not state['finished']
+
+    # an unfinished run is never thrown away silently
+    before = snapshot(tmp_path)
+    again = run_cli(*student_args(trained_run, tmp_path))
+    assert again.returncode == 2
+    assert '--resume' in again.stderr and '--restart' in again.stderr
+    assert snapshot(tmp_path) == before
+
+    # a resume that would change the run is refused, naming the keys
+    changed = run_cli(*student_args(trained_run, tmp_path), '--resume', '--alpha', '0.5')
+    assert changed.returncode == 2 and 'alpha' in changed.stderr
+    assert snapshot(tmp_path) == before
+
+    r = run_cli(*student_args(trained_run, tmp_path), '--resume')
+    assert r.returncode == 0, r.stderr
+    assert results_of(tmp_path) == results_of(uninterrupted)
+    assert logs_of(tmp_path) == logs_of(uninterrupted)
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / 'best_student_kd.pth'
+    atomic_save({'w': torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        f.write(b'half a checkpoint')
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError):
+        atomic_save({'w': torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)['w'], torch.ones(3))
+    assert os.listdir(tmp_path) == ['best_student_kd.pth']  # no temporary file left behind
+
+
+WRITER = r'''
+import sys, torch
+sys.path.insert(0, {root!r})
+from checkpoint import atomic_save
+i = 0
+while True:
+    i += 1
+    atomic_save({{'i': torch.full((200000,), float(i))}}, {path!r})
+'''
+
+
+def test_a_kill_at_any_instant_leaves_a_whole_file(tmp_path):
+    path = str(tmp_path / 'state.pt')
+    script = WRITER.format(root=ROOT, path=path)
+    for delay in (0.7, 0.93, 1.21, 1.58):
+        proc = subprocess.Popen([sys.executable, '-c', script])
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        if os.path.exists(path):
+            value = torch.load(path, weights_only=True)['i']
+            assert torch.all(value == value[0])  # one complete write, never a mix
+
+
+class CreatesAFile:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def write_malicious(path, target):
+    with open(path, 'wb') as f:
+        pickle.dump({'conv1.weight': CreatesAFile(target)}, f)
+
+
+def test_malicious_pickle_as_teacher_is_refused_and_never_runs(tmp_path, capsys):
+    target = str(tmp_path / 'pwned')
+    evil = tmp_path / 'evil.pth'
+    write_malicious(evil, target)
+    code = main.main(['--teacher-checkpoint', str(evil), '--out-dir', str(tmp_path / 'out'),
+                      '--data-dir', str(tmp_path / 'nodata')])
+    err = capsys.readouterr().err
+    assert code == 1 and str(evil) in err and 'Traceback' not in err
+    assert not os.path.exists(target)
+
+
+def test_malicious_pickle_as_student_for_evaluate_is_refused(trained_run, tmp_path, capsys):
+    out = tmp_path / 'out'
+    out.mkdir()
+    shutil.copy(os.path.join(trained_run['out'], 'best_teacher.pth'), out)
+    target = str(tmp_path / 'pwned')
+    write_malicious(out / 'best_student_kd.pth', target)
+    code = main.main(['--evaluate', '--out-dir', str(out), '--data-dir', trained_run['common'][1]])
+    err = capsys.readouterr().err
+    assert code == 1 and 'best_student_kd.pth' in err and 'StudentNet' in err
+    assert not os.path.exists(target)
+
+
+def test_load_weights_names_the_file_and_the_expected_model(tmp_path):
+    path = tmp_path / 'student.pth'
+    torch.save(StudentNet().state_dict(), path)
+    with pytest.raises(CheckpointError, match=r'student\.pth.*TeacherNet'):
+        load_weights(TeacherNet(), str(path))
+    prefixed = {'module.' + k: v for k, v in StudentNet().state_dict().items()}
+    torch.save(prefixed, path)
+    load_weights(StudentNet(), str(path))  # wrapper prefixes from other tools are accepted
+
+
+def bad_input_cases(trained_run, tmp_path):
+    data = trained_run['common'][1]
+    teacher = os.path.join(trained_run['out'], 'best_teacher.pth')
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(os.urandom(4096))
+    student_as_teacher = tmp_path / 'student.pth'
+    torch.save(StudentNet().state_dict(), student_as_teacher)
+    truncated = tmp_path / 'truncated'
+    shutil.copytree(data, truncated)
+    batch = truncated / 'cifar-10-batches-py' / 'data_batch_3'
+    batch.write_bytes(batch.read_bytes()[:5000])
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('not a folder')
+    fast = ['--epochs', '1', '--batch-size', '32']
+    return {
+        'no teacher checkpoint': (fast + ['--data-dir', data], 1, '--train-teacher'),
+        'garbage teacher': (fast + ['--data-dir', data, '--teacher-checkpoint', str(garbage)],
+                            1, 'garbage.pth'),
+        'student state_dict as teacher': (
+            fast + ['--data-dir', data, '--teacher-checkpoint', str(student_as_teacher)],
+            1, 'TeacherNet'),
+        'missing teacher path': (
+            fast + ['--data-dir', data, '--teacher-checkpoint', str(tmp_path / 'nope.pth')],
+            1, 'nope.pth'),
+        'no data and no network': (fast + ['--train-teacher', '--data-dir',
+                                           str(tmp_path / 'empty')], 1, '--data-dir'),
+        'truncated data batch': (fast + ['--teacher-checkpoint', teacher, '--data-dir',
+                                         str(truncated)], 1, 'data_batch_3'),
+        'out-dir is a file': (fast + ['--train-teacher', '--data-dir', data, '--out-dir',
+                                      str(a_file)], 2, 'is a file'),
+        'out-dir cannot be written': (fast + ['--train-teacher', '--data-dir', data,
+                                              '--out-dir', str(a_file / 'sub')], 2,
+                                      'cannot be written'),
+        'cuda without cuda': (fast + ['--train-teacher', '--data-dir', data, '--device', 'cuda'],
+                              2, 'CUDA'),
+    }
+
+
+CASES = ['no teacher checkpoint', 'garbage teacher', 'student state_dict as teacher',
+         'missing teacher path', 'no data and no network', 'truncated data batch',
+         'out-dir is a file', 'out-dir cannot be written', 'cuda without cuda']
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_bad_input_is_refused_cleanly_and_changes_nothing(case, trained_run, tmp_path, capsys):
+    if case == 'cuda without cuda' and torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    args, code, needle = bad_input_cases(trained_run, tmp_path)[case]
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'best_student_kd.pth').write_bytes(b'an earlier result')
+    if '--out-dir' not in args:
+        args = args + ['--out-dir', str(out)]
+    before = snapshot(tmp_path)
+    assert main.main(args) == code
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith('error:') and 'Traceback' not in err
+    after = snapshot(tmp_path)
+    after.pop('empty/.keep', None)
+    assert {k: v for k, v in after.items() if not k.startswith('empty')} == before
+
+
+def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_checkpoints(
+        trained_run, tmp_path):
+    shutil.copy(os.path.join(trained_run['out'], 'best_student_kd.pth'), tmp_path)
+    before = snapshot(tmp_path)
+    r = run_cli(*student_args(trained_run, tmp_path), '--lr', '1e30')
+    assert r.returncode == 1
+    assert 'NaN or infinite in epoch 1, batch' in r.stderr and 'Traceback' not in r.stderr
+    assert snapshot(tmp_path)['best_student_kd.pth'] == before['best_student_kd.pth']

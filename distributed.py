@@ -157,13 +157,22 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
 
 def convert_sync_batchnorm(module):
-    """Replace every BatchNorm2d in module by SyncBatchNorm2d, keeping its weights and buffers."""
+    """Replace every BatchNorm2d in module by SyncBatchNorm2d sharing its parameters and buffers.
+
+    The tensors themselves are moved over (as torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    does), so their dtype, device and identity are kept: an optimizer built before the
+    conversion still holds the right parameters.
+    """
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm2d):
             sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats)
-            sync.load_state_dict(child.state_dict())
-            sync.to(next(child.buffers()).device)
+                                   child.track_running_stats, device='meta')
+            with torch.no_grad():
+                for key, param in child.named_parameters(recurse=False):
+                    setattr(sync, key, param)
+                for key, buffer in child.named_buffers(recurse=False):
+                    setattr(sync, key, buffer)
+            sync.train(child.training)
             setattr(module, name, sync)
         else:
             convert_sync_batchnorm(child)

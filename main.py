@@ -314,11 +314,13 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, teacher=None, 
                 + (f', teacher {precision_name(teacher_precision)}' if teacher is not None else ''))
         callback = (lambda epoch, rows, s=seed: log_tensorboard(writer, phase, s, epoch, rows)) \
             if writer else None
+        seed_start = time.time()
         summaries[seed] = train_phase(
             phase, trainees, data, recipe, dirs[seed], device, teacher=teacher,
             teacher_precision=teacher_precision, config=configs[seed],
             resume_state=states.get(seed), stop=stop, dist=dist,
             log=log if dist.is_main else (lambda *_: None), epoch_callback=callback)
+        summaries[seed]['wall_seconds'] = round(time.time() - seed_start, 2)
         if args.seeds is not None and dist.is_main:
             write_results(dirs[seed], phase, {seed: summaries[seed]}, configs[seed], args,
                           device, {phase: [dirs[seed]]}, log=lambda *_: None)
@@ -380,12 +382,17 @@ def write_results(out_dir, phase, summaries, config, args, device, curve_dirs, l
     results['seeds'] = seeds
     results.setdefault('phases', {})[phase] = {
         'seeds': seeds, 'config': config,
-        'wall_seconds': {str(s): v['elapsed_seconds'] for s, v in summaries.items()},
+        # training-loop time (epochs and their evaluations, summed over resumes) and this
+        # invocation's wall time per seed, start-up and final evaluation included
+        'train_seconds': {str(s): v['elapsed_seconds'] for s, v in summaries.items()},
+        'wall_seconds': {str(s): v.get('wall_seconds') for s, v in summaries.items()},
         'folders': curve_dirs[phase]}
     results['config'] = config
     results['run'] = {'data_dir': os.path.abspath(args.data_dir), 'subset': args.subset,
+                      'subset_by_phase': {p: v['config'].get('subset')
+                                          for p, v in results['phases'].items()},
                       'device': device_name(device), 'seeds': seeds,
-                      'wall_seconds': {p: sum(v['wall_seconds'].values())
+                      'wall_seconds': {p: round(sum(w or 0 for w in v['wall_seconds'].values()), 2)
                                        for p, v in results['phases'].items()}}
     results['versions'] = versions()
     results['git'] = git_state()

@@ -47,6 +47,7 @@ def cifar_dir(tmp_path_factory):
 def run_cli(*args, cwd=None, timeout=600, env=None):
     """python main.py ARGS in a subprocess; returns the CompletedProcess (text, both streams)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
+    full_env.setdefault('OMP_NUM_THREADS', '1')  # 2 shared cores: torch's thread pool would spin
     return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 

@@ -80,3 +80,14 @@ def test_bf16_logits_give_an_fp32_loss():
     teacher = torch.randn(8, 10).bfloat16()
     loss = kd_loss(student, teacher, torch.randint(0, 10, (8,)), 4.0, 0.1)
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+
+
+def test_compiled_and_wrapped_models_save_plain_state_dicts():
+    from checkpoint import plain_state_dict, strip_prefixes
+    model = StudentNet()
+    compiled = torch.compile(model)  # wrapping only: nothing is compiled until it is called
+    assert any(k.startswith('_orig_mod.') for k in compiled.state_dict())
+    state = plain_state_dict(compiled)
+    assert list(state) == list(model.state_dict())
+    assert strip_prefixes({'module._orig_mod.conv.weight': 1}) == {'conv.weight': 1}
+    StudentNet().load_state_dict(state)

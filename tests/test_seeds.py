@@ -14,7 +14,10 @@ from conftest import run_cli
 CSV_FIELDS = ['epoch', 'lr', 'train_loss', 'train_ce', 'train_kd', 'train_acc', 'val_acc',
               'test_acc', 'seconds', 'images_per_s']
 MODELS = ('teacher', 'student_kd', 'student_base')
-SUBSET = '40'   # 36 training (one step of 32), 4 validation, 40 test images per seed
+SUBSET = '20'   # 18 training (one step), 2 validation, 20 test images per seed
+# One thread per run: with 2 cores shared by other test runs, torch's default thread pool
+# spins against the other processes and the same run takes 5-10x longer.
+ENV = {'OMP_NUM_THREADS': '1'}
 
 
 @pytest.fixture(scope='module')
@@ -22,9 +25,9 @@ def seeds_run(cifar_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('seeds'))
     common = ['--data-dir', cifar_dir, '--out-dir', out, '--batch-size', '32', '--device', 'cpu',
               '--subset', SUBSET, '--seeds', '0', '1']
-    teacher = run_cli('--train-teacher', '--epochs', '1', *common)
+    teacher = run_cli('--train-teacher', '--epochs', '1', *common, env=ENV)
     assert teacher.returncode == 0, teacher.stdout[-2000:] + teacher.stderr[-3000:]
-    students = run_cli('--epochs', '2', *common)
+    students = run_cli('--epochs', '2', *common, env=ENV)
     assert students.returncode == 0, students.stdout[-2000:] + students.stderr[-3000:]
     with open(os.path.join(out, 'results.json')) as f:
         results = json.load(f)
@@ -171,10 +174,10 @@ def test_curves_png(seeds_run):
 # Optional packages
 
 def _small_students_run(seeds_run, cifar_dir, out, *extra, env=None):
-    return run_cli('--epochs', '1', '--no-baseline', '--subset', '20', '--batch-size', '32',
+    return run_cli('--epochs', '1', '--no-baseline', '--subset', '12', '--batch-size', '32',
                    '--device', 'cpu', '--data-dir', cifar_dir, '--out-dir', out,
                    '--teacher-checkpoint', os.path.join(seeds_run['out'], 'best_teacher.pth'),
-                   *extra, env=env)
+                   *extra, env=dict(ENV, **(env or {})))
 
 
 def test_without_matplotlib_the_run_succeeds_and_says_so_once(seeds_run, cifar_dir, tmp_path):

@@ -127,6 +127,8 @@ def validate(args):
         raise UsageError(f'--weight-decay must be >= 0, got {args.weight_decay}')
     if not 0.0 <= args.val_fraction < 1.0:
         raise UsageError(f'--val-fraction must be in [0, 1), got {args.val_fraction}')
+    if args.seed < 0 or any(s < 0 for s in args.seeds or []):
+        raise UsageError('--seed and --seeds must be >= 0')
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         raise UsageError('--seeds must not repeat a seed')
     if args.resume and args.restart:

@@ -64,7 +64,14 @@ def read_cifar_batch(path):
             or data.shape[1] != 3072:
         desc = f'{data.dtype} {data.shape}' if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path} is not a CIFAR-10 batch: 'data' should be uint8 N x 3072, got {desc}")
-    labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
+    try:
+        labels = np.asarray(labels if labels is not None else [])
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path} is not a CIFAR-10 batch: unreadable 'labels' ({e})") from None
+    if labels.size and labels.dtype.kind not in 'iu':
+        raise DataError(f"{path} is not a CIFAR-10 batch: 'labels' should be integers, "
+                        f"got {labels.dtype}")
+    labels = labels.astype(np.int64)
     if labels.shape != (data.shape[0],):
         raise DataError(f'{path} is not a CIFAR-10 batch: {data.shape[0]} images but '
                         f'{labels.shape[0]} labels')
@@ -123,22 +130,21 @@ def epoch_generator(seed, epoch):
 
 
 def crop_flip(images, dy, dx, flip, padding=4):
-    """Random-crop (zero padding) and horizontal-flip a whole batch with one gather.
+    """Random-crop (zero padding) and horizontal-flip a whole batch with two gathers.
 
     images: B x C x H x W (any dtype); dy, dx: B offsets in [0, 2*padding]; flip: B bools.
     Output pixel (i, j) of image b is padded_b[dy_b + i, dx_b + j], with j mirrored when flipped,
-    which is what RandomCrop(H, padding) followed by RandomHorizontalFlip() produces.
+    which is what RandomCrop(H, padding) followed by RandomHorizontalFlip() produces. The
+    index tensors are expanded views, so the only real work is the two gathers.
     """
     b, c, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
     ar_h = torch.arange(h, device=images.device)
     ar_w = torch.arange(w, device=images.device)
-    cols = torch.where(flip[:, None], ar_w.flip(0)[None, :], ar_w[None, :])
-    rows = (dy[:, None] + ar_h[None, :])[:, None, :, None]             # B x 1 x H x 1
-    cols = (dx[:, None] + cols)[:, None, None, :]                       # B x 1 x 1 x W
-    batch = torch.arange(b, device=images.device)[:, None, None, None]
-    chans = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
+    rows = (dy[:, None] + ar_h)[:, None, :, None].expand(b, c, h, w + 2 * padding)
+    cols = dx[:, None] + torch.where(flip[:, None], ar_w.flip(0), ar_w)
+    cols = cols[:, None, None, :].expand(b, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
 
 
 class CifarLoader:
@@ -173,8 +179,9 @@ class CifarLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def normalize(self, images_uint8):
-        x = (images_uint8.float() - self.mean) * self.inv_std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        if self.channels_last:  # reorder the 1-byte pixels, not the 4-byte floats
+            images_uint8 = images_uint8.contiguous(memory_format=torch.channels_last)
+        return (images_uint8.float() - self.mean) * self.inv_std
 
     def _plan(self):
         n = len(self.labels)

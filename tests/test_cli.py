@@ -118,7 +118,7 @@ BAD_FLAGS = [
     ['--alpha', '1.5'], ['--alpha', '-0.1'], ['--alpha', 'nan'], ['--temperature', '0'],
     ['--temperature', '-1'], ['--epochs', '0'], ['--epochs', '-3'], ['--batch-size', '0'],
     ['--subset', '0'], ['--subset', '-5'], ['--lr', '-0.1'], ['--no-such-flag'],
-    ['--val-fraction', '1'], ['--device', 'tpu'],
+    ['--val-fraction', '1'], ['--device', 'tpu'], ['--seed', '-1'], ['--seeds', '0', '-2'],
 ]
 
 

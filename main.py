@@ -6,13 +6,10 @@
 """
 import argparse
 import hashlib
-import json
 import math
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -170,39 +167,9 @@ def check_out_dir(path):
         raise UsageError(f'--out-dir {path} cannot be written: {e.strerror or e}') from None
 
 
-# ---------------------------------------------------------------------------------------------
-# Run record
-
-def versions():
-    import numpy
-    import torch
-    out = {'python': platform.python_version(), 'torch': torch.__version__,
-           'numpy': numpy.__version__}
-    try:
-        import torchvision
-        out['torchvision'] = torchvision.__version__
-    except Exception:
-        out['torchvision'] = None
-    return out
-
-
-def git_state():
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(['git', '-C', here, 'rev-parse', 'HEAD'], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(['git', '-C', here, 'status', '--porcelain', '--untracked-files=no'],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return {'commit': commit or None, 'dirty': bool(dirty) if commit else None}
-    except (OSError, subprocess.SubprocessError):
-        return {'commit': None, 'dirty': None}
-
-
-def device_name(device):
-    import torch
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+def run_info(args, device):
+    from report import device_name
+    return {'data_dir': args.data_dir, 'subset': args.subset, 'device': device_name(device)}
 
 
 def file_sha256(path):
@@ -215,7 +182,9 @@ def file_sha256(path):
 
 def resume_command():
     argv = [a for a in sys.argv[1:] if a not in ('--resume', '--restart')]
-    return 'python ' + ' '.join(shlex.quote(a) for a in [sys.argv[0]] + argv + ['--resume'])
+    nproc = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', '1')))
+    launcher = f'torchrun --nproc_per_node={nproc}' if 'RANK' in os.environ else 'python'
+    return launcher + ' ' + ' '.join(shlex.quote(a) for a in [sys.argv[0]] + argv + ['--resume'])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +227,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, teacher=None, 
     """Train one phase once per seed; return {seed: summary} and the run folders."""
     import torch
     from models import StudentNet, TeacherNet
+    from report import write_results
     from train import Recipe, StopSignal, Trainee, choose_precision, precision_name, train_phase
     from utils import make_loaders
 
@@ -324,8 +294,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, teacher=None, 
             log=log if dist.is_main else (lambda *_: None), epoch_callback=callback)
         summaries[seed]['wall_seconds'] = round(time.time() - seed_start, 2)
         if args.seeds is not None and dist.is_main:
-            write_results(dirs[seed], phase, {seed: summaries[seed]}, configs[seed], args,
-                          device, {phase: [dirs[seed]]}, log=lambda *_: None)
+            write_results(dirs[seed], phase, {seed: summaries[seed]}, configs[seed],
+                          run_info(args, device), {phase: [dirs[seed]]}, log=lambda *_: None)
     if writer:
         writer.close()
     if args.seeds is not None and dist.is_main:
@@ -353,59 +323,6 @@ def log_tensorboard(writer, phase, seed, epoch, rows):
             if key != 'epoch' and value is not None:
                 writer.add_scalar(f'seed{seed}/{model}/{key}', value, epoch)
     writer.flush()
-
-
-def write_results(out_dir, phase, summaries, config, args, device, curve_dirs, log):
-    """Merge this phase into OUT_DIR/results.json and rewrite results.md and curves.png."""
-    from checkpoint import atomic_write_text
-    from report import aggregate_models, kd_gain, plot_curves, results_markdown
-    path = os.path.join(out_dir, 'results.json')
-    results = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                results = json.load(f)
-        except (OSError, ValueError):
-            results = {}
-    models = results.get('models', {})
-    for n in (['teacher'] if phase == 'teacher' else ['student_kd', 'student_base']):
-        models.pop(n, None)
-    if phase == 'students':
-        results.pop('kd_gain', None)
-    models.update(aggregate_models({s: v['models'] for s, v in summaries.items()}))
-    results['models'] = models
-    if phase == 'students':
-        results['kd_gain'] = kd_gain({s: v['models'] for s, v in summaries.items()})
-        teacher_accs = [v['models']['teacher_in_use']['test_acc'] for v in summaries.values()]
-        results['teacher_in_use'] = {'checkpoint': config.get('teacher_checkpoint'),
-                                     'sha256': config.get('teacher_sha256'),
-                                     'test_acc': teacher_accs[0]}
-    seeds = list(summaries)
-    results['seeds'] = seeds
-    results.setdefault('phases', {})[phase] = {
-        'seeds': seeds, 'config': config,
-        # training-loop time (epochs and their evaluations, summed over resumes) and this
-        # invocation's wall time per seed, start-up and final evaluation included
-        'train_seconds': {str(s): v['elapsed_seconds'] for s, v in summaries.items()},
-        'wall_seconds': {str(s): v.get('wall_seconds') for s, v in summaries.items()},
-        'folders': curve_dirs[phase]}
-    results['config'] = config
-    results['run'] = {'data_dir': os.path.abspath(args.data_dir), 'subset': args.subset,
-                      'subset_by_phase': {p: v['config'].get('subset')
-                                          for p, v in results['phases'].items()},
-                      'device': device_name(device), 'seeds': seeds,
-                      'wall_seconds': {p: round(sum(w or 0 for w in v['wall_seconds'].values()), 2)
-                                       for p, v in results['phases'].items()}}
-    results['versions'] = versions()
-    results['git'] = git_state()
-    atomic_write_text(path, json.dumps(results, indent=2) + '\n')
-    atomic_write_text(os.path.join(out_dir, 'results.md'), results_markdown(results))
-    folders = {}
-    for p, v in results['phases'].items():
-        for n in (['teacher'] if p == 'teacher' else ['student_kd', 'student_base']):
-            folders[n] = v['folders']
-    plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log)
-    return results
 
 
 def evaluate_checkpoints(args, device, arrays, log):
@@ -438,6 +355,7 @@ def run(args, log=print):
     validate(args)
     import torch
     from distributed import init_distributed
+    from report import device_name, write_results
     from utils import load_cifar10
 
     device = resolve_device(args.device)
@@ -491,7 +409,7 @@ def run(args, log=print):
     summaries, dirs, config = train_phase_for_seeds(phase, args, device, dist, arrays, log,
                                                     teacher, teacher_sha)
     if dist.is_main:
-        results = write_results(args.out_dir, phase, summaries, config, args, device,
+        results = write_results(args.out_dir, phase, summaries, config, run_info(args, device),
                                 {phase: list(dirs.values())}, log)
         from report import describe_gain, print_table
         log(f'\nFinished the {phase} phase in {time.time() - start:.0f}s; results in '
@@ -517,6 +435,8 @@ def main(argv=None):
         print(f'error: {e}', file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
+        if os.environ.get('RANK', '0') != '0':  # every rank stopped; rank 0 says so once
+            return 128 + int(e.signum)
         print(f'\nInterrupted (signal {int(e.signum)}); the state is saved in {e.state_path}.\n'
               f'Resume with: {resume_command()}', file=sys.stderr)
         return 128 + int(e.signum)

@@ -12,6 +12,9 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
+        # Zero-initialized last BN scale (Goyal et al., 2017): each block starts as its shortcut,
+        # which keeps the first steps at lr 0.1 from blowing up the loss.
+        nn.init.zeros_(self.bn2.weight)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(

@@ -1,7 +1,10 @@
 """Statistics, tables and plots: what a reader needs to judge the KD gain."""
 import csv
+import json
 import math
 import os
+import platform
+import subprocess
 
 import torch
 import torch.nn.functional as F
@@ -255,3 +258,94 @@ def _draw_curves(plt, run_dirs, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The run record and the results files
+
+def versions():
+    import numpy
+    import torch
+    out = {'python': platform.python_version(), 'torch': torch.__version__,
+           'numpy': numpy.__version__}
+    try:
+        import torchvision
+        out['torchvision'] = torchvision.__version__
+    except Exception:
+        out['torchvision'] = None
+    return out
+
+
+def git_state():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(['git', '-C', here, 'rev-parse', 'HEAD'], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', '-C', here, 'status', '--porcelain', '--untracked-files=no'],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return {'commit': commit or None, 'dirty': bool(dirty) if commit else None}
+    except (OSError, subprocess.SubprocessError):
+        return {'commit': None, 'dirty': None}
+
+
+def device_name(device):
+    import torch
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+
+def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=print):
+    """Merge this phase into OUT_DIR/results.json and rewrite results.md and curves.png.
+
+    summaries: {seed: train.train_phase's summary}; run_info: data_dir, subset, device name.
+    """
+    from checkpoint import atomic_write_text
+    path = os.path.join(out_dir, 'results.json')
+    results = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except (OSError, ValueError):
+            results = {}
+    models = results.get('models', {})
+    for n in (['teacher'] if phase == 'teacher' else ['student_kd', 'student_base']):
+        models.pop(n, None)
+    if phase == 'students':
+        results.pop('kd_gain', None)
+    models.update(aggregate_models({s: v['models'] for s, v in summaries.items()}))
+    results['models'] = models
+    if phase == 'students':
+        results['kd_gain'] = kd_gain({s: v['models'] for s, v in summaries.items()})
+        teacher_accs = [v['models']['teacher_in_use']['test_acc'] for v in summaries.values()]
+        results['teacher_in_use'] = {'checkpoint': config.get('teacher_checkpoint'),
+                                     'sha256': config.get('teacher_sha256'),
+                                     'test_acc': teacher_accs[0]}
+    seeds = list(summaries)
+    results['seeds'] = seeds
+    results.setdefault('phases', {})[phase] = {
+        'seeds': seeds, 'config': config,
+        # training-loop time (epochs and their evaluations, summed over resumes) and this
+        # invocation's wall time per seed, start-up and final evaluation included
+        'train_seconds': {str(s): v['elapsed_seconds'] for s, v in summaries.items()},
+        'wall_seconds': {str(s): v.get('wall_seconds') for s, v in summaries.items()},
+        'folders': curve_dirs[phase]}
+    results['config'] = config
+    results['run'] = {'data_dir': os.path.abspath(run_info['data_dir']),
+                      'subset': run_info['subset'],
+                      'subset_by_phase': {p: v['config'].get('subset')
+                                          for p, v in results['phases'].items()},
+                      'device': run_info['device'], 'seeds': seeds,
+                      'wall_seconds': {p: round(sum(w or 0 for w in v['wall_seconds'].values()), 2)
+                                       for p, v in results['phases'].items()}}
+    results['versions'] = versions()
+    results['git'] = git_state()
+    atomic_write_text(path, json.dumps(results, indent=2) + '\n')
+    atomic_write_text(os.path.join(out_dir, 'results.md'), results_markdown(results))
+    folders = {}
+    for p, v in results['phases'].items():
+        for n in (['teacher'] if p == 'teacher' else ['student_kd', 'student_base']):
+            folders[n] = v['folders']
+    plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log)
+    return results

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from checkpoint import (atomic_save, atomic_write_text, capture_rng_state, load_weights,
                         plain_state_dict, restore_rng_state)
-from distributed import all_reduce_sum, any_rank
+from distributed import all_gather_cat, all_reduce_min, all_reduce_sum, any_rank
 from utils import kd_loss_terms
 
 STATE_FORMAT = 1
@@ -202,7 +202,12 @@ def train_step(trainees, teacher, images, labels, recipe, teacher_precision=None
 
 @torch.inference_mode()
 def predict(model, loader, precision=None):
-    """(float32 logits, labels) for every image of a non-augmenting loader."""
+    """(float32 logits, labels) for every image of a non-augmenting loader.
+
+    A loader sharded over torchrun processes gives each rank a slice of every batch; the
+    slices are gathered, so every rank gets every image (in an order that differs from the
+    single-process one) and the metrics agree across ranks and with a single process.
+    """
     was_training = model.training
     model.eval()
     logits, labels = [], []
@@ -211,7 +216,10 @@ def predict(model, loader, precision=None):
             logits.append(model(images).float())
         labels.append(y)
     model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    if getattr(loader, 'world_size', 1) > 1:
+        logits, labels = all_gather_cat(logits), all_gather_cat(labels)
+    return logits, labels
 
 
 def accuracy(logits, labels):
@@ -308,7 +316,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
 
     for epoch in range(start_epoch, recipe.epochs):
         data.train.set_epoch(epoch, start_batch)
-        sums = _EpochSums(names, device, saved_sums if start_batch else None)
+        # a saved partial epoch holds the sums of all ranks: rank 0 alone takes them back
+        sums = _EpochSums(names, device, saved_sums if start_batch and is_main else None)
         t0, images_seen = time.time(), 0
         bar = tqdm(total=steps_per_epoch, initial=start_batch, leave=False,
                    desc=f'{phase} {epoch + 1}/{recipe.epochs}',
@@ -317,6 +326,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
         for batch_index, (images, labels) in enumerate(data.train, start=start_batch):
             if stop is not None and any_rank(stop.requested, device):
                 elapsed += time.time() - t0
+                for s in sums.sums.values():  # the saved partial epoch covers every rank
+                    all_reduce_sum(s)
                 save_state(epoch, batch_index, sums.to_lists())
                 bar.close()
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, state_path)
@@ -337,8 +348,11 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
         start_batch, saved_sums = 0, None
         for s in sums.sums.values():
             all_reduce_sum(s)
-        bad = int(sums.first_bad.item())
-        if bad >= 0:
+        # the first bad batch on any rank: every rank stops, before writing anything
+        first_bad = sums.first_bad.reshape(1).clone()
+        first_bad[first_bad < 0] = steps_per_epoch
+        bad = int(all_reduce_min(first_bad).item())
+        if bad < steps_per_epoch:
             raise NonFiniteLoss(f'the {phase} loss became NaN or infinite in epoch {epoch + 1}, '
                                 f'batch {bad + 1}; training stopped and the checkpoints of the '
                                 f'last good epoch are kept. Try a lower --lr.')

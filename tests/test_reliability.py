@@ -28,7 +28,9 @@ def student_args(trained_run, out):
 def start_cli(args):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                            # the thread count of run_cli: float sums then add up in one order
+                            env=dict(os.environ, PYTHONUNBUFFERED='1',
+                                     OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1')))
 
 
 def wait_for_epoch(path, epoch, proc, timeout=240):

@@ -223,12 +223,13 @@ def find_states(phase, dirs, args, config_by_seed):
     return states
 
 
-def train_phase_for_seeds(phase, args, device, dist, arrays, log, teacher=None, teacher_sha=None):
+def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=None,
+                          teacher_sha=None):
     """Train one phase once per seed; return {seed: summary} and the run folders."""
     import torch
     from models import StudentNet, TeacherNet
     from report import write_results
-    from train import Recipe, StopSignal, Trainee, choose_precision, precision_name, train_phase
+    from train import Recipe, Trainee, choose_precision, precision_name, train_phase
     from utils import make_loaders
 
     seeds = args.seeds if args.seeds is not None else [args.seed]
@@ -255,8 +256,6 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, teacher=None, 
     if args.resume and not states and dist.is_main:
         log(f'--resume: no saved {phase} state in {args.out_dir}; starting from the beginning')
 
-    stop = StopSignal()
-    stop.install()
     writer = open_tensorboard(args, log) if dist.is_main else None
     summaries = {}
     for seed in seeds:
@@ -406,8 +405,14 @@ def run(args, log=print):
         return 0
 
     start = time.time()
-    summaries, dirs, config = train_phase_for_seeds(phase, args, device, dist, arrays, log,
-                                                    teacher, teacher_sha)
+    from train import StopSignal
+    stop = StopSignal()  # SIGINT/SIGTERM: finish the batch, save, exit 130/143
+    stop.install()
+    try:
+        summaries, dirs, config = train_phase_for_seeds(phase, args, device, dist, arrays, log,
+                                                        stop, teacher, teacher_sha)
+    finally:
+        stop.uninstall()
     if dist.is_main:
         results = write_results(args.out_dir, phase, summaries, config, run_info(args, device),
                                 {phase: list(dirs.values())}, log)

@@ -63,8 +63,12 @@ class StopSignal:
         return self.signum is not None
 
     def install(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
+        self._previous = {s: signal.signal(s, self._handle)
+                          for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self):
+        for s, handler in getattr(self, '_previous', {}).items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         if self.signum is not None:

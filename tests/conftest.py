@@ -70,6 +70,6 @@ def trained_run(cifar_dir, tmp_path_factory):
     common = ['--data-dir', cifar_dir, '--out-dir', out, '--batch-size', '32', '--device', 'cpu']
     teacher = run_cli('--train-teacher', '--epochs', '1', '--subset', '100', *common)
     assert teacher.returncode == 0, teacher.stderr
-    students = run_cli('--epochs', '2', *common)
+    students = run_cli('--epochs', '2', '--subset', '100', *common)
     assert students.returncode == 0, students.stderr
     return {'out': out, 'teacher': teacher, 'students': students, 'common': common}

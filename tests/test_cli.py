@@ -67,7 +67,8 @@ def test_results_json_merges_both_phases(trained_run):
     assert results['config']['alpha'] == 0.1 and results['config']['temperature'] == 4.0
     assert results['versions']['torch'] == torch.__version__
     assert 'commit' in results['git']
-    assert results['run']['subset'] is None
+    assert results['run']['subset'] == 100
+    assert results['run']['subset_by_phase'] == {'teacher': 100, 'students': 100}
 
 
 def test_console_output_has_config_epoch_lines_and_table(trained_run):

@@ -266,18 +266,16 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                             channels_last=True, rank=dist.rank, world_size=dist.world_size,
                             arrays=arrays)
         torch.manual_seed(seed)
-        # both students start from the same weights: the pair differs only by the loss
-        init = {'teacher': TeacherNet} if phase == 'teacher' else {}
-        if phase == 'students':
-            student_init = StudentNet().state_dict()
-        trainees = []
-        for n in names:
-            module = init[n]() if n in init else StudentNet()
-            if phase == 'students':
-                module.load_state_dict(student_init)
-            trainees.append(Trainee(n, module, 'kd' if n == 'student_kd' else 'ce', recipe,
-                                    device, precisions[n], ddp=dist.enabled,
-                                    compile_model=args.compile))
+        if phase == 'teacher':
+            modules = {'teacher': TeacherNet()}
+        else:  # both students start from the same weights: the pair differs only by the loss
+            initial = StudentNet().state_dict()
+            modules = {n: StudentNet() for n in names}
+            for module in modules.values():
+                module.load_state_dict(initial)
+        trainees = [Trainee(n, modules[n], 'kd' if n == 'student_kd' else 'ce', recipe, device,
+                            precisions[n], ddp=dist.enabled, compile_model=args.compile)
+                    for n in names]
         if dist.is_main:
             log(f'[{phase}, seed {seed}] {data.num_train} training, {data.num_val} validation, '
                 f'{data.num_test} test images; {len(data.train)} steps per epoch; precision '

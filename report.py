@@ -234,8 +234,10 @@ def _draw_curves(plt, run_dirs, path):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     panels = [('test_acc', 'val_acc', 'Accuracy (%)'), ('train_loss', None, 'Training loss')]
+    colors = {'teacher': 'tab:gray', 'student_kd': 'tab:blue', 'student_base': 'tab:orange'}
     for ax, (key, key2, ylabel) in zip(axes, panels):
         for model, runs in series.items():
+            # one colour per model; dashed = validation, solid = test or training
             for k, style in ((key, '-'), (key2, '--')):
                 if k is None or any(row[k] is None for r in runs for row in r):
                     continue
@@ -244,8 +246,8 @@ def _draw_curves(plt, run_dirs, path):
                 values = [[r[i][k] for r in runs] for i in range(n)]
                 avg = [mean(v) for v in values]
                 label = f"{MODEL_LABELS[model]} ({'test' if k == 'test_acc' else 'val' if k == 'val_acc' else 'train'})"
-                line, = ax.plot(epochs, avg, style, label=label)
-                if len(runs) > 1:
+                line, = ax.plot(epochs, avg, style, label=label, color=colors.get(model))
+                if len(runs) > 1 and style == '-':
                     ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values],
                                     color=line.get_color(), alpha=0.2)
         ax.set_xlabel('Epoch')

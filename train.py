@@ -255,7 +255,6 @@ class _EpochSums:
     """Running per-trainee sums kept on the device (no host sync per batch)."""
 
     def __init__(self, names, device, saved=None):
-        self.device = device
         self.sums = {n: torch.zeros(5, dtype=torch.float64, device=device) for n in names}
         # loss, ce, kd, correct, count
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)

@@ -322,9 +322,18 @@ def log_tensorboard(writer, phase, seed, epoch, rows):
     writer.flush()
 
 
+def load_for_inference(model, path, device):
+    """Weights from path (refused with a clear message if wrong) in eval mode, no gradients."""
+    import torch
+    from checkpoint import load_weights
+    model = load_weights(model, path).to(device, memory_format=torch.channels_last).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def evaluate_checkpoints(args, device, arrays, log):
     """--evaluate: test accuracy of each best_*.pth in --out-dir."""
-    from checkpoint import load_weights
     from models import StudentNet, TeacherNet
     from report import print_table
     from train import choose_precision, evaluate
@@ -336,8 +345,8 @@ def evaluate_checkpoints(args, device, arrays, log):
         path = os.path.join(args.out_dir, f'best_{name}.pth')
         if not os.path.exists(path):
             continue
-        model = load_weights(TeacherNet() if name == 'teacher' else StudentNet(), path)
-        model = model.to(device, memory_format=__import__('torch').channels_last)
+        model = load_for_inference(TeacherNet() if name == 'teacher' else StudentNet(), path,
+                                   device)
         acc = evaluate(model, data.test, choose_precision(name, device, args.amp))
         models[name] = {'test_acc': acc, 'params': sum(p.numel() for p in model.parameters())}
     if not models:
@@ -350,7 +359,6 @@ def evaluate_checkpoints(args, device, arrays, log):
 
 def run(args, log=print):
     validate(args)
-    import torch
     from distributed import init_distributed
     from report import device_name, write_results
     from utils import load_cifar10
@@ -378,16 +386,13 @@ def run(args, log=print):
 
     teacher, teacher_sha = None, None
     if phase == 'students':  # refuse a bad teacher before reading data or writing anything
-        from checkpoint import CheckpointError, load_weights
+        from checkpoint import CheckpointError
         from models import TeacherNet
         if not os.path.exists(args.teacher_checkpoint):
             raise CheckpointError(f'no teacher checkpoint at {args.teacher_checkpoint}: run '
                                   f'`python main.py --train-teacher` first, or pass '
                                   f'--teacher-checkpoint')
-        teacher = load_weights(TeacherNet(), args.teacher_checkpoint)
-        teacher = teacher.to(device, memory_format=torch.channels_last).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher = load_for_inference(TeacherNet(), args.teacher_checkpoint, device)
         teacher_sha = file_sha256(args.teacher_checkpoint)
 
     if dist.is_main:  # one process downloads; the others wait and read

@@ -9,6 +9,7 @@ import subprocess
 import torch
 import torch.nn.functional as F
 
+PHASE_MODELS = {'teacher': ('teacher',), 'students': ('student_kd', 'student_base')}
 MODEL_LABELS = {'teacher': 'Teacher (ResNet-18)', 'student_kd': 'Student (KD)',
                 'student_base': 'Student (baseline)'}
 
@@ -312,7 +313,7 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
         except (OSError, ValueError):
             results = {}
     models = results.get('models', {})
-    for n in (['teacher'] if phase == 'teacher' else ['student_kd', 'student_base']):
+    for n in PHASE_MODELS[phase]:
         models.pop(n, None)
     if phase == 'students':
         results.pop('kd_gain', None)
@@ -347,7 +348,7 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
     atomic_write_text(os.path.join(out_dir, 'results.md'), results_markdown(results))
     folders = {}
     for p, v in results['phases'].items():
-        for n in (['teacher'] if p == 'teacher' else ['student_kd', 'student_base']):
+        for n in PHASE_MODELS[p]:
             folders[n] = v['folders']
     plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log)
     return results

@@ -47,8 +47,8 @@ print(f"Student (Base) Accuracy: {evaluate_model(student_base, testloader):.2f}%
 def test_checkpoints_are_plain_cpu_state_dicts(trained_run):
     for name, cls in [('teacher', TeacherNet), ('student_kd', StudentNet),
                       ('student_base', StudentNet)]:
-        state = torch.load(os.path.join(trained_run['out'], f'best_{name}.pth'),
-                           map_location='cpu', weights_only=True)
+        path = os.path.join(trained_run['out'], f'best_{name}.pth')
+        state = torch.load(path, map_location='cpu', weights_only=True)
         assert isinstance(state, dict)
         assert all(v.device.type == 'cpu' for v in state.values())
         assert not any(k.startswith(('module.', '_orig_mod.')) for k in state)

@@ -116,6 +116,9 @@ def load_weights(model, path):
 # Random-number state, in a form that loads with weights_only=True (tensors and plain types)
 
 def capture_rng_state():
+    """The global generators' states. Training draws its order and augmentation from
+    (seed, epoch) generators, not from these, so only this process's own generators are kept:
+    for CUDA the current device's alone, which lets a run resume on another number of GPUs."""
     np_state = np.random.get_state()
     state = {
         'python': random.getstate(),
@@ -123,15 +126,57 @@ def capture_rng_state():
         'torch': torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        state['cuda_device'] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng_state(state):
+    """Restore what capture_rng_state saved, whatever GPUs this machine has.
+
+    A saved CUDA state is restored on the current device when there is one; states saved by
+    older versions list every visible GPU ('cuda'), of which the current device's is taken if
+    it exists. A CPU machine, or fewer GPUs than were saved, is not an error.
+    """
     version, internal, gauss_next = state['python']
     random.setstate((version, tuple(internal), gauss_next))
     name, keys, pos, has_gauss, cached = state['numpy']
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    if not torch.cuda.is_available():
+        return
+    cuda_state = state.get('cuda_device')
+    if cuda_state is None and state.get('cuda'):
+        index = torch.cuda.current_device()
+        cuda_state = state['cuda'][index] if index < len(state['cuda']) else None
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run record beside a checkpoint: what it is and which data it was selected on
+
+def record_path(checkpoint_path):
+    """best_teacher.pth -> best_teacher.json."""
+    return os.path.splitext(checkpoint_path)[0] + '.json'
+
+
+def write_record(checkpoint_path, record):
+    import json
+    atomic_write_text(record_path(checkpoint_path), json.dumps(record, indent=2) + '\n')
+
+
+def read_record(checkpoint_path):
+    """The record written beside checkpoint_path, or None when there is none."""
+    import json
+    path = record_path(checkpoint_path)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f'{path} is not a readable run record ({e}); remove it or train '
+                              f'the checkpoint again') from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f'{path} is not a run record (holds a {type(record).__name__})')
+    return record

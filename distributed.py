@@ -41,14 +41,24 @@ def init_distributed(device):
         torch.cuda.set_device(device)
     backend = 'nccl' if device.type == 'cuda' else 'gloo'
     # A bounded timeout: a rank that died turns into an error on the others, not a hang.
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
+    timeout = datetime.timedelta(minutes=10)
+    dist.init_process_group(backend, timeout=timeout,
                             **({'device_id': device} if backend == 'nccl' else {}))
+    global _cpu_group
+    # Host-side flags (a stop request) go over a CPU group: reading an NCCL result would wait
+    # for the GPU to finish its queued work, a stall per check.
+    _cpu_group = dist.new_group(backend='gloo', timeout=timeout) if backend == 'nccl' else None
     return info, device
 
 
+_cpu_group = None  # set by init_distributed when the default group is NCCL
+
+
 def shutdown_distributed():
+    global _cpu_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _cpu_group = None
 
 
 def _active():
@@ -90,12 +100,15 @@ def all_gather_cat(tensor):
     return torch.cat([part[:n] for part, n in zip(parts, lengths)])
 
 
-def any_rank(flag, device):
-    """True on every rank when flag is true on any: all ranks stop at the same batch."""
+def any_rank(flag):
+    """True on every rank when flag is true on any: all ranks stop at the same batch.
+
+    A CPU tensor over a CPU (gloo) group: no device synchronisation, whatever the backend.
+    """
     if not _active():
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, group=_cpu_group)
     return bool(t.item() > 0)
 
 
@@ -154,6 +167,23 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         scale = torch.rsqrt(var + self.eps) * self.weight
         shift = self.bias - mean * scale
         return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
+
+
+def sync_batchnorm_kind(device):
+    """PyTorch's fused SyncBatchNorm on CUDA; SyncBatchNorm2d where PyTorch has no kernel (CPU)."""
+    return nn.SyncBatchNorm if torch.device(device).type == 'cuda' else SyncBatchNorm2d
+
+
+def sync_batchnorm(module, device):
+    """module with its BatchNorm layers synchronized over the ranks, in the kind that fits device.
+
+    torch.nn.SyncBatchNorm is fused and computes the variance stably (Welford); it only runs on
+    CUDA. Both keep the parameters and buffers (and their names), so optimizers and checkpoints
+    are unaffected.
+    """
+    if sync_batchnorm_kind(device) is nn.SyncBatchNorm:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return convert_sync_batchnorm(module)
 
 
 def convert_sync_batchnorm(module):

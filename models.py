@@ -1,6 +1,50 @@
-"""The two networks: TeacherNet (ResNet-18 for 32x32 images) and StudentNet (a compact plain CNN)."""
+"""The networks, registered by name: the default pair TeacherNet ('resnet18') and StudentNet ('cnn'),
+plus the CIFAR distillation benchmarks of RepDistiller/mdistiller (resnet32x4, resnet8x4, wrn_40_2, wrn_16_2).
+
+`build_model(name, num_classes)` makes any of them; `register_model(name)` adds one.
+"""
+from collections import OrderedDict
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+MODELS = {}  # name -> constructor called as constructor(num_classes=...)
+
+
+def register_model(name):
+    """Decorator: make the class or function buildable as build_model(name, num_classes)."""
+    def add(constructor):
+        # refuse silently replacing a model: a checkpoint saved under a name must keep meaning one network
+        if name in MODELS:
+            raise ValueError(f'model {name!r} is already registered (as {MODELS[name]!r})')
+        MODELS[name] = constructor
+        return constructor
+    return add
+
+
+def model_names():
+    return sorted(MODELS)
+
+
+def build_model(name, num_classes=10):
+    """A new, freshly initialized model registered as `name`."""
+    if name not in MODELS:
+        raise KeyError(f'unknown model {name!r}; known models: {", ".join(model_names())}')
+    return MODELS[name](num_classes=num_classes)
+
+
+class Classifier(nn.Linear):
+    """The last layer, computed in float32 even under autocast.
+
+    Soft targets at T=4 divide the logits by 4 before the softmax: logits rounded to bf16 (8
+    bits of mantissa) would quantise them visibly. The layer is tiny, so fp32 costs nothing.
+    Parameter names are nn.Linear's, so checkpoints are unaffected.
+    """
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
 
 
 class BasicBlock(nn.Module):
@@ -28,6 +72,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+@register_model('resnet18')
 class TeacherNet(nn.Module):
     """ResNet-18 for CIFAR: 3x3 stem without max-pool, stages of 64-128-256-512 channels.
 
@@ -44,7 +89,7 @@ class TeacherNet(nn.Module):
                                         BasicBlock(out_channels, out_channels, 1)))
             in_channels = out_channels
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = Classifier(512, num_classes)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -63,6 +108,7 @@ def conv_bn_relu(in_channels, out_channels, pool=False):
     return nn.Sequential(*layers)
 
 
+@register_model('cnn')
 class StudentNet(nn.Module):
     """A plain CNN (conv-BN-ReLU blocks with max-pooling, global average pooling, no residuals).
 
@@ -78,12 +124,154 @@ class StudentNet(nn.Module):
             conv_bn_relu(w1, w2, pool=True), conv_bn_relu(w2, w2),     # 16x16 -> 8x8
             conv_bn_relu(w2, w3, pool=True), conv_bn_relu(w3, w3),     # 8x8 -> 4x4
         )
-        self.classifier = nn.Linear(w3, num_classes)
+        self.classifier = Classifier(w3, num_classes)
 
     def forward(self, x):
         # average, not max, pooling: max-pooled features made early logits explode at lr 0.1
         out = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
         return self.classifier(out)
+
+
+# The CIFAR benchmarks of RepDistiller (Tian et al., 2020) and mdistiller. Module and parameter names follow
+# their code (`downsample`, `convShortcut`, `block1.layer`, `fc`) so their published teacher checkpoints load
+# with load_state_dict as they are.
+
+def init_like_reference(model):
+    """Kaiming-normal (fan_out) convolutions, BN scale 1 and shift 0: the init the published teachers used."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ResNetBlock(nn.Module):
+    """BasicBlock of the CIFAR ResNets: as BasicBlock above, with the projection named `downsample`
+    (None for an identity shortcut) and no zero-initialized BN scale."""
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet: 3x3 stem, three stages of n = (depth - 2) / 6 blocks at 32x32, 16x16, 8x8.
+
+    `widths` = (stem, stage1, stage2, stage3) channels.
+    """
+
+    def __init__(self, depth, widths, num_classes=10):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f'a CIFAR ResNet has depth 6n+2, not {depth}')
+        n = (depth - 2) // 6
+        stem, *stage_widths = widths
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        in_channels = stem
+        for i, (out_channels, stride) in enumerate(zip(stage_widths, (1, 2, 2)), 1):
+            blocks = [ResNetBlock(in_channels, out_channels, stride)]
+            blocks += [ResNetBlock(out_channels, out_channels) for _ in range(n - 1)]
+            self.add_module(f'layer{i}', nn.Sequential(*blocks))
+            in_channels = out_channels
+        self.fc = Classifier(in_channels, num_classes)
+        init_like_reference(self)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block of Wide ResNets: BN-ReLU-conv3x3 twice, plus the shortcut."""
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.convShortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.convShortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        # an identity shortcut carries the raw input; a projection takes the pre-activated one
+        # (as in Zagoruyko & Komodakis' code, which the published WRN teachers were trained with)
+        return out + (x if self.convShortcut is None else self.convShortcut(pre))
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet WRN-depth-k for CIFAR (no dropout): stages of 16k-32k-64k channels, n = (depth - 4) / 6
+    blocks each, and a final BN-ReLU since the blocks are pre-activation."""
+
+    def __init__(self, depth, widen_factor, num_classes=10):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f'a Wide ResNet has depth 6n+4, not {depth}')
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        in_channels = 16
+        for i, (width, stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), 1):
+            out_channels = width * widen_factor
+            blocks = [WideBlock(in_channels, out_channels, stride)]
+            blocks += [WideBlock(out_channels, out_channels) for _ in range(n - 1)]
+            # the extra `layer` level only reproduces the reference key names (block1.layer.0...)
+            self.add_module(f'block{i}', nn.Sequential(OrderedDict(layer=nn.Sequential(*blocks))))
+            in_channels = out_channels
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.fc = Classifier(in_channels, num_classes)
+        init_like_reference(self)
+        nn.init.zeros_(self.fc.bias)  # as the reference WRN does
+
+    def forward(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = F.relu(self.bn1(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+@register_model('resnet32x4')
+def resnet32x4(num_classes=10):
+    """ResNet-32x4, the usual CIFAR-100 teacher: 7.43M parameters at 100 classes."""
+    return CifarResNet(32, (32, 64, 128, 256), num_classes)
+
+
+@register_model('resnet8x4')
+def resnet8x4(num_classes=10):
+    """ResNet-8x4, resnet32x4's student: one block per stage, 1.23M parameters at 100 classes."""
+    return CifarResNet(8, (32, 64, 128, 256), num_classes)
+
+
+@register_model('wrn_40_2')
+def wrn_40_2(num_classes=10):
+    """WRN-40-2, a teacher: 2.26M parameters at 100 classes."""
+    return WideResNet(40, 2, num_classes)
+
+
+@register_model('wrn_16_2')
+def wrn_16_2(num_classes=10):
+    """WRN-16-2, wrn_40_2's student: 0.70M parameters at 100 classes."""
+    return WideResNet(16, 2, num_classes)
 
 
 def count_parameters(model):

@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from checkpoint import (atomic_save, atomic_write_text, capture_rng_state, load_weights,
                         plain_state_dict, restore_rng_state)
-from distributed import all_gather_cat, all_reduce_min, all_reduce_sum, any_rank
+from distributed import all_gather_cat, all_reduce_min, all_reduce_sum, any_rank, sync_batchnorm
 from utils import kd_loss_terms
 
 STATE_FORMAT = 1
+STOP_CHECK_EVERY = 10  # batches between the ranks' agreement on a stop request (torchrun)
 
 
 @dataclass
@@ -90,10 +91,23 @@ def cpu_has_fast_bf16():
     return False
 
 
+def cuda_has_native_bf16(device=None):
+    """True when the GPU computes bf16 in hardware (Ampere and newer).
+
+    torch.cuda.is_bf16_supported() also counts emulation, which makes a T4, V100 or P100 run
+    bf16 slowly in software; those get fp16 with loss scaling instead.
+    """
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a PyTorch without the argument: judge by the compute capability
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def choose_precision(model_name, device, amp=None):
     """The autocast dtype for a model, or None for float32.
 
-    CUDA: bf16 (fp16 where bf16 is unsupported) unless amp is False. CPU, amp None (auto):
+    CUDA: bf16 where the GPU has it in hardware, else fp16 (with a GradScaler), unless amp is
+    False. CPU, amp None (auto):
     bf16 only for the teacher and only on CPUs with bf16 instructions, because that is where it
     measured faster (bench/bench.py); on an AVX2-only CPU bf16 is 10x slower, and the small CNN
     got slower with bf16 even where the ResNet got faster. amp True / False forces it.
@@ -101,10 +115,16 @@ def choose_precision(model_name, device, amp=None):
     if device.type == 'cuda':
         if amp is False:
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     if amp is None:
         return torch.bfloat16 if model_name == 'teacher' and cpu_has_fast_bf16() else None
     return torch.bfloat16 if amp else None
+
+
+def configure_backends(device):
+    """cuDNN autotuning on CUDA: every batch has the same shape, so the search pays once."""
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
 
 
 def autocast(device, dtype):
@@ -143,6 +163,16 @@ def make_optimizer(model, recipe):
                            nesterov=True, weight_decay=recipe.weight_decay)
 
 
+def no_buffer_sync_argument():
+    """DDP's argument that skips broadcasting buffers before every forward: synchronised
+    BatchNorm already keeps them equal on every rank. (Renamed in newer PyTorch.)"""
+    import inspect
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    if 'forward_sync_buffers' in params:
+        return {'forward_sync_buffers': False}
+    return {'broadcast_buffers': False}
+
+
 class Trainee:
     """A model being trained: its plain module, what the loop calls, optimizer and precision.
 
@@ -155,10 +185,10 @@ class Trainee:
         self.module = module.to(device, memory_format=torch.channels_last)
         model = self.module
         if ddp:
-            from distributed import convert_sync_batchnorm
-            convert_sync_batchnorm(self.module)
+            self.module = model = sync_batchnorm(self.module, device)
             model = torch.nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[device.index] if device.type == 'cuda' else None)
+                self.module, device_ids=[device.index] if device.type == 'cuda' else None,
+                **no_buffer_sync_argument())
         self.train_model = torch.compile(model) if compile_model else model
         self.eval_model = torch.compile(self.module) if compile_model else self.module
         self.optimizer = make_optimizer(self.module, recipe)
@@ -286,6 +316,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     there is no validation split. The test set is only reported. Returns a summary per model.
     """
     is_main = dist is None or dist.is_main
+    multi_process = dist is not None and dist.enabled
     names = [t.name for t in trainees]
     steps_per_epoch = len(data.train)
     total_steps = recipe.epochs * steps_per_epoch
@@ -327,7 +358,9 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
                    disable=(not progress) or (not is_main) or None)
         lr = recipe.lr
         for batch_index, (images, labels) in enumerate(data.train, start=start_batch):
-            if stop is not None and any_rank(stop.requested, device):
+            # over several processes the ranks agree on stopping every few batches only
+            if stop is not None and (batch_index % STOP_CHECK_EVERY == 0 or not multi_process) \
+                    and any_rank(stop.requested):
                 elapsed += time.time() - t0
                 for s in sums.sums.values():  # the saved partial epoch covers every rank
                     all_reduce_sum(s)

@@ -175,28 +175,45 @@ class CifarLoader:
         return -(-n // self.batch_size)
 
     def set_epoch(self, epoch, start_batch=0):
-        """Select epoch `epoch`'s order and augmentation; skip its first `start_batch` batches."""
+        """Make the next pass epoch `epoch` (order and augmentation); skip its first `start_batch`.
+
+        Without it, each pass over a training loader is the next epoch, so a plain
+        `for epoch in range(n): for x, y in loader:` sees fresh crops and flips every time.
+        """
         self.epoch, self.start_batch = epoch, start_batch
+
+    @property
+    def dataset(self):
+        """The images behind the loader, unaugmented (len(loader.dataset) as with a DataLoader)."""
+        return CifarImages(self)
 
     def normalize(self, images_uint8):
         if self.channels_last:  # reorder the 1-byte pixels, not the 4-byte floats
             images_uint8 = images_uint8.contiguous(memory_format=torch.channels_last)
         return (images_uint8.float() - self.mean) * self.inv_std
 
-    def _plan(self):
+    def _plan(self, epoch):
+        """Epoch order and augmentation, drawn on the CPU from (seed, epoch), then moved to the
+        device once: the batches then index device tensors, with no host-to-device copy each."""
         n = len(self.labels)
         if not self.train:
-            return torch.arange(n), None
-        g = epoch_generator(self.seed, self.epoch)
+            return torch.arange(n, device=self.device), None
+        g = epoch_generator(self.seed, epoch)
         order = torch.randperm(n, generator=g)
         offsets = torch.randint(0, 9, (n, 2), generator=g)
         flips = torch.rand(n, generator=g) < 0.5
+        # offsets and flips are per image (not per position), as before: indexed by order below
+        order, offsets, flips = (t.to(self.device, non_blocking=True)
+                                 for t in (order, offsets, flips))
         return order, (offsets, flips)
 
     def __iter__(self):
-        order, aug = self._plan()
+        epoch, start_batch = self.epoch, self.start_batch
+        if self.train:  # the next pass is the next epoch, unless set_epoch says otherwise
+            self.epoch, self.start_batch = epoch + 1, 0
+        order, aug = self._plan(epoch)
         n, bs = len(order), self.batch_size
-        for i in range(self.start_batch, len(self)):
+        for i in range(start_batch, len(self)):
             start, stop = i * bs, min((i + 1) * bs, n)
             if self.train and i == len(self) - 1 and n < bs:
                 stop = n  # fewer images than one batch: use them all
@@ -204,13 +221,27 @@ class CifarLoader:
             lo = start + (stop - start) * self.rank // self.world_size
             hi = start + (stop - start) * (self.rank + 1) // self.world_size
             idx = order[lo:hi]
-            dev_idx = idx.to(self.device, non_blocking=True)
-            x = self.images[dev_idx]
+            x = self.images[idx]
             if aug is not None:
-                offsets, flips = (t[idx].to(self.device, non_blocking=True) for t in aug)
+                offsets, flips = aug[0][idx], aug[1][idx]
                 x = crop_flip(x, offsets[:, 0], offsets[:, 1], flips)
-            yield self.normalize(x), self.labels[dev_idx]
-        self.start_batch = 0
+            yield self.normalize(x), self.labels[idx]
+
+
+class CifarImages:
+    """The images of a CifarLoader as a map-style dataset: (normalized image, label), no
+    augmentation. Lets notebook code use len(loader.dataset) and loader.dataset[i]."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __len__(self):
+        return len(self._loader.labels)
+
+    def __getitem__(self, index):
+        index = range(len(self))[index]  # negative indices, and IndexError out of range
+        x = self._loader.images[index:index + 1]
+        return self._loader.normalize(x)[0], int(self._loader.labels[index])
 
 
 @dataclass
@@ -221,23 +252,36 @@ class CifarData:
     num_train: int
     num_val: int
     num_test: int
+    val_indices: torch.Tensor = None  # which training images are held out
+
+    def val_fingerprint(self):
+        """A short hash of the held-out image indices: equal fingerprints, same split."""
+        import hashlib
+        indices = self.val_indices if self.val_indices is not None else torch.zeros(0)
+        return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-def split_train_val(num_images, val_fraction, seed):
-    """Indices (train, val): a seeded random val_fraction of the training images is held out."""
+def split_train_val(num_images, val_fraction, split_seed=0):
+    """Indices (train, val): a random val_fraction of the training images, held out.
+
+    The split belongs to the data, not to a run: split_seed (default 0) is the same for the
+    teacher and every seed of the students, so they all hold out the same images and the
+    teacher never trained on the students' validation images.
+    """
     n_val = int(round(num_images * val_fraction))
     if val_fraction > 0 and (n_val < 1 or n_val >= num_images):
-        raise ValueError(f'--val-fraction {val_fraction} leaves {n_val} of {num_images} images '
-                         f'for validation; it needs at least one image on each side')
-    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(int(seed)))
+        raise ValueError(f'--val-fraction {val_fraction} leaves {n_val} of {num_images} training '
+                         f'images for validation; it needs at least one image on each side')
+    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(int(split_seed)))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
 def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0.1, seed=0,
                  subset=None, eval_batch_size=1000, channels_last=False, rank=0, world_size=1,
-                 download=True, arrays=None):
+                 download=True, arrays=None, split_seed=0):
     """Train / validation / test loaders over CIFAR-10 held on `device`.
 
+    seed: order and augmentation; split_seed: which images are held out for validation.
     subset: use only the first N training and the first N test images.
     arrays: already-loaded (train_x, train_y, test_x, test_y), to skip reading the disk again.
     """
@@ -246,14 +290,14 @@ def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0
     if subset:
         train_x, train_y, test_x, test_y = (train_x[:subset], train_y[:subset],
                                             test_x[:subset], test_y[:subset])
-    train_idx, val_idx = split_train_val(len(train_y), val_fraction, seed)
+    train_idx, val_idx = split_train_val(len(train_y), val_fraction, split_seed)
     common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size)
     train = CifarLoader(train_x[train_idx], train_y[train_idx], batch_size, True, seed=seed,
                         **common)
     val = (CifarLoader(train_x[val_idx], train_y[val_idx], eval_batch_size, False, **common)
            if len(val_idx) else None)
     test = CifarLoader(test_x, test_y, eval_batch_size, False, **common)
-    return CifarData(train, val, test, len(train_idx), len(val_idx), len(test_y))
+    return CifarData(train, val, test, len(train_idx), len(val_idx), len(test_y), val_idx)
 
 
 def get_cifar10_loaders(batch_size=128, data_dir='./data', num_workers=2, device=None,

@@ -73,3 +73,32 @@ def trained_run(cifar_dir, tmp_path_factory):
     students = run_cli('--epochs', '2', '--subset', '100', *common)
     assert students.returncode == 0, students.stderr
     return {'out': out, 'teacher': teacher, 'students': students, 'common': common}
+
+
+def write_cifar100(folder, train_size=200, test_size=100, seed=0):
+    """Write train, test and meta as CIFAR-100's python release does (uint8 N x 3072).
+
+    Like write_cifar: each of the 100 fine classes has its own mean colour; coarse labels are
+    fine // 5 (not the real grouping, which nothing here reads).
+    """
+    rng = np.random.default_rng(seed)
+    out = os.path.join(folder, 'cifar-100-python')
+    os.makedirs(out, exist_ok=True)
+
+    def batch(n, label):
+        labels = rng.integers(0, 100, n)
+        colours = (np.arange(100)[:, None] * np.array([25, 60, 95]) % 256).astype(np.float64)
+        images = colours[labels][:, :, None, None] + rng.normal(0, 40, (n, 3, 32, 32))
+        data = np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
+        return {'filenames': [f'img_{i}.png' for i in range(n)], 'batch_label': label,
+                'fine_labels': [int(x) for x in labels],
+                'coarse_labels': [int(x) // 5 for x in labels], 'data': data}
+
+    with open(os.path.join(out, 'train'), 'wb') as f:
+        pickle.dump(batch(train_size, 'training batch 1 of 1'), f, protocol=2)
+    with open(os.path.join(out, 'test'), 'wb') as f:
+        pickle.dump(batch(test_size, 'testing batch 1 of 1'), f, protocol=2)
+    with open(os.path.join(out, 'meta'), 'wb') as f:
+        pickle.dump({'fine_label_names': ['f%d' % i for i in range(100)],
+                     'coarse_label_names': ['c%d' % i for i in range(20)]}, f, protocol=2)
+    return folder

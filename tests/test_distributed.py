@@ -343,3 +343,46 @@ def test_sigterm_to_torchrun_stops_ranks_together_and_resume_finishes(ddp_run, c
     with open(os.path.join(out, 'log_student_kd.csv')) as f:
         assert len(f.read().strip().splitlines()) == 3  # header + both epochs
     assert os.path.exists(os.path.join(out, 'results.json'))
+
+
+# ---------------------------------------------------------------------------------------------
+# No device synchronisation per batch
+
+@pytest.mark.parametrize('world_size, expected_checks', [(1, 25), (2, 3)])
+def test_stop_requests_are_agreed_every_few_batches_only_over_processes(
+        monkeypatch, tmp_path, world_size, expected_checks):
+    import train
+    from distributed import DistInfo
+    from models import StudentNet
+    from utils import make_loaders
+    arrays = (torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8), torch.arange(100) % 10,
+              torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10) % 10)
+    data = make_loaders(batch_size=4, val_fraction=0.0, arrays=arrays)
+    assert len(data.train) == 25
+    checks = []
+    monkeypatch.setattr(train, 'any_rank', lambda flag: checks.append(flag) or False)
+    recipe = train.Recipe(epochs=1)
+    trainee = train.Trainee('student_base', StudentNet(), 'ce', recipe, torch.device('cpu'))
+    train.train_phase('students', [trainee], data, recipe, str(tmp_path), torch.device('cpu'),
+                      stop=train.StopSignal(), dist=DistInfo(0, world_size, 0), progress=False,
+                      log=lambda *_: None)
+    # batches 0, 10 and 20 over processes (a CPU all-reduce each); every batch in one process
+    assert len(checks) == expected_checks
+
+
+def test_ddp_students_skip_the_buffer_broadcast_and_sync_their_batchnorm(tmp_path):
+    import torch.distributed as dist
+    import train
+    from distributed import SyncBatchNorm2d
+    from models import StudentNet
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=0,
+                            world_size=1)
+    try:
+        t = train.Trainee('student_kd', StudentNet(), 'kd', train.Recipe(), torch.device('cpu'),
+                          ddp=True)
+        assert isinstance(t.train_model, torch.nn.parallel.DistributedDataParallel)
+        ddp = t.train_model
+        assert getattr(ddp, 'forward_sync_buffers', getattr(ddp, 'broadcast_buffers', None)) is False
+        assert any(isinstance(m, SyncBatchNorm2d) for m in t.module.modules())
+    finally:
+        dist.destroy_process_group()

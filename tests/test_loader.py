@@ -272,7 +272,7 @@ def test_real_format_training_labels_match_sources(cifar_dir):
     """Through make_loaders on the pickled fixture: augmented, but every label still right."""
     train_x, train_y, _, _ = load_cifar10(cifar_dir, download=False)
     data = make_loaders(cifar_dir, batch_size=40, val_fraction=0.0, seed=0, download=False)
-    order, _ = data.train._plan()
+    order, _ = data.train._plan(data.train.epoch)
     for i, (x, y) in enumerate(data.train):
         idx = order[i * 40:(i + 1) * 40]
         assert torch.equal(y, train_y[idx])
@@ -293,8 +293,11 @@ def test_same_seed_and_epoch_give_identical_batches(cifar_dir):
     b.set_epoch(3)
     for (xa, ya), (xb, yb) in zip(collect(a), collect(b), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    # iterating the same epoch twice repeats it exactly
-    first, second = collect(a), collect(a)
+    # set_epoch picks an epoch explicitly: the same epoch twice repeats it exactly
+    a.set_epoch(3)
+    first = collect(a)
+    a.set_epoch(3)
+    second = collect(a)
     assert all(torch.equal(p[0], q[0]) for p, q in zip(first, second))
 
 
@@ -326,9 +329,11 @@ def test_resume_with_start_batch_yields_the_rest_of_the_epoch(k):
     assert len(rest) == len(full) - k
     for (xa, ya), (xb, yb) in zip(full[k:], rest, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    # start_batch applies once: the next pass is a whole epoch again
+    # start_batch applies once: the next pass is the whole next epoch
     again = collect(restarted)
-    assert len(again) == len(full) and torch.equal(again[0][0], full[0][0])
+    full_loader.set_epoch(5)
+    assert len(again) == len(full)
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(again, collect(full_loader), strict=True))
 
 
 @pytest.mark.parametrize('train', [True, False])
@@ -373,15 +378,16 @@ def test_subset_and_validation_split():
     assert test.tolist() == list(range(60))
     # val labels are those of their source images
     assert torch.equal(torch.cat([y for _, y in data.val]), arrays[1][val])
-    # the split is the seed's: split_train_val says which, the same seed gives the same one
+    # the split belongs to the data: split_seed picks it, the run's seed does not change it
     expected_train, expected_val = split_train_val(100, 0.2, 0)
     assert val.tolist() == expected_val.tolist()
     assert sorted(train.tolist()) == expected_train.tolist()
-    again = indices(make_loaders(batch_size=20, val_fraction=0.2, seed=0, subset=100,
-                                 arrays=arrays))[1]
-    other = indices(make_loaders(batch_size=20, val_fraction=0.2, seed=1, subset=100,
-                                 arrays=arrays))[1]
-    assert torch.equal(again, val) and set(other.tolist()) != set(val.tolist())
+    other_seed = indices(make_loaders(batch_size=20, val_fraction=0.2, seed=1, subset=100,
+                                      arrays=arrays))[1]
+    other_split = indices(make_loaders(batch_size=20, val_fraction=0.2, seed=0, subset=100,
+                                       arrays=arrays, split_seed=1))[1]
+    assert torch.equal(other_seed, val)
+    assert set(other_split.tolist()) != set(val.tolist()) and len(other_split) == 20
     # a subset larger than the test set keeps the whole test set; no split means no val loader
     data = make_loaders(batch_size=20, val_fraction=0.0, subset=100, arrays=arrays)
     assert data.val is None and data.num_val == 0 and data.num_train == 100
@@ -521,3 +527,32 @@ def test_folder_itself_may_be_given(cifar_dir):
     folder = os.path.join(cifar_dir, utils.FOLDER)
     assert utils.find_cifar10_folder(folder) == folder
     assert load_cifar10(folder, download=False)[0].shape == (200, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook loop: each pass is the next epoch; loader.dataset has a length
+
+def test_each_pass_over_the_training_loader_is_the_next_epoch(cifar_dir):
+    train, _ = get_cifar10_loaders(batch_size=50, data_dir=cifar_dir, download=False, seed=3)
+    passes = [collect(train) for _ in range(3)]   # for epoch in range(3): for x, y in train
+    for a, b in zip(passes, passes[1:]):
+        assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    # still reproducible: pass e is epoch e of seed 3, whoever asks for it
+    again, _ = get_cifar10_loaders(batch_size=50, data_dir=cifar_dir, download=False, seed=3)
+    again.set_epoch(2)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
+               for p, q in zip(passes[2], collect(again), strict=True))
+
+
+def test_loader_dataset_has_a_length_and_unaugmented_items(cifar_dir):
+    train, test = get_cifar10_loaders(batch_size=64, data_dir=cifar_dir, download=False)
+    arrays = load_cifar10(cifar_dir, download=False)
+    assert len(test.dataset) == 100 and len(train.dataset) == 200
+    image, label = test.dataset[7]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert label == int(arrays[3][7])
+    first_batch, labels = next(iter(test))
+    assert torch.equal(image, first_batch[7]) and label == int(labels[7])
+    assert test.dataset[-1][1] == int(arrays[3][-1])
+    with pytest.raises(IndexError):
+        test.dataset[100]

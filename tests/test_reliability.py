@@ -20,7 +20,7 @@ EPOCHS = '3'
 
 
 def student_args(trained_run, out):
-    return ['--epochs', EPOCHS, '--subset', '96', '--data-dir', trained_run['common'][1], '--out-dir', str(out),
+    return ['--epochs', EPOCHS, '--subset', '100', '--data-dir', trained_run['common'][1], '--out-dir', str(out),
             '--batch-size', '32', '--device', 'cpu',
             '--teacher-checkpoint', os.path.join(trained_run['out'], 'best_teacher.pth')]
 
@@ -230,7 +230,7 @@ def bad_input_cases(trained_run, tmp_path):
         'no data and no network': (fast + ['--train-teacher', '--data-dir',
                                            str(tmp_path / 'empty')], 1, '--data-dir'),
         'truncated data batch': (fast + ['--teacher-checkpoint', teacher, '--data-dir',
-                                         str(truncated)], 1, 'data_batch_3'),
+                                         str(truncated), '--subset', '100'], 1, 'data_batch_3'),
         'out-dir is a file': (fast + ['--train-teacher', '--data-dir', data, '--out-dir',
                                       str(a_file)], 2, 'is a file'),
         'out-dir cannot be written': (fast + ['--train-teacher', '--data-dir', data,
@@ -238,12 +238,22 @@ def bad_input_cases(trained_run, tmp_path):
                                       'cannot be written'),
         'cuda without cuda': (fast + ['--train-teacher', '--data-dir', data, '--device', 'cuda'],
                               2, 'CUDA'),
+        # rejected only once the data is known: still exit 2, one line, nothing written
+        'val-fraction leaves no image': (fast + ['--train-teacher', '--data-dir', data,
+                                                 '--subset', '100', '--val-fraction', '0.001'],
+                                         2, '--val-fraction 0.001 leaves 0 of 100'),
+        'teacher of another split': (fast + ['--data-dir', data, '--teacher-checkpoint', teacher,
+                                             '--subset', '100', '--split-seed', '1'],
+                                     2, '--split-seed 0 for the teacher but 1 here'),
+        'teacher of another subset': (fast + ['--data-dir', data, '--teacher-checkpoint', teacher],
+                                      2, '--subset 100 for the teacher but None here'),
     }
 
 
 CASES = ['no teacher checkpoint', 'garbage teacher', 'student state_dict as teacher',
          'missing teacher path', 'no data and no network', 'truncated data batch',
-         'out-dir is a file', 'out-dir cannot be written', 'cuda without cuda']
+         'out-dir is a file', 'out-dir cannot be written', 'cuda without cuda',
+         'val-fraction leaves no image', 'teacher of another split', 'teacher of another subset']
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -273,3 +283,58 @@ def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_checkpoints(
     assert r.returncode == 1
     assert 'NaN or infinite in epoch 1, batch' in r.stderr and 'Traceback' not in r.stderr
     assert snapshot(tmp_path)['best_student_kd.pth'] == before['best_student_kd.pth']
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume on another number of GPUs
+
+def _fake_cuda(monkeypatch, current_device):
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: current_device + 1)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: current_device)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device='cuda': restored.append(
+        state))
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: pytest.fail(
+        'restores every saved GPU'))
+    return restored
+
+
+def test_a_state_listing_more_gpus_than_the_machine_has_resumes(monkeypatch):
+    from checkpoint import capture_rng_state, restore_rng_state
+    state = capture_rng_state()   # taken on this CPU machine: no CUDA state in it
+    assert 'cuda' not in state
+    # an older state that listed the generators of 8 visible GPUs
+    eight = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    restored = _fake_cuda(monkeypatch, current_device=0)
+    restore_rng_state(dict(state, cuda=eight))
+    assert len(restored) == 1 and torch.equal(restored[0], eight[0])
+    # fewer GPUs than the saved one's index: nothing to restore there, and no error
+    restored = _fake_cuda(monkeypatch, current_device=9)
+    restore_rng_state(dict(state, cuda=eight))
+    assert restored == []
+    # the current format keeps the current device's generator only
+    restored = _fake_cuda(monkeypatch, current_device=2)
+    restore_rng_state(dict(state, cuda_device=eight[5]))
+    assert len(restored) == 1 and torch.equal(restored[0], eight[5])
+    # and a state saved on a GPU resumes on a CPU-only machine
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    restore_rng_state(dict(state, cuda_device=eight[5]))
+
+
+def test_resume_from_a_state_saved_with_eight_gpus_finishes(trained_run, tmp_path):
+    """A run killed on an 8-GPU machine (its state lists 8 CUDA generators) resumes here."""
+    args = student_args(trained_run, tmp_path)
+    first = run_cli(*args[:1], '1', *args[2:])   # one epoch only, then a longer run resumes it
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / 'last_students.pt'
+    state = torch.load(path, weights_only=True)
+    state['rng']['cuda'] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    state['finished'] = False
+    state['config']['epochs'] = int(EPOCHS)
+    torch.save(state, path)
+    resumed = run_cli(*args, '--resume')
+    assert resumed.returncode == 0, resumed.stderr
+    assert 'Traceback' not in resumed.stderr
+    with open(tmp_path / 'results.json') as f:
+        assert json.load(f)['phases']['students']['config']['epochs'] == int(EPOCHS)

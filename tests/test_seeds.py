@@ -174,7 +174,7 @@ def test_curves_png(seeds_run):
 # Optional packages
 
 def _small_students_run(seeds_run, cifar_dir, out, *extra, env=None):
-    return run_cli('--epochs', '1', '--no-baseline', '--subset', '12', '--batch-size', '32',
+    return run_cli('--epochs', '1', '--no-baseline', '--subset', SUBSET, '--batch-size', '32',
                    '--device', 'cpu', '--data-dir', cifar_dir, '--out-dir', out,
                    '--teacher-checkpoint', os.path.join(seeds_run['out'], 'best_teacher.pth'),
                    *extra, env=dict(ENV, **(env or {})))
@@ -203,3 +203,19 @@ def test_without_matplotlib_or_tensorboard_the_run_succeeds_and_says_so_once(
     assert 'pip install tensorboard' in said[0]
     assert not os.path.exists(os.path.join(out, 'tensorboard'))
     assert os.path.exists(os.path.join(out, 'best_student_kd.pth'))
+
+
+def test_every_seed_holds_out_the_teachers_validation_images(seeds_run):
+    out = seeds_run['out']
+    teacher = json.loads(_read(os.path.join(out, 'best_teacher.json')))
+    assert teacher['split_seed'] == 0 and teacher['subset'] == int(SUBSET)
+    fingerprints = {teacher['val_images_sha256']}
+    for seed in (0, 1):
+        for name in MODELS:
+            record = json.loads(_read(os.path.join(out, f'seed{seed}', f'best_{name}.json')))
+            assert record['seed'] == seed and record['split_seed'] == 0
+            fingerprints.add(record['val_images_sha256'])
+    assert len(fingerprints) == 1   # one split for the teacher and every seed of the students
+    results = seeds_run['results']
+    assert results['phases']['students']['config']['val_images_sha256'] in fingerprints
+    assert results['phases']['teacher']['config']['val_images_sha256'] in fingerprints

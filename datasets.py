@@ -1,0 +1,237 @@
+"""The CIFAR datasets this package trains on: one small description each, and the readers.
+
+A DatasetSpec says everything that differs between CIFAR-10 and CIFAR-100 (folder and file
+names, the key holding the labels, the number of classes and their names, the normalization
+statistics, the archive and how to download it). The readers take a spec (or its name) and
+return the same thing for both: uint8 N x 3 x 32 x 32 images and int64 labels, as CPU tensors.
+
+Batch files are unpickled with a restricted unpickler that builds numpy arrays and plain
+containers only: a data batch is data, not code.
+"""
+import codecs
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar.html'
+
+
+class DataError(Exception):
+    """A dataset is missing, truncated or not what it claims; the message says which file and
+    what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a reader needs to know about one dataset in the python pickle release."""
+    name: str                  # registry key and CLI value: 'cifar10'
+    title: str                 # for messages: 'CIFAR-10'
+    folder: str                # the extracted folder: 'cifar-10-batches-py'
+    train_files: tuple         # batch files of the training split, in order
+    test_files: tuple          # batch files of the test split, in order
+    label_key: str             # the batch dict's label entry: 'labels' / 'fine_labels'
+    num_classes: int
+    mean: tuple                # per-channel mean of the training images, pixels in 0..1
+    std: tuple                 # per-channel standard deviation, pixels in 0..1
+    classes: tuple             # class names in label order
+    archive: str               # the official archive: 'cifar-10-python.tar.gz'
+    torchvision_class: str     # torchvision.datasets class that downloads it: 'CIFAR10'
+    url: str = CIFAR_URL       # where a person can fetch the archive by hand
+
+    @property
+    def files(self):
+        """All batch files, training first."""
+        return tuple(self.train_files) + tuple(self.test_files)
+
+    def download(self, root):
+        """Download and extract the archive into `root` with torchvision (which checks the
+        archive's checksum). Raises whatever torchvision raises; needs the network."""
+        import torchvision  # lazily: only a download needs it
+        getattr(torchvision.datasets, self.torchvision_class)(root, train=True, download=True)
+
+
+CIFAR10 = DatasetSpec(
+    name='cifar10', title='CIFAR-10', folder='cifar-10-batches-py',
+    train_files=tuple(f'data_batch_{i}' for i in range(1, 6)), test_files=('test_batch',),
+    label_key='labels', num_classes=10,
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    classes=('airplane', 'automobile', 'bird', 'cat', 'deer',
+             'dog', 'frog', 'horse', 'ship', 'truck'),
+    archive='cifar-10-python.tar.gz', torchvision_class='CIFAR10')
+
+CIFAR100 = DatasetSpec(
+    name='cifar100', title='CIFAR-100', folder='cifar-100-python',
+    train_files=('train',), test_files=('test',),
+    label_key='fine_labels', num_classes=100,
+    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+    # the 'fine_label_names' of the release's meta file, in label order
+    classes=('apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle',
+             'bicycle', 'bottle', 'bowl', 'boy', 'bridge', 'bus', 'butterfly', 'camel',
+             'can', 'castle', 'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock',
+             'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur',
+             'dolphin', 'elephant', 'flatfish', 'forest', 'fox', 'girl', 'hamster',
+             'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower', 'leopard', 'lion',
+             'lizard', 'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain', 'mouse',
+             'mushroom', 'oak_tree', 'orange', 'orchid', 'otter', 'palm_tree', 'pear',
+             'pickup_truck', 'pine_tree', 'plain', 'plate', 'poppy', 'porcupine',
+             'possum', 'rabbit', 'raccoon', 'ray', 'road', 'rocket', 'rose',
+             'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper', 'snail', 'snake',
+             'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table',
+             'tank', 'telephone', 'television', 'tiger', 'tractor', 'train', 'trout',
+             'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman', 'worm'),
+    archive='cifar-100-python.tar.gz', torchvision_class='CIFAR100')
+
+DATASETS = {spec.name: spec for spec in (CIFAR10, CIFAR100)}
+
+
+def dataset_names():
+    """The registered dataset names, e.g. for argparse choices: ['cifar10', 'cifar100']."""
+    return list(DATASETS)
+
+
+def get_dataset(name):
+    """The DatasetSpec called `name` ('cifar10', also 'CIFAR-10'); a DatasetSpec passes through.
+
+    Raises KeyError naming the known datasets.
+    """
+    if isinstance(name, DatasetSpec):
+        return name
+    key = str(name).strip().lower().replace('-', '').replace('_', '')
+    if key not in DATASETS:
+        raise KeyError(f'unknown dataset {name!r}; known datasets: {", ".join(DATASETS)}')
+    return DATASETS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the python release from disk
+
+def _numpy_core():
+    return getattr(np, '_core', None) or np.core  # numpy 2 renamed numpy.core to numpy._core
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays, nothing else: a data batch is data, not code.
+
+    Allowed are the few callables numpy arrays and dtypes pickle through (protocols 0 to 5, numpy
+    1 and 2 module names) and codecs.encode, which protocol-2 pickles use for bytes.
+    """
+
+    def find_class(self, module, name):
+        core = _numpy_core()
+        allowed = {
+            ('numpy', 'ndarray'): np.ndarray,
+            ('numpy', 'dtype'): np.dtype,
+            ('_codecs', 'encode'): codecs.encode,
+        }
+        for prefix in ('numpy.core', 'numpy._core'):
+            allowed[(f'{prefix}.multiarray', '_reconstruct')] = core.multiarray._reconstruct
+            allowed[(f'{prefix}.multiarray', 'scalar')] = core.multiarray.scalar
+            allowed[(f'{prefix}.numeric', '_frombuffer')] = core.numeric._frombuffer
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
+        return allowed[(module, name)]
+
+
+def _describe(value):
+    if isinstance(value, np.ndarray):
+        return f'{value.dtype} {value.shape}'
+    return type(value).__name__
+
+
+def read_batch(path, spec):
+    """One batch file of `spec`'s python release -> (uint8 images N x 3 x 32 x 32 numpy array,
+    int64 labels N numpy array). Raises DataError naming the file for anything else."""
+    spec = get_dataset(spec)
+    what = f'{spec.title} batch'
+    try:
+        with open(path, 'rb') as f:
+            raw = _ArrayOnlyUnpickler(f, encoding='bytes').load()
+    except Exception as e:  # truncated, foreign or hostile file: all mean "not a batch"
+        raise DataError(f'{path} is not a readable {what} ({type(e).__name__}: {e}); replace it '
+                        f'with the file from the official python release ({spec.archive}, '
+                        f'{spec.url})') from None
+    if not isinstance(raw, dict):
+        raise DataError(f'{path} is not a {what} (holds a {type(raw).__name__}, not a dict)')
+    # the official release was pickled by Python 2: its keys arrive as bytes
+    raw = {k.decode('latin-1') if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    data = raw.get('data')
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072:
+        raise DataError(f"{path} is not a {what}: 'data' should be uint8 N x 3072, "
+                        f'got {_describe(data)}')
+    key = spec.label_key
+    if key not in raw:
+        others = [s.title for s in DATASETS.values() if s.label_key != key and s.label_key in raw]
+        hint = f' (it has {others[0]} labels: is it a {others[0]} file?)' if others else ''
+        raise DataError(f"{path} is not a {what}: it has no '{key}' entry{hint}")
+    try:
+        labels = np.asarray(raw[key])
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"{path} is not a {what}: unreadable '{key}' ({e})") from None
+    if labels.size and labels.dtype.kind not in 'iu':
+        raise DataError(f"{path} is not a {what}: '{key}' should be integers, got {labels.dtype}")
+    n = data.shape[0]
+    if labels.ndim != 1:
+        raise DataError(f"{path} is not a {what}: {n} images but '{key}' has shape "
+                        f'{labels.shape}, not ({n},)')
+    if labels.shape[0] != n:
+        raise DataError(f'{path} is not a {what}: {n} images but {labels.shape[0]} labels')
+    if labels.size and (labels.min() < 0 or labels.max() > spec.num_classes - 1):
+        raise DataError(f"{path} is not a {what}: '{key}' holds labels outside "
+                        f'0..{spec.num_classes - 1} (min {labels.min()}, max {labels.max()})')
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def find_folder(data_dir, spec):
+    """The folder holding all of `spec`'s batch files: data_dir/<spec.folder> or data_dir
+    itself; None when neither has them all."""
+    spec = get_dataset(spec)
+    for folder in (os.path.join(data_dir, spec.folder), data_dir):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in spec.files):
+            return folder
+    return None
+
+
+def ensure_dataset(data_dir, spec, download=True):
+    """The folder holding `spec`'s python release, downloading it with torchvision if absent.
+
+    Raises DataError saying where it looked and what to do when it is not there.
+    """
+    spec = get_dataset(spec)
+    folder = find_folder(data_dir, spec)
+    if folder is not None:
+        return folder
+    error = 'downloading was not allowed'
+    if download:
+        try:
+            spec.download(data_dir)
+        except Exception as e:  # no network, bad archive, unwritable folder, no torchvision ...
+            error = f'the download failed: {type(e).__name__}: {e}'
+        folder = find_folder(data_dir, spec)
+        if folder is not None:
+            return folder
+    where = os.path.abspath(data_dir)
+    hint = ''
+    if os.path.isfile(os.path.join(data_dir, spec.archive)):
+        hint = (f' ({spec.archive} is there but not extracted: extract it there with '
+                f'"tar -xzf {spec.archive}"{"" if download else ", or allow downloading"})')
+    raise DataError(
+        f'{spec.title} was not found in {where} and {error}{hint}. Put {spec.archive} '
+        f'({spec.url}) or its extracted {spec.folder} folder in that directory, or point '
+        f'--data-dir at the directory that holds it.')
+
+
+def load_dataset(data_dir='./data', spec_or_name='cifar10', download=True):
+    """(train_images, train_labels, test_images, test_labels): uint8 N x 3 x 32 x 32 and int64 N
+    CPU tensors of the dataset named (or described) by spec_or_name."""
+    spec = get_dataset(spec_or_name)
+    folder = ensure_dataset(data_dir, spec, download)
+    parts = {}
+    for split, files in (('train', spec.train_files), ('test', spec.test_files)):
+        batches = [read_batch(os.path.join(folder, f), spec) for f in files]
+        parts[split] = (torch.from_numpy(np.concatenate([b[0] for b in batches])),
+                        torch.from_numpy(np.concatenate([b[1] for b in batches])))
+    return parts['train'] + parts['test']

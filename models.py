@@ -44,7 +44,7 @@ class Classifier(nn.Linear):
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+            return super().forward(x.to(self.weight.dtype))
 
 
 class BasicBlock(nn.Module):

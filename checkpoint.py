@@ -43,6 +43,15 @@ def _atomic_write(path, write):
         pass
 
 
+def file_sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def atomic_save(obj, path):
     """torch.save(obj, path), atomically."""
     _atomic_write(path, lambda f: torch.save(obj, f))

@@ -1,14 +1,19 @@
-"""Knowledge distillation on CIFAR-10: train a ResNet-18 teacher, then a distilled and a baseline student.
+"""Knowledge distillation on CIFAR: train a teacher, then distilled students and a baseline student.
 
     python main.py --train-teacher                  # writes best_teacher.pth
     python main.py --temperature 4 --alpha 0.1      # writes best_student_kd.pth, best_student_base.pth
+    python main.py --loss kd dkd ls --temperature 2 4 8 --alpha 0.1 0.5   # a grid, in one run
     python main.py --evaluate                       # test accuracy of the best_*.pth in --out-dir
+
+This file parses and validates the command line; runner.py runs it.
 """
 import argparse
 import math
 import os
 import sys
 
+from datasets import dataset_names
+from models import model_names
 from runner import UsageError, resume_command, run
 
 
@@ -38,56 +43,85 @@ def finite_float(text):
 
 
 def build_parser():
+    import recipe as r
+    from losses import LOSSES
+    defaults = r.Recipe()
     p = ArgumentParser(
-        description='Knowledge distillation on CIFAR-10: a ResNet-18 teacher, a KD student and '
-                    'a baseline student trained in lockstep on identical batches.',
+        description='Knowledge distillation on CIFAR: a teacher (ResNet-18 by default), then '
+                    'distilled students and a baseline student trained in lockstep on identical '
+                    'batches, so their differences are paired.',
         epilog='Loss of the KD student: alpha*CE(student, labels) + (1-alpha)*T^2*'
                'KL(softmax(teacher/T) || softmax(student/T)). alpha weights the HARD LABELS: '
-               'alpha=0.1 puts 0.9 on the teacher.')
+               'alpha=0.1 puts 0.9 on the teacher. Other losses: '
+               + ' '.join(f'{n}: {spec.help}' for n, spec in LOSSES.items() if n != 'ce'))
     a = p.add_argument
     a('--train-teacher', action='store_true',
       help='train the teacher and write best_teacher.pth (default: train the students)')
     a('--evaluate', action='store_true',
       help='evaluate the best_*.pth found in --out-dir on the test set and print the table '
            '(default: off)')
-    a('--epochs', type=positive_int, default=200, help='epochs per model (default: 200)')
-    a('--batch-size', type=positive_int, default=128,
-      help='global batch size, the same whatever the number of torchrun processes (default: 128)')
+    a('--dataset', default=r.DATASET, choices=dataset_names(),
+      help=f'cifar10 (10 classes) or cifar100 (100 classes) (default: {r.DATASET})')
+    a('--teacher-arch', default=None, choices=model_names(),
+      help=f'teacher architecture; the students\' phase and --evaluate read it from the '
+           f'checkpoint\'s record (default: {r.TEACHER_ARCH})')
+    a('--student-arch', default=None, choices=model_names(),
+      help=f'student architecture (default: {r.STUDENT_ARCH})')
+    a('--loss', nargs='+', default=[r.LOSS], choices=[n for n in LOSSES if n != 'ce'],
+      metavar='NAME',
+      help='distillation loss(es): ' + ', '.join(n for n in LOSSES if n != 'ce')
+           + '; several train one student per loss and setting, in lockstep '
+           f'(default: {r.LOSS})')
+    a('--epochs', type=positive_int, default=defaults.epochs,
+      help=f'epochs per model (default: {defaults.epochs})')
+    a('--batch-size', type=positive_int, default=r.BATCH_SIZE,
+      help='global batch size, the same whatever the number of torchrun processes '
+           f'(default: {r.BATCH_SIZE})')
     a('--lr', type=finite_float, default=None,
-      help='peak learning rate (default: 0.1 * batch-size / 128)')
-    a('--weight-decay', type=finite_float, default=5e-4, help='weight decay (default: 5e-4)')
-    a('--temperature', type=finite_float, default=4.0, help='KD temperature T > 0 (default: 4.0)')
-    a('--alpha', type=finite_float, default=0.1,
-      help='weight of the hard-label CE in [0, 1]; the teacher gets 1 - alpha (default: 0.1)')
+      help=f'peak learning rate (default: {r.BASE_LR} * batch-size / {r.BATCH_SIZE})')
+    a('--weight-decay', type=finite_float, default=defaults.weight_decay,
+      help=f'weight decay (default: {defaults.weight_decay:g})')
+    a('--temperature', type=finite_float, nargs='+', default=None, metavar='T',
+      help='distillation temperature(s) T > 0; several values make a grid (default: 4.0; '
+           'for ls its authors\' 2.0)')
+    a('--alpha', type=finite_float, nargs='+', default=None, metavar='A',
+      help='weight of the hard-label CE in [0, 1], for kd and ls: alpha=0.1 puts 0.9 on the '
+           'teacher (kd: (1-alpha)*T^2*KL; ls: 10*(1-alpha)*T^2*KL); dkd keeps CE weight 1; '
+           'several values make a grid (default: 0.1)')
     a('--seed', type=int, default=0,
-      help='seed of initialization, validation split, order and augmentation (default: 0)')
+      help='seed of initialization, data order and augmentation (default: 0)')
     a('--seeds', type=int, nargs='+', default=None, metavar='N',
-      help='run once per seed into OUT_DIR/seed<N>/ and aggregate (mean, std, paired KD gain '
+      help='run once per seed into OUT_DIR/seed<N>/ and aggregate (mean, std, paired gains '
            'with 95%% CI); top-level best_*.pth are the first seed\'s (default: off, one --seed)')
     a('--data-dir', default='./data',
-      help='folder holding cifar-10-batches-py, or where to download it (default: ./data)')
+      help='folder holding cifar-10-batches-py / cifar-100-python, or where to download it '
+           '(default: ./data)')
     a('--out-dir', default='.', help='where checkpoints, logs and results go (default: .)')
     a('--device', default='auto',
       help='auto, cpu, cuda or cuda:N (default: auto = cuda when available)')
     a('--subset', type=positive_int, default=None, metavar='N',
       help='use only the first N training and the first N test images, for quick CPU runs; '
            'results say so (default: all)')
-    a('--val-fraction', type=finite_float, default=0.1,
+    a('--val-fraction', type=finite_float, default=r.VAL_FRACTION,
       help='share of the training images held out to select the best epoch; 0 trains on all '
-           'and keeps the last epoch (default: 0.1)')
-    a('--split-seed', type=int, default=0,
+           f'and keeps the last epoch (default: {r.VAL_FRACTION})')
+    a('--split-seed', type=int, default=r.SPLIT_SEED,
       help='which images are held out: the same for the teacher and every student seed, so the '
-           'students select on images the teacher never trained on (default: 0)')
+           f'students select on images the teacher never trained on (default: {r.SPLIT_SEED})')
+    a('--test-every', type=positive_int, default=1, metavar='N',
+      help='report test accuracy every N epochs (and at the last and every selected epoch); '
+           'validation runs every epoch (default: 1)')
     a('--no-baseline', action='store_true',
-      help='train only the KD student, not the baseline student (default: train both)')
+      help='train only the distilled students, not the baseline student (default: train it)')
     a('--teacher-checkpoint', default=None,
       help='teacher weights for the students (default: OUT_DIR/best_teacher.pth)')
     a('--num-workers', type=int, default=2,
       help='unused, kept so reference commands still run: the data lives in device memory and '
            'is augmented in batches there, with no DataLoader workers (default: 2)')
     a('--amp', action=argparse.BooleanOptionalAction, default=None,
-      help='mixed precision: bf16 autocast (fp16 on GPUs without bf16). Default: on for CUDA; '
-           'on CPU only for the teacher on CPUs with bf16 instructions (default: auto)')
+      help='mixed precision: --amp forces bf16 autocast (fp16 on GPUs without native bf16), '
+           '--no-amp float32. Auto: bf16 on GPUs that have it, fp16 on older ones; on a CPU '
+           'fp32 and bf16 are timed at start-up and the faster one is used (default: auto)')
     a('--compile', action='store_true', help='torch.compile the models (default: off)')
     a('--resume', action='store_true',
       help='continue the unfinished run whose state (last_<phase>.pt) is in --out-dir '
@@ -101,10 +135,16 @@ def build_parser():
 
 def validate(args):
     """Raise UsageError for values argparse's types cannot judge alone."""
-    if not 0.0 <= args.alpha <= 1.0:
-        raise UsageError(f'--alpha must be in [0, 1], got {args.alpha}')
-    if args.temperature <= 0:
-        raise UsageError(f'--temperature must be > 0, got {args.temperature}')
+    for alpha in args.alpha or []:
+        if not 0.0 <= alpha <= 1.0:
+            raise UsageError(f'--alpha must be in [0, 1], got {alpha}')
+    for temperature in args.temperature or []:
+        if temperature <= 0:
+            raise UsageError(f'--temperature must be > 0, got {temperature}')
+    for flag in ('loss', 'temperature', 'alpha'):
+        values = getattr(args, flag) or []
+        if len(set(values)) != len(values):
+            raise UsageError(f'--{flag} must not repeat a value')
     if args.lr is not None and args.lr < 0:
         raise UsageError(f'--lr must be >= 0, got {args.lr}')
     if args.weight_decay < 0:

@@ -9,9 +9,20 @@ import subprocess
 import torch
 import torch.nn.functional as F
 
-PHASE_MODELS = {'teacher': ('teacher',), 'students': ('student_kd', 'student_base')}
 MODEL_LABELS = {'teacher': 'Teacher (ResNet-18)', 'student_kd': 'Student (KD)',
                 'student_base': 'Student (baseline)'}
+
+
+def model_label(name, entry=None):
+    """Teacher (ResNet-18), Student (KD), Student (baseline), or a grid student's own name."""
+    arch = (entry or {}).get('arch')
+    if name == 'teacher' and arch not in (None, 'resnet18'):
+        return f'Teacher ({arch})'
+    return MODEL_LABELS.get(name, name)
+
+
+def phase_of(name):
+    return 'teacher' if name == 'teacher' else 'students'
 
 # Two-sided 95% quantiles of Student's t, df = 1..30 (standard tables).
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -82,7 +93,7 @@ def agreement(teacher_logits, student_logits):
 # ---------------------------------------------------------------------------------------------
 # Aggregating seeds
 
-AGGREGATED = ('test_acc', 'last_test_acc', 'ece', 'agreement', 'kl_to_teacher')
+AGGREGATED = ('test_acc', 'last_test_acc', 'best_val_acc', 'ece', 'agreement', 'kl_to_teacher')
 
 
 def aggregate_models(per_seed):
@@ -95,6 +106,9 @@ def aggregate_models(per_seed):
         out = {'seeds': seeds, 'params': entries[0]['params'],
                'best_epoch': [e['best_epoch'] for e in entries],
                'precision': entries[0].get('precision')}
+        for key in ('arch', 'loss', 'loss_params'):
+            if key in entries[0]:
+                out[key] = entries[0][key]
         for key in AGGREGATED:
             values = [e[key] for e in entries if e.get(key) is not None]
             if len(values) == len(entries):
@@ -105,15 +119,29 @@ def aggregate_models(per_seed):
     return models
 
 
-def kd_gain(per_seed):
-    """The paired KD - baseline test-accuracy difference over the seeds that trained both."""
-    seeds = [s for s in per_seed if 'student_kd' in per_seed[s] and 'student_base' in per_seed[s]]
+def kd_gain(per_seed, name='student_kd'):
+    """The paired `name` - baseline test-accuracy difference over the seeds that trained both."""
+    seeds = [s for s in per_seed if name in per_seed[s] and 'student_base' in per_seed[s]]
     if not seeds:
         return None
-    gain = paired_difference([per_seed[s]['student_kd']['test_acc'] for s in seeds],
+    gain = paired_difference([per_seed[s][name]['test_acc'] for s in seeds],
                              [per_seed[s]['student_base']['test_acc'] for s in seeds])
     gain['seeds'] = seeds
     return gain
+
+
+def gains(per_seed):
+    """{student: its paired difference to the baseline} for every distilled student."""
+    names = [n for n in per_seed[next(iter(per_seed))]
+             if n not in ('teacher', 'student_base', 'teacher_in_use')]
+    out = {n: kd_gain(per_seed, n) for n in names}
+    return {n: g for n, g in out.items() if g is not None}
+
+
+def ranked_students(models):
+    """Students by validation accuracy, best first (test accuracy only reports)."""
+    students = [n for n in models if n != 'teacher']
+    return sorted(students, key=lambda n: -(models[n].get('best_val_acc') or -1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,34 +155,64 @@ def _pm(entry, key, digits=2):
 
 
 def results_table(results):
-    """A Markdown table of every model in results.json, then the paired KD gain."""
+    """A Markdown table of every model in results.json, students ranked by validation accuracy,
+    then the paired differences to the baseline."""
     models = results.get('models', {})
     lines = ['| Model | Params | Test acc. (%) | Last-epoch acc. (%) | ECE (%) | '
-             'Agreement w/ teacher (%) | KL to teacher | Seeds |',
-             '|---|---:|---:|---:|---:|---:|---:|---:|']
-    for name in ('teacher', 'student_kd', 'student_base'):
-        if name not in models:
-            continue
+             'Agreement w/ teacher (%) | KL to teacher | Seeds | Val. acc. (%) | Loss |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+    order = (['teacher'] if 'teacher' in models else []) + ranked_students(models)
+    for name in order:
         e = models[name]
-        lines.append(f"| {MODEL_LABELS[name]} | {e['params'] / 1e6:.2f}M | {_pm(e, 'test_acc')} | "
-                     f"{_pm(e, 'last_test_acc')} | {_pm(e, 'ece')} | {_pm(e, 'agreement')} | "
-                     f"{_pm(e, 'kl_to_teacher', 3)} | {len(e['seeds'])} |")
+        lines.append(f"| {model_label(name, e)} | {e['params'] / 1e6:.2f}M | "
+                     f"{_pm(e, 'test_acc')} | {_pm(e, 'last_test_acc')} | {_pm(e, 'ece')} | "
+                     f"{_pm(e, 'agreement')} | {_pm(e, 'kl_to_teacher', 3)} | "
+                     f"{len(e['seeds'])} | {_pm(e, 'best_val_acc')} | {describe_loss(e)} |")
     lines.append('')
-    lines.append(describe_gain(results.get('kd_gain')))
+    all_gains = results.get('gains') or {}
+    if len(all_gains) > 1:
+        lines += ['| Student − baseline (paired, test acc.) | Mean | Per seed | 95% CI |',
+                  '|---|---:|---|---|']
+        for name in [n for n in ranked_students(models) if n in all_gains]:
+            g = all_gains[name]
+            ci = '-' if g['ci95'] is None else f"[{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]"
+            lines.append(f"| {name} | {g['mean']:+.2f} | "
+                         f"{', '.join(f'{d:+.2f}' for d in g['per_seed'])} | {ci} |")
+        lines.append('')
+    if len(all_gains) <= 1:
+        lines.append(describe_gain(results.get('kd_gain')))
     return '\n'.join(lines)
 
 
-def describe_gain(gain):
+def describe_gain(gain, label='KD'):
     if not gain:
-        return 'KD − baseline: not measured (train both students with the same seeds).'
+        return f'{label} − baseline: not measured (train both students with the same seeds).'
     per_seed = ', '.join(f'{d:+.2f}' for d in gain['per_seed'])
-    text = f"KD − baseline (paired, test accuracy): {gain['mean']:+.2f} points over " \
+    text = f"{label} − baseline (paired, test accuracy): {gain['mean']:+.2f} points over " \
            f"{gain['n']} seed{'s' if gain['n'] != 1 else ''} ({per_seed})"
     if gain['ci95'] is None:
         return text + '; n is too small for a confidence interval (run at least 2 seeds).'
     lo, hi = gain['ci95']
     verdict = 'excludes 0' if lo > 0 or hi < 0 else 'includes 0: not distinguishable from noise'
     return text + f'; 95% CI [{lo:+.2f}, {hi:+.2f}] (Student t, n−1 = {gain["n"] - 1}), {verdict}.'
+
+
+def describe_loss(entry):
+    loss = entry.get('loss')
+    if not loss:
+        return '-'
+    params = entry.get('loss_params') or {}
+    short = {'temperature': 'T', 'alpha': 'α'}
+    return loss + ''.join(f' {short.get(k, k)}={v:g}' for k, v in params.items())
+
+
+def describe_gains(results):
+    """The console lines on the paired differences to the baseline, best on validation first."""
+    all_gains = results.get('gains') or {}
+    if len(all_gains) <= 1:
+        return [describe_gain(results.get('kd_gain'))]
+    return [describe_gain(all_gains[n], n) for n in ranked_students(results['models'])
+            if n in all_gains]
 
 
 def results_markdown(results):
@@ -174,21 +232,21 @@ def results_markdown(results):
              f"Device: {run.get('device', '?')}; torch {results.get('versions', {}).get('torch')}; "
              f"git {commit}" + (' (dirty tree)' if git.get('dirty') else '') + '.',
              f"Recipe: {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, lr "
-             f"{cfg.get('lr')}, weight decay {cfg.get('weight_decay')}, T={cfg.get('temperature')}, "
-             f"α={cfg.get('alpha')} (α weights the hard labels).", '']
+             f"{cfg.get('lr')}, weight decay {cfg.get('weight_decay')}; students ranked by "
+             f"validation accuracy; for kd and ls, α weights the hard labels.", '']
     return '\n'.join(lines)
 
 
 def print_table(models, log=print):
-    """The console table: one line per model, then KD − baseline."""
-    log(f"{'Model':<22} {'Test acc.':>16} {'Params':>8}")
-    for name in ('teacher', 'student_kd', 'student_base'):
-        if name in models:
-            e = models[name]
-            log(f"{MODEL_LABELS[name]:<22} {_pm(e, 'test_acc'):>16} {e['params'] / 1e6:>7.2f}M")
+    """The console table: the teacher, then the students best on validation first."""
+    width = max([22] + [len(model_label(n, e)) for n, e in models.items()])
+    log(f"{'Model':<{width}} {'Test acc.':>16} {'Params':>8}")
+    for name in (['teacher'] if 'teacher' in models else []) + ranked_students(models):
+        e = models[name]
+        log(f"{model_label(name, e):<{width}} {_pm(e, 'test_acc'):>16} {e['params'] / 1e6:>7.2f}M")
     if 'student_kd' in models and 'student_base' in models:
         diff = models['student_kd']['test_acc'] - models['student_base']['test_acc']
-        log(f"{'KD − baseline':<22} {diff:>+16.2f}")
+        log(f"{'KD − baseline':<{width}} {diff:>+16.2f}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +294,7 @@ def _draw_curves(plt, run_dirs, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     panels = [('test_acc', 'val_acc', 'Accuracy (%)'), ('train_loss', None, 'Training loss')]
     colors = {'teacher': 'tab:gray', 'student_kd': 'tab:blue', 'student_base': 'tab:orange'}
+    colors.update({m: f'C{i + 3}' for i, m in enumerate(m for m in series if m not in colors)})
     for ax, (key, key2, ylabel) in zip(axes, panels):
         for model, runs in series.items():
             # one colour per model; dashed = validation, solid = test or training
@@ -246,8 +305,9 @@ def _draw_curves(plt, run_dirs, path):
                 epochs = [runs[0][i]['epoch'] for i in range(n)]
                 values = [[r[i][k] for r in runs] for i in range(n)]
                 avg = [mean(v) for v in values]
-                label = f"{MODEL_LABELS[model]} ({'test' if k == 'test_acc' else 'val' if k == 'val_acc' else 'train'})"
-                line, = ax.plot(epochs, avg, style, label=label, color=colors.get(model))
+                kind = 'test' if k == 'test_acc' else 'val' if k == 'val_acc' else 'train'
+                line, = ax.plot(epochs, avg, style, label=f'{model_label(model)} ({kind})',
+                                color=colors.setdefault(model, f'C{len(colors) % 10}'))
                 if len(runs) > 1 and style == '-':
                     ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values],
                                     color=line.get_color(), alpha=0.2)
@@ -261,6 +321,61 @@ def _draw_curves(plt, run_dirs, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def grid_cells(models):
+    """{loss: {(T, alpha): (validation accuracy, name)}} for losses trained on a grid of settings."""
+    cells = {}
+    for name, e in models.items():
+        if name in ('teacher', 'student_base') or not e.get('loss') or e.get('best_val_acc') is None:
+            continue
+        params = e.get('loss_params') or {}
+        cells.setdefault(e['loss'], {})[(params.get('temperature'), params.get('alpha'))] = \
+            (e['best_val_acc'], name)
+    return {loss: c for loss, c in cells.items() if len(c) > 1}
+
+
+def plot_grid(models, path, log=print):
+    """grid.png: a heat map per loss, temperature x alpha, of validation accuracy (the mean over
+    seeds), the baseline's in the title. Nothing is drawn when no loss has two settings."""
+    cells = grid_cells(models)
+    if not cells:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except Exception:
+        log('matplotlib is not available: skipping grid.png (pip install matplotlib)')
+        return None
+    try:
+        fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False)
+        for ax, (loss, grid) in zip(axes[0], cells.items()):
+            temps = sorted({t for t, _ in grid}, key=lambda v: (v is None, v))
+            alphas = sorted({a for _, a in grid}, key=lambda v: (v is None, v))
+            values = [[grid.get((t, a), (float('nan'),))[0] for a in alphas] for t in temps]
+            image = ax.imshow(values, cmap='viridis', aspect='auto')
+            for i, row in enumerate(values):
+                for j, v in enumerate(row):
+                    if v == v:
+                        ax.text(j, i, f'{v:.2f}', ha='center', va='center', color='w', fontsize=9)
+            ax.set_xticks(range(len(alphas)), ['-' if a is None else f'{a:g}' for a in alphas])
+            ax.set_yticks(range(len(temps)), ['-' if t is None else f'{t:g}' for t in temps])
+            ax.set_xlabel('alpha (weight of the labels)')
+            ax.set_ylabel('temperature T')
+            ax.set_title(f'{loss}: validation accuracy (%)', fontsize=10)
+            fig.colorbar(image, ax=ax)
+        base = models.get('student_base', {}).get('best_val_acc')
+        if base is not None:
+            fig.suptitle(f'baseline (no teacher): {base:.2f}% on validation', fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+    except Exception as e:  # a plot never fails the run
+        plt.close('all')
+        log(f'could not draw {path}: {e}; skipping it')
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,15 +427,16 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
                 results = json.load(f)
         except (OSError, ValueError):
             results = {}
-    models = results.get('models', {})
-    for n in PHASE_MODELS[phase]:
-        models.pop(n, None)
+    models = {n: e for n, e in results.get('models', {}).items() if phase_of(n) != phase}
     if phase == 'students':
         results.pop('kd_gain', None)
-    models.update(aggregate_models({s: v['models'] for s, v in summaries.items()}))
+        results.pop('gains', None)
+    per_seed = {s: v['models'] for s, v in summaries.items()}
+    models.update(aggregate_models(per_seed))
     results['models'] = models
     if phase == 'students':
-        results['kd_gain'] = kd_gain({s: v['models'] for s, v in summaries.items()})
+        results['kd_gain'] = kd_gain(per_seed)
+        results['gains'] = gains(per_seed)
         teacher_accs = [v['models']['teacher_in_use']['test_acc'] for v in summaries.values()]
         results['teacher_in_use'] = {'checkpoint': config.get('teacher_checkpoint'),
                                      'sha256': config.get('teacher_sha256'),
@@ -333,6 +449,8 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
         # invocation's wall time per seed, start-up and final evaluation included
         'train_seconds': {str(s): v['elapsed_seconds'] for s, v in summaries.items()},
         'wall_seconds': {str(s): v.get('wall_seconds') for s, v in summaries.items()},
+        # the duration printed early in the run, to compare with the actual one
+        'estimate': {str(s): v.get('estimate') for s, v in summaries.items()},
         'folders': curve_dirs[phase]}
     results['config'] = config
     results['run'] = {'data_dir': os.path.abspath(run_info['data_dir']),
@@ -346,9 +464,9 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
     results['git'] = git_state()
     atomic_write_text(path, json.dumps(results, indent=2) + '\n')
     atomic_write_text(os.path.join(out_dir, 'results.md'), results_markdown(results))
-    folders = {}
-    for p, v in results['phases'].items():
-        for n in PHASE_MODELS[p]:
-            folders[n] = v['folders']
+    folders = {n: results['phases'][phase_of(n)]['folders'] for n in models
+               if phase_of(n) in results['phases']}
     plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log)
+    if phase == 'students':
+        plot_grid(models, os.path.join(out_dir, 'grid.png'), log=log)
     return results

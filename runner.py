@@ -1,23 +1,25 @@
-"""Running a phase: devices, seeds and their folders, resume look-up, the teacher, results.
+"""Running a phase: the device, the models of the phase, seeds and their folders, resume look-up,
+precision and teacher choices, and the results.
 
 main.py parses and validates the command line and calls run(args); everything a run does after
 that is here, with explicit arguments, so it can be driven from Python as well.
 """
-import hashlib
 import os
 import shlex
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
-MODEL_NAMES = ('teacher', 'student_kd', 'student_base')
+from recipe import STUDENT_ARCH as DEFAULT_STUDENT_ARCH
+
 # Configuration keys that change what a run computes: a resumed run must agree on all of them.
 RUN_KEYS = {
-    'teacher': ('epochs', 'batch_size', 'lr', 'weight_decay', 'seed', 'val_fraction',
-                'split_seed', 'subset', 'precision'),
-    'students': ('epochs', 'batch_size', 'lr', 'weight_decay', 'seed', 'val_fraction',
-                 'split_seed', 'subset', 'precision', 'temperature', 'alpha', 'no_baseline',
+    'teacher': ('dataset', 'teacher_arch', 'epochs', 'batch_size', 'lr', 'weight_decay', 'seed',
+                'val_fraction', 'split_seed', 'subset', 'precision'),
+    'students': ('dataset', 'student_arch', 'students', 'epochs', 'batch_size', 'lr',
+                 'weight_decay', 'seed', 'val_fraction', 'split_seed', 'subset', 'precision',
                  'teacher_sha256'),
 }
 
@@ -64,14 +66,6 @@ def run_info(args, device):
     return {'data_dir': args.data_dir, 'subset': args.subset, 'device': device_name(device)}
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resume_command():
     argv = [a for a in sys.argv[1:] if a not in ('--resume', '--restart')]
     nproc = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', '1')))
@@ -80,7 +74,49 @@ def resume_command():
 
 
 # ---------------------------------------------------------------------------------------------
-# Phases
+# The models of a phase
+
+@dataclass
+class ModelSpec:
+    name: str                     # student_kd, student_base, kd_T4_a0.1, ... or teacher
+    arch: str                     # a name from models.MODELS
+    loss: str                     # a name from losses.LOSSES
+    params: dict = field(default_factory=dict)
+
+
+def student_specs(args):
+    """The students of a run: one per setting of the loss grid, plus the baseline.
+
+    One setting keeps today's names (student_kd, student_base); several are named by their
+    setting (kd_T4_a0.1, dkd_T4, ...), and the best of them on validation also becomes
+    best_student_kd.pth.
+    """
+    from losses import expand_grid, setting_name
+    grid = expand_grid(args.loss, args.temperature, args.alpha)
+    arch = args.student_arch or DEFAULT_STUDENT_ARCH
+    if len(grid) == 1:
+        specs = [ModelSpec('student_kd', arch, *grid[0])]
+    else:
+        specs = [ModelSpec(setting_name(loss, params), arch, loss, params)
+                 for loss, params in grid]
+    if not args.no_baseline:
+        specs.append(ModelSpec('student_base', arch, 'ce', {}))
+    return specs
+
+
+def phase_specs(phase, args):
+    if phase == 'teacher':
+        from teacher import DEFAULT_TEACHER_ARCH
+        return [ModelSpec('teacher', args.teacher_arch or DEFAULT_TEACHER_ARCH, 'ce', {})]
+    return student_specs(args)
+
+
+def distilled_names(specs):
+    return [s.name for s in specs if s.name not in ('teacher', 'student_base')]
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds, folders and resume
 
 def run_dirs(out_dir, seeds, per_seed_folders):
     return {s: (os.path.join(out_dir, f'seed{s}') if per_seed_folders else out_dir) for s in seeds}
@@ -89,6 +125,7 @@ def run_dirs(out_dir, seeds, per_seed_folders):
 def find_states(phase, dirs, args, config_by_seed):
     """Load the saved state of each seed for --resume, or refuse to overwrite an unfinished run."""
     from checkpoint import load_file
+    from train import STATE_FORMAT
     states = {}
     for seed, d in dirs.items():
         path = os.path.join(d, f'last_{phase}.pt')
@@ -104,6 +141,9 @@ def find_states(phase, dirs, args, config_by_seed):
                 f"{state['config'].get('epochs')}). Resume it with --resume, or start over "
                 f"with --restart.")
         if args.resume:
+            if state.get('format') != STATE_FORMAT:
+                raise UsageError(f'{path} was saved by an older version of this program and '
+                                 f'cannot be resumed; start over with --restart')
             new = config_by_seed[seed]
             changed = [k for k in RUN_KEYS[phase] if state['config'].get(k) != new.get(k)]
             if changed:
@@ -115,107 +155,233 @@ def find_states(phase, dirs, args, config_by_seed):
     return states
 
 
-def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=None,
-                          teacher_sha=None):
-    """Train one phase once per seed; return {seed: summary} and the run folders."""
+def saved_precisions(phase, dirs, args):
+    """The precisions a run to be resumed used (measured ones are not measured again)."""
+    if not args.resume:
+        return None
+    from checkpoint import load_file
+    for d in dirs.values():
+        path = os.path.join(d, f'last_{phase}.pt')
+        if os.path.exists(path):
+            config = load_file(path, 'training state').get('config', {})
+            if 'precision' in config:
+                return config['precision'], config.get('teacher_precision')
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and the teacher's form: chosen once per invocation, by measurement on a CPU
+
+def decide_precisions(specs, device, args, dist, batch_shape, teacher, saved, log):
+    """({model name: dtype}, teacher dtype, measurements) for this phase.
+
+    CUDA, or --amp / --no-amp given: train.choose_precision's rule. CPU in auto mode: fp32 and
+    bf16 timed per architecture on this run's batch shape (the students share one figure), the
+    faster kept; every torchrun process uses the average of all processes' figures. A resumed
+    run keeps the precisions it started with.
+    """
     import torch
-    from models import StudentNet, TeacherNet
+    from distributed import all_reduce_sum
+    from models import build_model
+    from train import choose_precision, precision_name
+    from tuning import PRECISIONS, faster_precision, measure_precisions
+    by_name = {precision_name(d): d for d in (None, torch.bfloat16, torch.float16)}
+    if saved is not None:
+        precisions, teacher_precision = saved
+        return ({n: by_name[p] for n, p in precisions.items()},
+                by_name[teacher_precision] if teacher_precision else None, None)
+    if device.type != 'cpu' or args.amp is not None:
+        role = lambda spec: 'teacher' if spec.name == 'teacher' else 'student'  # noqa: E731
+        return ({s.name: choose_precision(role(s), device, args.amp) for s in specs},
+                choose_precision('teacher', device, args.amp) if teacher is not None else None,
+                None)
+    measured, chosen = {}, {}
+    jobs = {(s.arch, True): (lambda s=s: build_model(s.arch, num_classes=args.num_classes))
+            for s in specs}
+    if teacher is not None:
+        jobs[('teacher', False)] = lambda: teacher
+    for (arch, training), make in jobs.items():
+        rates = measure_precisions(make(), batch_shape, device, training, args.num_classes)
+        totals = torch.tensor([rates[n] for n in PRECISIONS], dtype=torch.float64)
+        all_reduce_sum(totals)  # every process decides from the same figures
+        rates = {n: round(v / dist.world_size, 1) for n, v in zip(PRECISIONS, totals.tolist())}
+        key = f"{arch} ({'training' if training else 'teacher inference'})"
+        measured[key] = dict(rates, chosen=precision_name(faster_precision(rates)))
+        chosen[(arch, training)] = faster_precision(rates)
+        log(f'precision: {key}: fp32 {rates["fp32"]:.0f} images/s, bf16 {rates["bf16"]:.0f} '
+            f'images/s -> {measured[key]["chosen"]}')
+    return ({s.name: chosen[(s.arch, True)] for s in specs},
+            chosen.get(('teacher', False)), measured)
+
+
+def make_trainees(specs, recipe, device, precisions, args, dist, seed):
+    """The trainees of one seed. Students start from identical weights: differences between
+    them come from their losses alone."""
+    import torch
+    from models import build_model
+    from train import Trainee
+    torch.manual_seed(seed)
+    first = build_model(specs[0].arch, num_classes=args.num_classes)
+    initial = first.state_dict()
+    trainees = []
+    for spec in specs:
+        module = first if spec is specs[0] else build_model(spec.arch,
+                                                            num_classes=args.num_classes)
+        if module is not first and spec.arch == specs[0].arch:
+            module.load_state_dict(initial)
+        trainees.append(Trainee(spec.name, module, spec.loss, recipe, device,
+                                precisions[spec.name], ddp=dist.enabled,
+                                compile_model=args.compile, loss_params=spec.params))
+    return trainees
+
+
+# ---------------------------------------------------------------------------------------------
+# A phase, once per seed
+
+def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=None,
+                          teacher_info=None):
+    """Train one phase once per seed; return {seed: summary}, the run folders and the config."""
     from report import write_results
-    from train import Recipe, Trainee, choose_precision, precision_name, train_phase
+    from teacher import logits_key, save_test_logits, teacher_test_logits
+    from train import Recipe, precision_name, train_phase
+    from tuning import fastest_teacher
     from utils import make_loaders
 
     seeds = args.seeds if args.seeds is not None else [args.seed]
     dirs = run_dirs(args.out_dir, seeds, args.seeds is not None)
-    recipe = Recipe(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                    temperature=args.temperature, alpha=args.alpha)
-    names = ['teacher'] if phase == 'teacher' else \
-        ['student_kd'] + ([] if args.no_baseline else ['student_base'])
-    precisions = {n: choose_precision(n, device, args.amp) for n in names}
-    teacher_precision = choose_precision('teacher', device, args.amp)
+    specs = phase_specs(phase, args)
+    recipe = Recipe(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay)
+    main_log = log if dist.is_main else (lambda *_: None)
+
+    def loaders(seed):
+        return make_loaders(args.data_dir, args.batch_size, device, args.val_fraction, seed,
+                            args.subset, eval_batch_size=5000 if device.type == 'cuda' else 1000,
+                            channels_last=True, rank=dist.rank, world_size=dist.world_size,
+                            arrays=arrays, split_seed=args.split_seed, dataset=args.dataset)
+
+    data = loaders(seeds[0])
+    batch_shape = (args.batch_size // dist.world_size, 3, 32, 32)
+    precisions, teacher_precision, measured = decide_precisions(
+        specs, device, args, dist, batch_shape, teacher,
+        saved_precisions(phase, dirs, args), main_log)
+
     base_config = {k: getattr(args, k) for k in (
-        'epochs', 'batch_size', 'lr', 'weight_decay', 'val_fraction', 'split_seed', 'subset',
-        'data_dir', 'out_dir', 'compile', 'amp')}
-    base_config['device'] = str(device)
-    base_config['world_size'] = dist.world_size
-    base_config['precision'] = {n: precision_name(p) for n, p in precisions.items()}
-    if phase == 'students':
-        base_config.update(temperature=args.temperature, alpha=args.alpha,
-                           no_baseline=args.no_baseline, teacher_checkpoint=args.teacher_checkpoint,
-                           teacher_sha256=teacher_sha,
-                           teacher_precision=precision_name(teacher_precision))
+        'dataset', 'num_classes', 'epochs', 'batch_size', 'lr', 'weight_decay', 'val_fraction',
+        'split_seed', 'subset', 'test_every', 'data_dir', 'out_dir', 'compile', 'amp')}
+    base_config.update(device=str(device), world_size=dist.world_size,
+                       precision={n: precision_name(p) for n, p in precisions.items()},
+                       precision_measured=measured, val_images_sha256=data.val_fingerprint())
+    teacher_logits, teacher_form = None, None
+    if phase == 'teacher':
+        base_config['teacher_arch'] = specs[0].arch
+    else:
+        distilled = [s for s in specs if s.name != 'student_base']
+        # one setting: its resolved T and alpha (as before); a grid: the values asked for
+        hyper = distilled[0].params if len(distilled) == 1 else {
+            'temperature': args.temperature, 'alpha': args.alpha}
+        base_config.update(
+            student_arch=specs[0].arch, loss=args.loss, temperature=hyper.get('temperature'),
+            alpha=hyper.get('alpha'), no_baseline=args.no_baseline,
+            students=[{'name': s.name, 'loss': s.loss, 'params': s.params} for s in specs],
+            teacher_checkpoint=args.teacher_checkpoint, teacher_arch=teacher_info['arch'],
+            teacher_sha256=teacher_info['sha256'],
+            teacher_precision=precision_name(teacher_precision))
+        teacher_logits = teacher_test_logits(
+            teacher, args.teacher_checkpoint, teacher_info['logits_key'], data.test,
+            teacher_precision, main_log)
+        forwards = args.epochs * len(data.train) * len(seeds)
+        teacher, teacher_form = fastest_teacher(teacher, batch_shape, device, teacher_precision,
+                                                forwards, main_log)
+        base_config['teacher_form'] = teacher_form
+        main_log(f"teacher: {teacher_form['chosen']} form for the training forwards "
+                 f"({', '.join(f'{k} {v:.3f}s' for k, v in teacher_form['seconds_per_batch'].items())}"
+                 f" per batch)")
     configs = {s: dict(base_config, seed=s) for s in seeds}
     states = find_states(phase, dirs, args, configs)
-    if args.resume and not states and dist.is_main:
-        log(f'--resume: no saved {phase} state in {args.out_dir}; starting from the beginning')
+    if args.resume and not states:
+        main_log(f'--resume: no saved {phase} state in {args.out_dir}; starting from the '
+                 f'beginning')
 
     writer = open_tensorboard(args, log) if dist.is_main else None
     summaries = {}
-    for seed in seeds:
+    for index, seed in enumerate(seeds):
         if dist.is_main:
             os.makedirs(dirs[seed], exist_ok=True)
-        data = make_loaders(args.data_dir, args.batch_size, device, args.val_fraction, seed,
-                            args.subset, eval_batch_size=5000 if device.type == 'cuda' else 1000,
-                            channels_last=True, rank=dist.rank, world_size=dist.world_size,
-                            arrays=arrays, split_seed=args.split_seed)
-        configs[seed]['val_images_sha256'] = data.val_fingerprint()
-        torch.manual_seed(seed)
-        if phase == 'teacher':
-            modules = {'teacher': TeacherNet()}
-        else:  # both students start from the same weights: the pair differs only by the loss
-            initial = StudentNet().state_dict()
-            modules = {n: StudentNet() for n in names}
-            for module in modules.values():
-                module.load_state_dict(initial)
-        trainees = [Trainee(n, modules[n], 'kd' if n == 'student_kd' else 'ce', recipe, device,
-                            precisions[n], ddp=dist.enabled, compile_model=args.compile)
-                    for n in names]
-        if dist.is_main:
-            log(f'[{phase}, seed {seed}] {data.num_train} training, {data.num_val} validation, '
-                f'{data.num_test} test images; {len(data.train)} steps per epoch; precision '
-                + ', '.join(f'{n} {precision_name(p)}' for n, p in precisions.items())
-                + (f', teacher {precision_name(teacher_precision)}' if teacher is not None else ''))
+        data = data if index == 0 else loaders(seed)
+        trainees = make_trainees(specs, recipe, device, precisions, args, dist, seed)
+        main_log(f'[{phase}, seed {seed}] {data.num_train} training, {data.num_val} validation, '
+                 f'{data.num_test} test images; {len(data.train)} steps per epoch; '
+                 f'{len(trainees)} model(s), precision '
+                 + ', '.join(sorted({precision_name(p) for p in precisions.values()}))
+                 + (f', teacher {precision_name(teacher_precision)}' if teacher is not None
+                    else ''))
         callback = (lambda epoch, rows, s=seed: log_tensorboard(writer, phase, s, epoch, rows)) \
             if writer else None
         seed_start = time.time()
         summaries[seed] = train_phase(
             phase, trainees, data, recipe, dirs[seed], device, teacher=teacher,
             teacher_precision=teacher_precision, config=configs[seed],
-            resume_state=states.get(seed), stop=stop, dist=dist,
-            log=log if dist.is_main else (lambda *_: None), epoch_callback=callback)
+            resume_state=states.get(seed), stop=stop, dist=dist, log=main_log,
+            epoch_callback=callback, test_every=args.test_every,
+            teacher_test_logits=teacher_logits, runs_ahead=len(seeds) - index)
         summaries[seed]['wall_seconds'] = round(time.time() - seed_start, 2)
+        test_logits = summaries[seed].pop('test_logits')
+        for spec in specs:
+            summaries[seed]['models'][spec.name]['arch'] = spec.arch
         if dist.is_main:
-            write_model_records(dirs[seed], summaries[seed]['models'], configs[seed])
+            write_model_records(dirs[seed], specs, summaries[seed]['models'], configs[seed])
+            if phase == 'teacher':  # the students' phase and --evaluate reuse them
+                from checkpoint import file_sha256
+                path = os.path.join(dirs[seed], 'best_teacher.pth')
+                save_test_logits(path, test_logits['teacher'], logits_key(
+                    file_sha256(path), args.dataset, args.subset, data.num_test))
+            else:
+                promote_best_student(dirs[seed], specs, summaries[seed]['models'], main_log)
         if args.seeds is not None and dist.is_main:
             write_results(dirs[seed], phase, {seed: summaries[seed]}, configs[seed],
                           run_info(args, device), {phase: [dirs[seed]]}, log=lambda *_: None)
     if writer:
         writer.close()
-    # the same held-out images for every seed (the split belongs to the data)
-    base_config['val_images_sha256'] = configs[seeds[0]]['val_images_sha256']
     if args.seeds is not None and dist.is_main:
         first = dirs[seeds[0]]
-        for n in names:  # the top-level files stay usable by the README's snippet
-            for ext in ('.pth', '.json'):
-                shutil.copyfile(os.path.join(first, f'best_{n}{ext}'),
-                                os.path.join(args.out_dir, f'best_{n}{ext}'))
+        for name in os.listdir(first):  # the top-level files stay usable by the README's snippet
+            if name.startswith('best_'):
+                shutil.copyfile(os.path.join(first, name), os.path.join(args.out_dir, name))
     return summaries, dirs, base_config
 
 
-def write_model_records(run_dir, models, config):
-    """best_<name>.json beside each best_<name>.pth: what the weights are and which data
-    selected them, so a later phase can check it was trained on the same split."""
-    from checkpoint import write_record
-    for name, entry in models.items():
-        path = os.path.join(run_dir, f'best_{name}.pth')
+def write_model_records(run_dir, specs, models, config):
+    """best_<name>.json beside each best_<name>.pth: what the weights are (architecture, class
+    count, loss) and which data selected them, so later phases can rebuild and check them."""
+    from checkpoint import file_sha256, write_record
+    for spec in specs:
+        path = os.path.join(run_dir, f'best_{spec.name}.pth')
+        entry = models.get(spec.name, {})
         if not os.path.exists(path):
             continue
         write_record(path, {
-            'model': name, 'seed': config['seed'],
-            **{k: config.get(k) for k in SPLIT_KEYS + ('val_images_sha256', 'epochs')},
+            'model': spec.name, 'arch': spec.arch, 'num_classes': config['num_classes'],
+            'loss': spec.loss, 'loss_params': spec.params, 'seed': config['seed'],
+            **{k: config.get(k) for k in ('dataset', 'split_seed', 'val_fraction', 'subset',
+                                          'val_images_sha256', 'epochs')},
             'best_epoch': entry.get('best_epoch'), 'best_val_acc': entry.get('best_val_acc'),
             'test_acc': entry.get('test_acc'), 'sha256': file_sha256(path),
             **({'teacher_sha256': config['teacher_sha256']} if 'teacher_sha256' in config else {}),
         })
+
+
+def promote_best_student(run_dir, specs, models, log):
+    """With several distilled students, best_student_kd.pth is the one best on validation."""
+    names = distilled_names(specs)
+    if len(names) < 2:
+        return None
+    best = max(names, key=lambda n: (models[n].get('best_val_acc') or -1.0,
+                                     -names.index(n)))
+    for ext in ('.pth', '.json'):
+        shutil.copyfile(os.path.join(run_dir, f'best_{best}{ext}'),
+                        os.path.join(run_dir, f'best_student_kd{ext}'))
+    log(f'best_student_kd.pth is {best}, the distilled student best on validation')
+    return best
 
 
 def open_tensorboard(args, log):
@@ -237,33 +403,46 @@ def log_tensorboard(writer, phase, seed, epoch, rows):
     writer.flush()
 
 
-def load_for_inference(model, path, device):
-    """Weights from path (refused with a clear message if wrong) in eval mode, no gradients."""
-    import torch
-    from checkpoint import load_weights
-    model = load_weights(model, path).to(device, memory_format=torch.channels_last).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+# ---------------------------------------------------------------------------------------------
+# --evaluate
+
+def checkpoint_names(out_dir):
+    """The best_<name>.pth in out_dir: teacher, student_kd, student_base first, then the rest."""
+    names = [f[len('best_'):-len('.pth')] for f in os.listdir(out_dir)
+             if f.startswith('best_') and f.endswith('.pth')]
+    first = ['teacher', 'student_kd', 'student_base']
+    return [n for n in first if n in names] + sorted(n for n in names if n not in first)
 
 
 def evaluate_checkpoints(args, device, arrays, log):
-    """--evaluate: test accuracy of each best_*.pth in --out-dir."""
-    from models import StudentNet, TeacherNet
+    """--evaluate: test accuracy of each best_*.pth in --out-dir, each rebuilt from its record."""
+    from checkpoint import file_sha256, read_record
     from report import print_table
-    from train import choose_precision, evaluate
+    from teacher import (DEFAULT_TEACHER_ARCH, load_for_inference, logits_key, rebuild,
+                         teacher_test_logits)
+    from train import accuracy, choose_precision, predict
     from utils import make_loaders
     data = make_loaders(args.data_dir, args.batch_size, device, 0.0, args.seed, args.subset,
-                        eval_batch_size=1000, channels_last=True, arrays=arrays)
+                        eval_batch_size=1000, channels_last=True, arrays=arrays,
+                        dataset=args.dataset)
     models = {}
-    for name in MODEL_NAMES:
+    for name in checkpoint_names(args.out_dir):
         path = os.path.join(args.out_dir, f'best_{name}.pth')
-        if not os.path.exists(path):
-            continue
-        model = load_for_inference(TeacherNet() if name == 'teacher' else StudentNet(), path,
-                                   device)
-        acc = evaluate(model, data.test, choose_precision(name, device, args.amp))
-        models[name] = {'test_acc': acc, 'params': sum(p.numel() for p in model.parameters())}
+        is_teacher = name == 'teacher'
+        model, arch = rebuild(path, read_record(path),
+                              args.teacher_arch if is_teacher else args.student_arch,
+                              DEFAULT_TEACHER_ARCH if is_teacher else DEFAULT_STUDENT_ARCH,
+                              args.num_classes,
+                              '--teacher-arch' if is_teacher else '--student-arch')
+        model = load_for_inference(model, path, device)
+        precision = choose_precision('teacher' if is_teacher else 'student', device, args.amp)
+        if is_teacher:
+            key = logits_key(file_sha256(path), args.dataset, args.subset, data.num_test)
+            logits = teacher_test_logits(model, path, key, data.test, precision, log)
+        else:
+            logits = predict(model, data.test, precision)[0]
+        models[name] = {'test_acc': accuracy(logits, data.test.labels), 'arch': arch,
+                        'params': sum(p.numel() for p in model.parameters())}
     if not models:
         raise UsageError(f'no best_*.pth in {args.out_dir}: train first, or point --out-dir at '
                          f'the folder holding them')
@@ -272,8 +451,8 @@ def evaluate_checkpoints(args, device, arrays, log):
     return models
 
 
-SPLIT_KEYS = ('split_seed', 'val_fraction', 'subset')  # what decides the held-out images
-
+# ---------------------------------------------------------------------------------------------
+# A whole invocation
 
 def check_split(args, num_train_images):
     """Refuse a --val-fraction that leaves no image on one side, before anything is written."""
@@ -286,40 +465,21 @@ def check_split(args, num_train_images):
             from None
 
 
-def check_teacher_record(args, log):
-    """Refuse a teacher that held out other images than these students will (exit 2).
-
-    The students select on their validation images; a teacher that trained on them has
-    memorised their labels, and its soft targets there are not what it gives unseen images.
-    """
-    from checkpoint import read_record, record_path
-    record = read_record(args.teacher_checkpoint)
-    if record is None:
-        log(f'note: {record_path(args.teacher_checkpoint)} does not exist, so it cannot be '
-            f'checked that the teacher held out the same validation images as these students '
-            f'({", ".join(f"{k}={getattr(args, k)}" for k in SPLIT_KEYS)})')
-        return
-    differ = [k for k in SPLIT_KEYS if record.get(k) != getattr(args, k)]
-    if differ:
-        details = ', '.join(f'--{k.replace("_", "-")} {record.get(k)} for the teacher but '
-                            f'{getattr(args, k)} here' for k in differ)
-        raise UsageError(f'the teacher {args.teacher_checkpoint} was trained on another split '
-                         f'of the data ({details}): the students would select on images the '
-                         f'teacher trained on. Use the teacher\'s values, or train a teacher '
-                         f'with these.')
-
-
 def run(args, log=print):
     """Run what args ask for (main.py's parsed and validated flags); returns the exit code."""
-    from distributed import init_distributed
-    from report import device_name, write_results
-    from utils import load_cifar10
+    from datasets import get_dataset, load_dataset
+    from distributed import barrier, init_distributed
+    from report import describe_gains, device_name, print_table, write_results
+    from teacher import TeacherMismatch, load_teacher, logits_key
+    from train import StopSignal, configure_backends
 
     device = resolve_device(args.device)
     dist, device = init_distributed(device)
     if dist.enabled and args.batch_size % dist.world_size:
         raise UsageError(f'--batch-size {args.batch_size} (global) is not divisible by the '
                          f'{dist.world_size} processes')
+    spec = get_dataset(args.dataset)
+    args.num_classes = spec.num_classes
     if args.lr is None:
         args.lr = 0.1 * args.batch_size / 128
     if args.teacher_checkpoint is None:
@@ -332,55 +492,54 @@ def run(args, log=print):
         log(f'  {"device (resolved)":<20} {device_name(device)}'
             + (f' x {dist.world_size} processes' if dist.enabled else ''))
         if args.subset:
-            log(f'  --subset {args.subset}: a quick run on part of CIFAR-10, not comparable to '
-                f'full-data numbers')
+            log(f'  --subset {args.subset}: a quick run on part of {spec.title}, not comparable '
+                f'to full-data numbers')
     check_out_dir(args.out_dir)
 
-    teacher, teacher_sha = None, None
+    teacher, teacher_info = None, None
     if phase == 'students':  # refuse a bad teacher before reading data or writing anything
-        from checkpoint import CheckpointError
-        from models import TeacherNet
-        if not os.path.exists(args.teacher_checkpoint):
-            raise CheckpointError(f'no teacher checkpoint at {args.teacher_checkpoint}: run '
-                                  f'`python main.py --train-teacher` first, or pass '
-                                  f'--teacher-checkpoint')
-        teacher = load_for_inference(TeacherNet(), args.teacher_checkpoint, device)
-        teacher_sha = file_sha256(args.teacher_checkpoint)
-        check_teacher_record(args, log if dist.is_main else (lambda *_: None))
+        try:
+            teacher, arch, sha, _ = load_teacher(args, device, spec.num_classes,
+                                                 log if dist.is_main else (lambda *_: None))
+        except TeacherMismatch as e:
+            raise UsageError(str(e)) from None
+        teacher_info = {'arch': arch, 'sha256': sha}
 
     if dist.is_main:  # one process downloads; the others wait and read
-        arrays = load_cifar10(args.data_dir)
-    from distributed import barrier
+        arrays = load_dataset(args.data_dir, spec)
     barrier()
     if not dist.is_main:
-        arrays = load_cifar10(args.data_dir, download=False)
+        arrays = load_dataset(args.data_dir, spec, download=False)
     check_split(args, len(arrays[1]))
-    from train import configure_backends
     configure_backends(device)
 
     if phase == 'evaluate':
         if dist.is_main:
-            evaluate_checkpoints(args, device, arrays, log)
+            try:
+                evaluate_checkpoints(args, device, arrays, log)
+            except TeacherMismatch as e:
+                raise UsageError(str(e)) from None
         return 0
+    if teacher_info is not None:
+        num_test = min(len(arrays[3]), args.subset or len(arrays[3]))
+        teacher_info['logits_key'] = logits_key(teacher_info['sha256'], args.dataset,
+                                                args.subset, num_test)
 
     start = time.time()
-    from train import StopSignal
     stop = StopSignal()  # SIGINT/SIGTERM: finish the batch, save, exit 130/143
     stop.install()
     try:
         summaries, dirs, config = train_phase_for_seeds(phase, args, device, dist, arrays, log,
-                                                        stop, teacher, teacher_sha)
+                                                        stop, teacher, teacher_info)
     finally:
         stop.uninstall()
     if dist.is_main:
         results = write_results(args.out_dir, phase, summaries, config, run_info(args, device),
                                 {phase: list(dirs.values())}, log)
-        from report import describe_gain, print_table
         log(f'\nFinished the {phase} phase in {time.time() - start:.0f}s; results in '
             f'{os.path.join(args.out_dir, "results.json")} and results.md')
         print_table(results['models'], log)
-        if phase == 'students' and not args.no_baseline:
-            log(describe_gain(results.get('kd_gain')))
+        if phase == 'students':
+            for line in describe_gains(results):
+                log(line)
     return 0
-
-

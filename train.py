@@ -1,10 +1,11 @@
 """Training and evaluation.
 
-One loop serves both phases: the teacher alone, or the KD student and the baseline student in
-lockstep on identical batches (same order, same augmented images, one teacher forward per batch),
-so their comparison is paired and the data work is done once. Everything a loop needs arrives as
-an argument; the full state is written at the end of every epoch (and at a signal) so a run can
-resume where it stopped.
+One loop serves both phases: the teacher alone, or any number of students in lockstep on
+identical batches (same order, same augmented images, one teacher forward per batch), so their
+comparisons are paired and the data and teacher work is done once. Each student has a loss from
+the registry in losses.py; the loop logs whatever parts its loss returns. Everything a loop needs
+arrives as an argument; the full state is written at the end of every epoch (and at a signal) so
+a run can resume where it stopped.
 """
 import csv
 import io
@@ -13,31 +14,20 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import (atomic_save, atomic_write_text, capture_rng_state, load_weights,
-                        plain_state_dict, restore_rng_state)
+from checkpoint import (atomic_save, atomic_write_text, capture_rng_state, plain_state_dict,
+                        restore_rng_state)
 from distributed import all_gather_cat, all_reduce_min, all_reduce_sum, any_rank, sync_batchnorm
-from utils import kd_loss_terms
+from losses import get_loss
+from recipe import Recipe  # noqa: F401  (train.Recipe, as before)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: named loss parts, the selected epoch's test logits
 STOP_CHECK_EVERY = 10  # batches between the ranks' agreement on a stop request (torchrun)
-
-
-@dataclass
-class Recipe:
-    """One recipe for all three models (lr is for the global batch)."""
-    epochs: int = 200
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    warmup_fraction: float = 0.03   # of all steps (but see warmup_steps), then cosine to zero
-    temperature: float = 4.0
-    alpha: float = 0.1
 
 
 class TrainingInterrupted(Exception):
@@ -80,17 +70,6 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------------
 # Precision
 
-def cpu_has_fast_bf16():
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    for probe in ('_is_amx_tile_supported', '_is_avx512_bf16_supported'):
-        try:
-            if getattr(torch.cpu, probe)():
-                return True
-        except Exception:
-            pass
-    return False
-
-
 def cuda_has_native_bf16(device=None):
     """True when the GPU computes bf16 in hardware (Ampere and newer).
 
@@ -104,20 +83,16 @@ def cuda_has_native_bf16(device=None):
 
 
 def choose_precision(model_name, device, amp=None):
-    """The autocast dtype for a model, or None for float32.
+    """The autocast dtype for a model, or None for float32, by rule (no measurement).
 
     CUDA: bf16 where the GPU has it in hardware, else fp16 (with a GradScaler), unless amp is
-    False. CPU, amp None (auto):
-    bf16 only for the teacher and only on CPUs with bf16 instructions, because that is where it
-    measured faster (bench/bench.py); on an AVX2-only CPU bf16 is 10x slower, and the small CNN
-    got slower with bf16 even where the ResNet got faster. amp True / False forces it.
+    False. CPU: float32 unless amp is True (bf16). In auto mode a training run measures both on
+    the CPU instead (runner.decide_precisions); this rule serves --evaluate and forced modes.
     """
     if device.type == 'cuda':
         if amp is False:
             return None
         return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
-    if amp is None:
-        return torch.bfloat16 if model_name == 'teacher' and cpu_has_fast_bf16() else None
     return torch.bfloat16 if amp else None
 
 
@@ -174,14 +149,19 @@ def no_buffer_sync_argument():
 
 
 class Trainee:
-    """A model being trained: its plain module, what the loop calls, optimizer and precision.
+    """A model being trained: its plain module, what the loop calls, optimizer, precision, loss.
 
-    loss_kind is 'ce' (cross-entropy on labels) or 'kd' (kd_loss against the teacher).
+    loss is a name from losses.LOSSES ('ce' for the baseline, 'kd', 'dkd', 'ls', ...);
+    loss_params its hyper-parameters (default: the recipe's temperature / alpha for the ones the
+    loss takes, else the loss's own defaults).
     """
 
-    def __init__(self, name, module, loss_kind, recipe, device, precision=None, ddp=False,
-                 compile_model=False):
-        self.name, self.loss_kind, self.precision = name, loss_kind, precision
+    def __init__(self, name, module, loss, recipe, device, precision=None, ddp=False,
+                 compile_model=False, loss_params=None):
+        self.name, self.precision = name, precision
+        self.loss = get_loss(loss)
+        self.loss_params = dict(loss_params) if loss_params is not None else {
+            k: getattr(recipe, k, v) for k, v in self.loss.defaults.items()}
         self.module = module.to(device, memory_format=torch.channels_last)
         model = self.module
         if ddp:
@@ -195,29 +175,38 @@ class Trainee:
         # fp16 needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
 
+    def compute_loss(self, logits, teacher_logits, labels, epoch):
+        return self.loss.fn(logits, teacher_logits, labels, epoch=epoch, **self.loss_params)
 
-def train_step(trainees, teacher, images, labels, recipe, teacher_precision=None):
-    """One optimizer step for each trainee on the same batch; the teacher runs once.
 
-    Returns, per trainee, detached (loss, ce, kd or None, number correct) tensors.
+class StepResult(NamedTuple):
+    loss: torch.Tensor     # detached scalar
+    parts: dict            # name -> detached scalar (see losses.py)
+    correct: torch.Tensor  # number of right top-1 predictions in the batch
+
+
+def teacher_forward(teacher, images, precision):
+    """The teacher's float32 logits, once per batch, without autograd."""
+    with torch.inference_mode(), autocast(images.device, precision):
+        logits = teacher(images)
+    # a copy made outside inference mode is an ordinary tensor autograd may save
+    return logits.float().clone()
+
+
+def train_step(trainees, teacher, images, labels, recipe=None, teacher_precision=None, epoch=1):
+    """One optimizer step for each trainee on the same batch; the teacher runs once, if needed.
+
+    epoch: the 1-based epoch, for losses that ramp up (DKD's warm-up). Returns a StepResult
+    per trainee.
     """
-    device = images.device
     teacher_logits = None
-    if any(t.loss_kind == 'kd' for t in trainees):
-        with torch.inference_mode(), autocast(device, teacher_precision):
-            teacher_logits = teacher(images)
-        # a copy made outside inference mode is an ordinary tensor autograd may save
-        teacher_logits = teacher_logits.float().clone()
+    if any(t.loss.uses_teacher for t in trainees):
+        teacher_logits = teacher_forward(teacher, images, teacher_precision)
     results = []
     for t in trainees:
-        with autocast(device, t.precision):
+        with autocast(images.device, t.precision):
             logits = t.train_model(images)
-        if t.loss_kind == 'kd':
-            loss, ce, kd = kd_loss_terms(logits, teacher_logits, labels, recipe.temperature,
-                                         recipe.alpha)
-        else:
-            loss, kd = F.cross_entropy(logits.float(), labels), None
-            ce = loss
+        loss, parts = t.compute_loss(logits, teacher_logits, labels, epoch)
         t.optimizer.zero_grad(set_to_none=True)
         if t.scaler is not None:
             t.scaler.scale(loss).backward()
@@ -226,8 +215,8 @@ def train_step(trainees, teacher, images, labels, recipe, teacher_precision=None
         else:
             loss.backward()
             t.optimizer.step()
-        correct = (logits.detach().argmax(1) == labels).sum()
-        results.append((loss.detach(), ce.detach(), None if kd is None else kd.detach(), correct))
+        results.append(StepResult(loss.detach(), {k: v.detach() for k, v in parts.items()},
+                                  (logits.detach().argmax(1) == labels).sum()))
     return results
 
 
@@ -236,11 +225,11 @@ def train_step(trainees, teacher, images, labels, recipe, teacher_precision=None
 
 @torch.inference_mode()
 def predict(model, loader, precision=None):
-    """(float32 logits, labels) for every image of a non-augmenting loader.
+    """(float32 logits, labels) for every image of a non-augmenting loader, in dataset order.
 
     A loader sharded over torchrun processes gives each rank a slice of every batch; the
-    slices are gathered, so every rank gets every image (in an order that differs from the
-    single-process one) and the metrics agree across ranks and with a single process.
+    slices are gathered and put back in dataset order, so every rank gets every image and the
+    result equals the single-process one.
     """
     was_training = model.training
     model.eval()
@@ -252,7 +241,9 @@ def predict(model, loader, precision=None):
     model.train(was_training)
     logits, labels = torch.cat(logits), torch.cat(labels)
     if getattr(loader, 'world_size', 1) > 1:
+        order = all_gather_cat(loader.rank_indices())
         logits, labels = all_gather_cat(logits), all_gather_cat(labels)
+        logits[order], labels[order] = logits.clone(), labels.clone()
     return logits, labels
 
 
@@ -266,205 +257,386 @@ def evaluate(model, loader, precision=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# Logs
 
-CSV_FIELDS = ['epoch', 'lr', 'train_loss', 'train_ce', 'train_kd', 'train_acc', 'val_acc',
-              'test_acc', 'seconds', 'images_per_s']
+def csv_fields(part_names):
+    return (['epoch', 'lr', 'train_loss'] + [f'train_{p}' for p in part_names]
+            + ['train_acc', 'val_acc', 'test_acc', 'seconds', 'images_per_s'])
 
 
-def write_csv(path, rows):
+def write_csv(path, rows, fields):
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction='ignore')
+    writer = csv.DictWriter(buf, fields, extrasaction='ignore')
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ('' if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
+        writer.writerow({k: ('' if row.get(k) is None else row.get(k)) for k in fields})
     atomic_write_text(path, buf.getvalue())
 
 
-class _EpochSums:
-    """Running per-trainee sums kept on the device (no host sync per batch)."""
+def phase_part_names(trainees):
+    """The loss parts logged for a phase: the union over its trainees, 'ce' first.
 
-    def __init__(self, names, device, saved=None):
-        self.sums = {n: torch.zeros(5, dtype=torch.float64, device=device) for n in names}
-        # loss, ce, kd, correct, count
+    Every CSV of a phase has the same columns; a part a model's loss lacks stays empty."""
+    names = []
+    for t in trainees:
+        for p in get_part_names(t):
+            if p not in names:
+                names.append(p)
+    return sorted(names, key=lambda p: p != 'ce')
+
+
+def get_part_names(trainee):
+    """The part names trainee's loss returns (one evaluation on a tiny batch of zeros)."""
+    zeros = torch.zeros(2, 2)
+    _, parts = trainee.loss.fn(zeros, zeros if trainee.loss.uses_teacher else None,
+                               torch.zeros(2, dtype=torch.int64), epoch=1, **trainee.loss_params)
+    return list(parts)
+
+
+class EpochSums:
+    """Running per-trainee sums of the loss, its parts, right predictions and images, kept on
+    the device (no host sync per batch); the first batch with a non-finite loss is tracked."""
+
+    def __init__(self, trainees, part_names, device, saved=None):
+        self.keys = ['loss'] + list(part_names) + ['correct', 'count']
+        self.sums = {t.name: torch.zeros(len(self.keys), dtype=torch.float64, device=device)
+                     for t in trainees}
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        if saved:
-            for n, values in saved.items():
-                self.sums[n] = torch.tensor(values, dtype=torch.float64, device=device)
+        for name, values in (saved or {}).items():
+            self.sums[name] = torch.tensor([values.get(k, 0.0) for k in self.keys],
+                                           dtype=torch.float64, device=device)
 
-    def add(self, name, batch_index, loss, ce, kd, correct, count):
+    def add(self, name, batch_index, result, count):
+        values = [result.loss] + [result.parts.get(k, torch.zeros((), device=result.loss.device))
+                                  for k in self.keys[1:-2]]
+        stacked = torch.stack([v.double() for v in values]) * count
         s = self.sums[name]
-        s[0] += loss.double() * count
-        s[1] += ce.double() * count
-        if kd is not None:
-            s[2] += kd.double() * count
-        s[3] += correct.double()
-        s[4] += count
-        bad = ~torch.isfinite(loss)
+        s[:-2] += stacked
+        s[-2] += result.correct.double()
+        s[-1] += count
+        bad = ~torch.isfinite(result.loss)
         self.first_bad = torch.where(bad & (self.first_bad < 0), batch_index, self.first_bad)
 
-    def to_lists(self):
-        return {n: s.tolist() for n, s in self.sums.items()}
+    def all_reduce(self):
+        for s in self.sums.values():
+            all_reduce_sum(s)
+
+    def to_dicts(self):
+        return {n: dict(zip(self.keys, s.tolist())) for n, s in self.sums.items()}
+
+    def row(self, name, part_names_of_model):
+        """The epoch's averages of one model, as CSV columns."""
+        values = dict(zip(self.keys, self.sums[name].tolist()))
+        count = max(1.0, values['count'])
+        row = {'train_loss': values['loss'] / count, 'train_acc': 100.0 * values['correct'] / count}
+        for p in self.keys[1:-2]:
+            row[f'train_{p}'] = values[p] / count if p in part_names_of_model else None
+        return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+@dataclass
+class PhaseProgress:
+    """Everything a phase has done so far: what the resume state holds besides the weights."""
+    epoch: int = 0                 # epochs finished
+    batch: int = 0                 # batches of epoch `epoch` done (a signal mid-epoch)
+    partial: dict = None           # their sums
+    elapsed: float = 0.0           # seconds in the loop, over all invocations
+    best: dict = field(default_factory=dict)         # name -> {'val_acc', 'epoch'}
+    history: dict = field(default_factory=dict)      # name -> [CSV row per epoch]
+    best_logits: dict = field(default_factory=dict)  # name -> test logits of the selected epoch
+    estimate: dict = None          # the time estimate printed early in the run
+
+
+def save_state(path, phase, trainees, progress, config, finished=False):
+    """The whole training state, atomically, in a form torch.load(weights_only=True) reads."""
+    atomic_save({
+        'format': STATE_FORMAT, 'phase': phase, 'finished': finished,
+        'epoch': progress.epoch, 'batch': progress.batch, 'partial': progress.partial,
+        'elapsed': progress.elapsed, 'best': progress.best, 'history': progress.history,
+        'best_logits': {n: v.cpu() for n, v in progress.best_logits.items()},
+        'estimate': progress.estimate,
+        'models': {t.name: plain_state_dict(t.module) for t in trainees},
+        'optimizers': {t.name: t.optimizer.state_dict() for t in trainees},
+        'scalers': {t.name: t.scaler.state_dict() for t in trainees if t.scaler is not None},
+        'rng': capture_rng_state(), 'config': config or {},
+    }, path)
+
+
+def restore_state(state, trainees, device):
+    """Load a saved state into the trainees; returns its PhaseProgress."""
+    for t in trainees:
+        t.module.load_state_dict(state['models'][t.name])
+        t.optimizer.load_state_dict(state['optimizers'][t.name])
+        if t.scaler is not None and state.get('scalers', {}).get(t.name):
+            t.scaler.load_state_dict(state['scalers'][t.name])
+    restore_rng_state(state['rng'])
+    return PhaseProgress(state['epoch'], state['batch'], state.get('partial'), state['elapsed'],
+                         state['best'], state['history'],
+                         {n: v.to(device) for n, v in state.get('best_logits', {}).items()},
+                         state.get('estimate'))
+
+
+def train_epoch(trainees, data, recipe, epoch, progress, sums, *, teacher, teacher_precision,
+                stop, multi_process, bar, on_step=None):
+    """The batches of one epoch (from progress.batch on). Returns (last lr, images seen).
+
+    Raises TrainingInterrupted (after the caller-visible sums are complete) on a stop request.
+    """
+    steps_per_epoch = len(data.train)
+    total_steps = recipe.epochs * steps_per_epoch
+    n_warmup = warmup_steps(recipe, steps_per_epoch)
+    data.train.set_epoch(epoch, progress.batch)
+    lr, images_seen = recipe.lr, 0
+    for batch_index, (images, labels) in enumerate(data.train, start=progress.batch):
+        # over several processes the ranks agree on stopping every few batches only
+        if stop is not None and (batch_index % STOP_CHECK_EVERY == 0 or not multi_process) \
+                and any_rank(stop.requested):
+            raise _StopAt(batch_index, lr, images_seen)
+        lr = lr_at(epoch * steps_per_epoch + batch_index, total_steps, n_warmup, recipe.lr)
+        for t in trainees:
+            for group in t.optimizer.param_groups:
+                group['lr'] = lr
+        out = train_step(trainees, teacher, images, labels, recipe, teacher_precision,
+                         epoch=epoch + 1)
+        for t, result in zip(trainees, out):
+            sums.add(t.name, batch_index, result, len(labels))
+        images_seen += len(labels)
+        bar.update(1)
+        if on_step is not None:
+            on_step(len(labels), out)
+    return lr, images_seen
+
+
+class _StopAt(Exception):
+    def __init__(self, batch_index, lr, images_seen):
+        super().__init__(batch_index)
+        self.batch_index, self.lr, self.images_seen = batch_index, lr, images_seen
+
+
+def evaluate_epoch(trainees, data, epoch, epochs, progress, run_dir, *, test_every, is_main):
+    """Validation (every epoch: it selects) and test (every test_every epochs, the last one,
+    and whenever a model reaches a new best, so the selected epoch always has test logits).
+
+    Updates progress.best / best_logits and writes best_<name>.pth. Returns {name: (val, test)}.
+    """
+    accs = {}
+    for t in trainees:
+        val_acc = evaluate(t.eval_model, data.val, t.precision) if data.val else None
+        best = progress.best.get(t.name, {'val_acc': -1.0, 'epoch': 0})
+        # the first epoch with the best validation accuracy; the last one without a split
+        is_best = val_acc is None or val_acc > best['val_acc']
+        test_acc = None
+        if is_best or epoch % test_every == 0 or epoch == epochs:
+            logits, labels = predict(t.eval_model, data.test, t.precision)
+            test_acc = accuracy(logits, labels)
+        if is_best:
+            progress.best[t.name] = {'val_acc': -1.0 if val_acc is None else val_acc,
+                                     'epoch': epoch}
+            progress.best_logits[t.name] = logits
+            if is_main:
+                atomic_save(plain_state_dict(t.module), os.path.join(run_dir, f'best_{t.name}.pth'))
+        accs[t.name] = (val_acc, test_acc)
+    return accs
 
 
 def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
                 teacher_precision=None, config=None, resume_state=None, stop=None, dist=None,
-                log=print, progress=True, epoch_callback=None):
+                log=print, progress=True, epoch_callback=None, test_every=1,
+                teacher_test_logits=None, runs_ahead=1):
     """Train `trainees` for recipe.epochs; write best_<name>.pth, log_<name>.csv, last_<phase>.pt.
 
     Selection: the epoch with the best validation accuracy (data.val), or the last epoch when
-    there is no validation split. The test set is only reported. Returns a summary per model.
+    there is no validation split. The test set is only reported, from the logits of the
+    selected epoch. teacher_test_logits (students' phase): the teacher's test-set logits, for
+    agreement; runs_ahead: how many runs like this one the invocation still has (the time
+    estimate covers them). Returns a summary per model.
     """
     is_main = dist is None or dist.is_main
     multi_process = dist is not None and dist.enabled
-    names = [t.name for t in trainees]
-    steps_per_epoch = len(data.train)
-    total_steps = recipe.epochs * steps_per_epoch
-    n_warmup = warmup_steps(recipe, steps_per_epoch)
+    world_size = dist.world_size if dist else 1
     state_path = os.path.join(run_dir, f'last_{phase}.pt')
-    best = {n: {'val_acc': -1.0, 'epoch': 0} for n in names}
-    history = {n: [] for n in names}
-    start_epoch, start_batch, saved_sums, elapsed = 0, 0, None, 0.0
-    if resume_state is not None:
-        for t in trainees:
-            t.module.load_state_dict(resume_state['models'][t.name])
-            t.optimizer.load_state_dict(resume_state['optimizers'][t.name])
-            if t.scaler is not None and resume_state.get('scalers', {}).get(t.name):
-                t.scaler.load_state_dict(resume_state['scalers'][t.name])
-        best, history = resume_state['best'], resume_state['history']
-        start_epoch, start_batch = resume_state['epoch'], resume_state['batch']
-        saved_sums, elapsed = resume_state.get('partial'), resume_state['elapsed']
-        restore_rng_state(resume_state['rng'])
+    part_names = phase_part_names(trainees)
+    parts_of = {t.name: get_part_names(t) for t in trainees}
+    fields = csv_fields(part_names)
+    done = resume_state is not None
+    prog = restore_state(resume_state, trainees, device) if done else PhaseProgress()
+    for t in trainees:
+        prog.history.setdefault(t.name, [])
+    steps_per_epoch = len(data.train)
+    timer = _Estimator(phase, recipe.epochs, steps_per_epoch, data, trainees, test_every,
+                       runs_ahead, device, log) if prog.estimate is None else None
 
-    def save_state(epoch, batch, sums, finished=False):
-        if not is_main:
-            return
-        atomic_save({
-            'format': STATE_FORMAT, 'phase': phase, 'finished': finished,
-            'epoch': epoch, 'batch': batch, 'partial': sums, 'elapsed': elapsed,
-            'models': {t.name: plain_state_dict(t.module) for t in trainees},
-            'optimizers': {t.name: t.optimizer.state_dict() for t in trainees},
-            'scalers': {t.name: t.scaler.state_dict() for t in trainees if t.scaler is not None},
-            'best': best, 'history': history, 'rng': capture_rng_state(), 'config': config or {},
-        }, state_path)
+    def save(finished=False):
+        if is_main:
+            save_state(state_path, phase, trainees, prog, config, finished)
 
-    for epoch in range(start_epoch, recipe.epochs):
-        data.train.set_epoch(epoch, start_batch)
+    for epoch in range(prog.epoch, recipe.epochs):
         # a saved partial epoch holds the sums of all ranks: rank 0 alone takes them back
-        sums = _EpochSums(names, device, saved_sums if start_batch and is_main else None)
-        t0, images_seen = time.time(), 0
-        bar = tqdm(total=steps_per_epoch, initial=start_batch, leave=False,
+        sums = EpochSums(trainees, part_names, device,
+                         prog.partial if prog.batch and is_main else None)
+        t0 = time.time()
+        bar = tqdm(total=steps_per_epoch, initial=prog.batch, leave=False,
                    desc=f'{phase} {epoch + 1}/{recipe.epochs}',
                    disable=(not progress) or (not is_main) or None)
-        lr = recipe.lr
-        for batch_index, (images, labels) in enumerate(data.train, start=start_batch):
-            # over several processes the ranks agree on stopping every few batches only
-            if stop is not None and (batch_index % STOP_CHECK_EVERY == 0 or not multi_process) \
-                    and any_rank(stop.requested):
-                elapsed += time.time() - t0
-                for s in sums.sums.values():  # the saved partial epoch covers every rank
-                    all_reduce_sum(s)
-                save_state(epoch, batch_index, sums.to_lists())
-                bar.close()
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, state_path)
-            step = epoch * steps_per_epoch + batch_index
-            lr = lr_at(step, total_steps, n_warmup, recipe.lr)
-            for t in trainees:
-                for group in t.optimizer.param_groups:
-                    group['lr'] = lr
-            out = train_step(trainees, teacher, images, labels, recipe, teacher_precision)
-            for t, (loss, ce, kd, correct) in zip(trainees, out):
-                sums.add(t.name, batch_index, loss, ce, kd, correct, len(labels))
-            images_seen += len(labels)
-            bar.update(1)
-            if batch_index % 20 == 0 and bar.disable is False:
-                bar.set_postfix(loss=f'{out[0][0].item():.3f}',
-                                img_s=f'{images_seen / max(1e-9, time.time() - t0):.0f}')
+        on_step = timer.on_step if timer is not None else None
+        try:
+            lr, images_seen = train_epoch(trainees, data, recipe, epoch, prog, sums,
+                                          teacher=teacher, teacher_precision=teacher_precision,
+                                          stop=stop, multi_process=multi_process, bar=bar,
+                                          on_step=on_step)
+        except _StopAt as s:
+            bar.close()
+            prog.elapsed += time.time() - t0
+            sums.all_reduce()  # the saved partial epoch covers every rank
+            prog.batch, prog.partial = s.batch_index, sums.to_dicts()
+            prog.estimate = timer.estimate if timer is not None else prog.estimate
+            save()
+            raise TrainingInterrupted(stop.signum or signal.SIGTERM, state_path) from None
         bar.close()
-        start_batch, saved_sums = 0, None
-        for s in sums.sums.values():
-            all_reduce_sum(s)
-        # the first bad batch on any rank: every rank stops, before writing anything
-        first_bad = sums.first_bad.reshape(1).clone()
-        first_bad[first_bad < 0] = steps_per_epoch
-        bad = int(all_reduce_min(first_bad).item())
-        if bad < steps_per_epoch:
-            raise NonFiniteLoss(f'the {phase} loss became NaN or infinite in epoch {epoch + 1}, '
-                                f'batch {bad + 1}; training stopped and the checkpoints of the '
-                                f'last good epoch are kept. Try a lower --lr.')
+        if timer is not None and timer.estimate is not None:
+            prog.estimate, timer = timer.estimate, None
+        sums.all_reduce()
+        check_finite(sums, phase, epoch, steps_per_epoch)
         train_seconds = time.time() - t0
+        accs = evaluate_epoch(trainees, data, epoch + 1, recipe.epochs, prog, run_dir,
+                              test_every=test_every, is_main=is_main)
         row_common = {'epoch': epoch + 1, 'lr': round(lr, 6), 'seconds': round(train_seconds, 3),
-                      'images_per_s': round(images_seen * (dist.world_size if dist else 1)
-                                            / max(1e-9, train_seconds), 1)}
+                      'images_per_s': round(images_seen * world_size / max(1e-9, train_seconds),
+                                            1)}
         for t in trainees:
-            s = sums.sums[t.name].tolist()
-            count = max(1.0, s[4])
-            val_acc = evaluate(t.eval_model, data.val, t.precision) if data.val else None
-            test_acc = evaluate(t.eval_model, data.test, t.precision)
-            history[t.name].append(dict(
-                row_common, train_loss=s[0] / count, train_ce=s[1] / count,
-                train_kd=s[2] / count if t.loss_kind == 'kd' else None,
-                train_acc=100.0 * s[3] / count, val_acc=val_acc, test_acc=test_acc))
-            # the first epoch with the best validation accuracy; the last one without a split
-            if val_acc is None or val_acc > best[t.name]['val_acc']:
-                best[t.name] = {'val_acc': -1.0 if val_acc is None else val_acc,
-                                'epoch': epoch + 1}
-                if is_main:
-                    atomic_save(plain_state_dict(t.module),
-                                os.path.join(run_dir, f'best_{t.name}.pth'))
+            val_acc, test_acc = accs[t.name]
+            prog.history[t.name].append(dict(row_common, **sums.row(t.name, parts_of[t.name]),
+                                             val_acc=val_acc, test_acc=test_acc))
             if is_main:
-                write_csv(os.path.join(run_dir, f'log_{t.name}.csv'), history[t.name])
-        elapsed += time.time() - t0
-        save_state(epoch + 1, 0, None)
-        log(format_epoch_line(phase, epoch + 1, recipe.epochs, lr, trainees, history,
+                write_csv(os.path.join(run_dir, f'log_{t.name}.csv'), prog.history[t.name],
+                          fields)
+        prog.epoch, prog.batch, prog.partial = epoch + 1, 0, None
+        prog.elapsed += time.time() - t0
+        if timer is not None and prog.epoch == recipe.epochs:  # a run too short to estimate
+            timer = None
+        save()
+        log(format_epoch_line(phase, epoch + 1, recipe.epochs, lr, trainees, prog.history,
                               train_seconds, row_common['images_per_s']))
         if epoch_callback is not None:
-            epoch_callback(epoch + 1, {t.name: history[t.name][-1] for t in trainees})
+            epoch_callback(epoch + 1, {t.name: prog.history[t.name][-1] for t in trainees})
 
-    return finish_phase(phase, trainees, data, run_dir, best, history, teacher,
-                        teacher_precision, elapsed, save_state, dist)
+    summary = finish_phase(trainees, data, prog, teacher_test_logits)
+    save(finished=True)
+    return summary
+
+
+def check_finite(sums, phase, epoch, steps_per_epoch):
+    """Stop every rank, before anything is written, when a loss became NaN or infinite."""
+    first_bad = sums.first_bad.reshape(1).clone()
+    first_bad[first_bad < 0] = steps_per_epoch
+    bad = int(all_reduce_min(first_bad).item())
+    if bad < steps_per_epoch:
+        raise NonFiniteLoss(f'the {phase} loss became NaN or infinite in epoch {epoch + 1}, '
+                            f'batch {bad + 1}; training stopped and the checkpoints of the '
+                            f'last good epoch are kept. Try a lower --lr.')
+
+
+class _Estimator:
+    """Times the first steps of a run and prints one line: images/s and the whole phase's
+    expected duration, evaluation included; on a CPU, past an hour, with a quick-run hint."""
+
+    STEPS = 20  # steps timed (after 2 of warm-up), or the whole first epoch when shorter
+
+    def __init__(self, phase, epochs, steps_per_epoch, data, trainees, test_every, runs_ahead,
+                 device, log):
+        self.phase, self.epochs, self.steps_per_epoch = phase, epochs, steps_per_epoch
+        self.data, self.trainees, self.test_every = data, trainees, test_every
+        self.runs_ahead, self.device, self.log = runs_ahead, device, log
+        self.t0, self.steps, self.images, self.estimate = None, 0, 0, None
+
+    def on_step(self, batch_images, out):
+        self.steps += 1
+        if self.steps == 2:  # warm-up over: one-time kernel choices and allocations
+            _sync(out)
+            self.t0 = time.time()
+            return
+        if self.estimate is not None or self.t0 is None:
+            return
+        self.images += batch_images
+        if self.steps - 2 < min(self.STEPS, self.steps_per_epoch - 2):
+            return
+        _sync(out)
+        seconds = time.time() - self.t0
+        per_step = seconds / (self.steps - 2)
+        images_per_s = self.images / max(seconds, 1e-9)
+        # an evaluation forward costs about a third of a training step per image and model
+        per_image_forward = per_step / max(1, self.data.train.batch_size) / 3
+        eval_images = (self.data.num_val + self.data.num_test / self.test_every) \
+            * len(self.trainees)
+        per_epoch = per_step * self.steps_per_epoch + per_image_forward * eval_images
+        total = per_epoch * self.epochs * self.runs_ahead
+        self.estimate = {'images_per_s': round(images_per_s, 1),
+                         'estimated_seconds': round(total, 1)}
+        runs = f' x {self.runs_ahead} seeds' if self.runs_ahead > 1 else ''
+        line = (f'{self.phase}: {images_per_s:.0f} images/s; {self.epochs} epochs{runs} should '
+                f'take about {format_duration(total)} (training and evaluation)')
+        if self.device.type == 'cpu' and total > 3600:
+            quick = 'python main.py' + (' --train-teacher' if self.phase == 'teacher' else '')
+            line += f'. On a CPU, try a quick run first: {quick} --epochs 3 --subset 2000'
+        self.log(line)
+
+
+def _sync(out):
+    out[0].loss.item()  # waits for the device to finish the queued steps
+
+
+def format_duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 90:
+        return f'{seconds} s'
+    if seconds < 5400:
+        return f'{seconds / 60:.0f} min'
+    if seconds < 48 * 3600:
+        return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
+    return f'{seconds / 86400:.1f} days'
 
 
 def format_epoch_line(phase, epoch, epochs, lr, trainees, history, seconds, images_per_s):
     """One fixed-width line per epoch."""
     width = len(str(epochs))
+    name_width = max(12, *(len(t.name) for t in trainees))
     parts = [f'{phase:<8} {epoch:>{width}}/{epochs} lr {lr:6.4f}']
     for t in trainees:
         row = history[t.name][-1]
         val = f"{row['val_acc']:6.2f}" if row['val_acc'] is not None else '     -'
-        parts.append(f"{t.name:<12} loss {row['train_loss']:6.3f} train {row['train_acc']:6.2f} "
-                     f"val {val} test {row['test_acc']:6.2f}")
+        test = f"{row['test_acc']:6.2f}" if row['test_acc'] is not None else '     -'
+        parts.append(f"{t.name:<{name_width}} loss {row['train_loss']:6.3f} train "
+                     f"{row['train_acc']:6.2f} val {val} test {test}")
     parts.append(f'{seconds:7.1f}s {images_per_s:7.0f} img/s')
     return ' | '.join(parts)
 
 
-def finish_phase(phase, trainees, data, run_dir, best, history, teacher, teacher_precision,
-                 elapsed, save_state, dist):
-    """Reload the selected weights, measure them on the test set, mark the state finished."""
-    from distributed import barrier
+def finish_phase(trainees, data, progress, teacher_test_logits=None):
+    """The summary of each model: the selected epoch's test metrics, from its kept logits."""
     from report import agreement, expected_calibration_error
-    barrier()  # rank 0 has written every best_*.pth
-    teacher_logits = None
-    if teacher is not None:
-        teacher_logits, _ = predict(teacher, data.test, teacher_precision)
+    labels = data.test.labels
     summary = {}
     for t in trainees:
-        last_test = history[t.name][-1]['test_acc'] if history[t.name] else None
-        load_weights(t.module, os.path.join(run_dir, f'best_{t.name}.pth'))
-        logits, labels = predict(t.eval_model, data.test, t.precision)
+        logits = progress.best_logits[t.name]
+        last = progress.history[t.name][-1] if progress.history[t.name] else {}
+        best = progress.best[t.name]
         entry = {
-            'test_acc': accuracy(logits, labels), 'last_test_acc': last_test,
-            'best_epoch': best[t.name]['epoch'],
-            'best_val_acc': best[t.name]['val_acc'] if best[t.name]['val_acc'] >= 0 else None,
+            'test_acc': accuracy(logits, labels), 'last_test_acc': last.get('test_acc'),
+            'best_epoch': best['epoch'],
+            'best_val_acc': best['val_acc'] if best['val_acc'] >= 0 else None,
             'params': sum(p.numel() for p in t.module.parameters()),
             'ece': expected_calibration_error(logits, labels),
             'precision': precision_name(t.precision),
+            'loss': t.loss.name, 'loss_params': t.loss_params,
         }
-        if teacher_logits is not None:
-            entry.update(agreement(teacher_logits, logits))
+        if teacher_test_logits is not None:
+            entry.update(agreement(teacher_test_logits, logits))
         summary[t.name] = entry
-    if teacher_logits is not None:
-        summary['teacher_in_use'] = {'test_acc': accuracy(teacher_logits, labels)}
-    save_state(len(history[trainees[0].name]), 0, None, finished=True)
-    return {'models': summary, 'elapsed_seconds': round(elapsed, 2),
-            'epochs_run': len(history[trainees[0].name])}
+    if teacher_test_logits is not None:
+        summary['teacher_in_use'] = {'test_acc': accuracy(teacher_test_logits, labels)}
+    return {'models': summary, 'elapsed_seconds': round(progress.elapsed, 2),
+            'epochs_run': progress.epoch, 'estimate': progress.estimate,
+            'test_logits': dict(progress.best_logits)}

@@ -1,123 +1,45 @@
-"""CIFAR-10 on disk and in device memory, batched augmentation, and the KD loss.
+"""CIFAR in device memory, batched augmentation, get_cifar10_loaders, and the KD loss.
+
+Reading the files is datasets.py's job (one description per dataset); the names below that
+read CIFAR-10 are kept for notebooks that import them from here.
 
 The whole dataset is held as one uint8 tensor on the training device; each batch is gathered,
 randomly cropped (4-pixel zero padding) and flipped for all images at once, then normalized.
 There are no DataLoader workers: on a GPU the card never waits for PIL, and on a CPU the cores
 do model work instead of decoding.
 """
-import os
-import pickle
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer',
-                   'dog', 'frog', 'horse', 'ship', 'truck')
-FOLDER = 'cifar-10-batches-py'
-TRAIN_FILES = [f'data_batch_{i}' for i in range(1, 6)]
-TEST_FILES = ['test_batch']
+from datasets import (CIFAR10, DataError, ensure_dataset, find_folder, get_dataset,  # noqa: F401
+                      load_dataset, read_batch)
 
-
-class DataError(Exception):
-    """CIFAR-10 is missing, truncated or not CIFAR-10; the message says which file and what to do."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the python release from disk
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays, nothing else: a data batch is data, not code."""
-
-    def find_class(self, module, name):
-        core = getattr(np, '_core', None) or np.core
-        allowed = {
-            ('numpy', 'ndarray'): np.ndarray,
-            ('numpy', 'dtype'): np.dtype,
-            ('numpy.core.multiarray', '_reconstruct'): core.multiarray._reconstruct,
-            ('numpy._core.multiarray', '_reconstruct'): core.multiarray._reconstruct,
-            ('numpy.core.multiarray', 'scalar'): core.multiarray.scalar,
-            ('numpy._core.multiarray', 'scalar'): core.multiarray.scalar,
-            ('_codecs', 'encode'): __import__('codecs').encode,
-        }
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
-        return allowed[(module, name)]
+# CIFAR-10's constants and readers under the names notebooks already use (datasets.py has them
+# for every dataset)
+CIFAR10_MEAN, CIFAR10_STD, CIFAR10_CLASSES = CIFAR10.mean, CIFAR10.std, CIFAR10.classes
+FOLDER = CIFAR10.folder
+TRAIN_FILES, TEST_FILES = list(CIFAR10.train_files), list(CIFAR10.test_files)
 
 
 def read_cifar_batch(path):
-    """One batch file of the python release -> (uint8 images N x 3 x 32 x 32, int64 labels N)."""
-    try:
-        with open(path, 'rb') as f:
-            raw = _ArrayOnlyUnpickler(f, encoding='bytes').load()
-    except Exception as e:  # truncated, foreign or hostile file: all mean "not a CIFAR-10 batch"
-        raise DataError(f'{path} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); '
-                        f'replace it with the file from the official python release') from None
-    if not isinstance(raw, dict):
-        raise DataError(f'{path} is not a CIFAR-10 batch (holds a {type(raw).__name__}, not a dict)')
-    raw = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
-    data, labels = raw.get('data'), raw.get('labels')
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3072:
-        desc = f'{data.dtype} {data.shape}' if isinstance(data, np.ndarray) else type(data).__name__
-        raise DataError(f"{path} is not a CIFAR-10 batch: 'data' should be uint8 N x 3072, got {desc}")
-    try:
-        labels = np.asarray(labels if labels is not None else [])
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{path} is not a CIFAR-10 batch: unreadable 'labels' ({e})") from None
-    if labels.size and labels.dtype.kind not in 'iu':
-        raise DataError(f"{path} is not a CIFAR-10 batch: 'labels' should be integers, "
-                        f"got {labels.dtype}")
-    labels = labels.astype(np.int64)
-    if labels.shape != (data.shape[0],):
-        raise DataError(f'{path} is not a CIFAR-10 batch: {data.shape[0]} images but '
-                        f'{labels.shape[0]} labels')
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f'{path} is not a CIFAR-10 batch: labels outside 0..9')
-    return data.reshape(-1, 3, 32, 32), labels
+    """One CIFAR-10 batch file -> (uint8 images N x 3 x 32 x 32, int64 labels N)."""
+    return read_batch(path, CIFAR10)
 
 
 def find_cifar10_folder(data_dir):
-    """The cifar-10-batches-py folder under data_dir (or data_dir itself), or None."""
-    for folder in (os.path.join(data_dir, FOLDER), data_dir):
-        if all(os.path.isfile(os.path.join(folder, f)) for f in TRAIN_FILES + TEST_FILES):
-            return folder
-    return None
+    return find_folder(data_dir, CIFAR10)
 
 
 def ensure_cifar10(data_dir, download=True):
-    """Return the folder holding the python release, downloading it with torchvision if absent."""
-    folder = find_cifar10_folder(data_dir)
-    if folder is not None:
-        return folder
-    error = 'downloading was not allowed'
-    if download:
-        try:
-            import torchvision
-            torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
-        except Exception as e:  # no network, bad archive, unwritable folder, ...
-            error = f'the download failed: {type(e).__name__}: {e}'
-        folder = find_cifar10_folder(data_dir)
-        if folder is not None:
-            return folder
-    raise DataError(
-        f'CIFAR-10 was not found in {os.path.abspath(data_dir)} and {error}. Put '
-        f'cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) or its extracted '
-        f'{FOLDER} folder in that directory, or point --data-dir at the directory that holds it.')
+    return ensure_dataset(data_dir, CIFAR10, download)
 
 
 def load_cifar10(data_dir='./data', download=True):
     """(train_images, train_labels, test_images, test_labels) as uint8 / int64 CPU tensors."""
-    folder = ensure_cifar10(data_dir, download)
-    parts = {}
-    for split, files in (('train', TRAIN_FILES), ('test', TEST_FILES)):
-        batches = [read_cifar_batch(os.path.join(folder, f)) for f in files]
-        parts[split] = (torch.from_numpy(np.concatenate([b[0] for b in batches])),
-                        torch.from_numpy(np.concatenate([b[1] for b in batches])))
-    return parts['train'] + parts['test']
+    return load_dataset(data_dir, CIFAR10, download)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +79,7 @@ class CifarLoader:
     """
 
     def __init__(self, images, labels, batch_size, train, device='cpu', seed=0,
-                 channels_last=False, rank=0, world_size=1):
+                 channels_last=False, rank=0, world_size=1, mean=CIFAR10.mean, std=CIFAR10.std):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -165,8 +87,8 @@ class CifarLoader:
         self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
         self.epoch, self.start_batch = 0, 0
         shape = (1, 3, 1, 1)
-        self.mean = torch.tensor(CIFAR10_MEAN, device=self.device).view(shape) * 255
-        self.inv_std = 1 / (torch.tensor(CIFAR10_STD, device=self.device).view(shape) * 255)
+        self.mean = torch.tensor(mean, device=self.device).view(shape) * 255
+        self.inv_std = 1 / (torch.tensor(std, device=self.device).view(shape) * 255)
 
     def __len__(self):
         n = len(self.labels)
@@ -212,20 +134,33 @@ class CifarLoader:
         if self.train:  # the next pass is the next epoch, unless set_epoch says otherwise
             self.epoch, self.start_batch = epoch + 1, 0
         order, aug = self._plan(epoch)
-        n, bs = len(order), self.batch_size
         for i in range(start_batch, len(self)):
-            start, stop = i * bs, min((i + 1) * bs, n)
-            if self.train and i == len(self) - 1 and n < bs:
-                stop = n  # fewer images than one batch: use them all
-            # this rank's contiguous slice of the global batch
-            lo = start + (stop - start) * self.rank // self.world_size
-            hi = start + (stop - start) * (self.rank + 1) // self.world_size
+            lo, hi = self._rank_slice(i)
             idx = order[lo:hi]
             x = self.images[idx]
             if aug is not None:
                 offsets, flips = aug[0][idx], aug[1][idx]
                 x = crop_flip(x, offsets[:, 0], offsets[:, 1], flips)
             yield self.normalize(x), self.labels[idx]
+
+
+    def _rank_slice(self, i):
+        """Positions [lo, hi) in the epoch's order of this rank's part of global batch i."""
+        n, bs = len(self.labels), self.batch_size
+        start, stop = i * bs, min((i + 1) * bs, n)
+        if self.train and i == len(self) - 1 and n < bs:
+            stop = n  # fewer images than one batch: use them all
+        # this rank's contiguous slice of the global batch
+        lo = start + (stop - start) * self.rank // self.world_size
+        hi = start + (stop - start) * (self.rank + 1) // self.world_size
+        return lo, hi
+
+    def rank_indices(self):
+        """The image indices this rank's passes over an evaluation loader yield, in order."""
+        if self.train:
+            raise ValueError('rank_indices is for evaluation loaders (a fixed order)')
+        return torch.cat([torch.arange(*self._rank_slice(i), device=self.device)
+                          for i in range(len(self))])
 
 
 class CifarImages:
@@ -278,20 +213,23 @@ def split_train_val(num_images, val_fraction, split_seed=0):
 
 def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0.1, seed=0,
                  subset=None, eval_batch_size=1000, channels_last=False, rank=0, world_size=1,
-                 download=True, arrays=None, split_seed=0):
-    """Train / validation / test loaders over CIFAR-10 held on `device`.
+                 download=True, arrays=None, split_seed=0, dataset='cifar10'):
+    """Train / validation / test loaders over a CIFAR dataset held on `device`.
 
+    dataset: a name from datasets.DATASETS (or a DatasetSpec): which files, and its mean/std.
     seed: order and augmentation; split_seed: which images are held out for validation.
     subset: use only the first N training and the first N test images.
     arrays: already-loaded (train_x, train_y, test_x, test_y), to skip reading the disk again.
     """
-    train_x, train_y, test_x, test_y = arrays if arrays is not None else load_cifar10(
-        data_dir, download)
+    spec = get_dataset(dataset)
+    train_x, train_y, test_x, test_y = arrays if arrays is not None else load_dataset(
+        data_dir, spec, download)
     if subset:
         train_x, train_y, test_x, test_y = (train_x[:subset], train_y[:subset],
                                             test_x[:subset], test_y[:subset])
     train_idx, val_idx = split_train_val(len(train_y), val_fraction, split_seed)
-    common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size)
+    common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size,
+                  mean=spec.mean, std=spec.std)
     train = CifarLoader(train_x[train_idx], train_y[train_idx], batch_size, True, seed=seed,
                         **common)
     val = (CifarLoader(train_x[val_idx], train_y[val_idx], eval_batch_size, False, **common)
@@ -326,16 +264,13 @@ def kd_loss_terms(student_logits, teacher_logits, labels, temperature=4.0, alpha
     alpha weights the hard labels (alpha=0.1 puts 0.9 on the teacher). The KL is summed over
     classes and averaged over samples; T^2 keeps its gradient on the scale of the CE term.
     The softmaxes run in float32 whatever the autocast dtype, and no gradient reaches the
-    teacher. Returns (loss, ce, kd) with kd the unweighted T^2 * KL term.
+    teacher. Returns (loss, ce, kd) with kd the unweighted T^2 * KL term. (losses.py holds this
+    loss with the others, as 'kd'.)
     """
-    t = float(temperature)
-    student_logits = student_logits.float()
-    teacher_logits = teacher_logits.detach().float()
-    ce = F.cross_entropy(student_logits, labels)
-    log_p_student = F.log_softmax(student_logits / t, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits / t, dim=1)
-    kd = F.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True) * t * t
-    return alpha * ce + (1 - alpha) * kd, ce, kd
+    from losses import kd_loss as registered_kd
+    loss, parts = registered_kd(student_logits.float(), teacher_logits.float(), labels,
+                                temperature=temperature, alpha=alpha)
+    return loss, parts['ce'], parts['kd']
 
 
 def kd_loss(student_logits, teacher_logits, labels, temperature=4.0, alpha=0.1):

@@ -149,4 +149,4 @@ def test_help_states_the_alpha_convention_and_defaults():
     assert r.returncode == 0
     text = ' '.join(r.stdout.split())
     assert 'alpha=0.1 puts 0.9 on the teacher' in text
-    assert '(default: 200)' in text and '(default: 128)' in text and '(default: 4.0)' in text
+    assert '(default: 200)' in text and '(default: 128)' in text and '(default: 4.0;' in text

@@ -163,11 +163,11 @@ def _train_and_evaluate(inputs, ddp, rank, world):
     model.load_state_dict(inputs['student'])
     model = model.to(memory_format=torch.channels_last).eval()
     _, val_labels = predict(model, data.val)
-    _, test_labels = predict(model, data.test)
+    test_logits, test_labels = predict(model, data.test)
     return {'models': {t.name: plain_state_dict(t.module) for t in trainees}, 'losses': losses,
             'eval': {'val_n': len(val_labels), 'test_n': len(test_labels),
                      'val_acc': evaluate(model, data.val), 'test_acc': evaluate(model, data.test),
-                     'test_labels': test_labels.sort().values}}
+                     'test_labels': test_labels, 'test_logits': test_logits}}
 
 
 def _worker(rank, world, init_file, inputs_path, out_dir):
@@ -239,7 +239,9 @@ def test_sharded_evaluation_covers_every_image_on_every_rank(equivalence):
         assert (got['val_n'], got['test_n']) == (6, 37), f'rank {r} evaluated only its shard'
         assert got['val_acc'] == pytest.approx(ref['val_acc'])
         assert got['test_acc'] == pytest.approx(ref['test_acc'])
+        # gathered back into dataset order: image i's logits are at row i on every rank
         assert torch.equal(got['test_labels'], ref['test_labels'])
+        assert torch.allclose(got['test_logits'], ref['test_logits'], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

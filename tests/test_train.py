@@ -50,8 +50,9 @@ def test_lockstep_step_feeds_both_students_the_same_batch_and_runs_the_teacher_o
     out = train_step(trainees, teacher, images, labels, recipe)
     assert len(calls) == 1
     assert torch.equal(seen[0], seen[1])
-    (loss_kd, ce_kd, kd_term, _), (loss_base, ce_base, none, _) = out
-    assert none is None and kd_term is not None
+    (loss_kd, parts_kd, _), (loss_base, parts_base, _) = out
+    ce_kd, kd_term, ce_base = parts_kd['ce'], parts_kd['kd'], parts_base['ce']
+    assert set(parts_kd) == {'ce', 'kd'} and set(parts_base) == {'ce'}
     assert loss_kd.item() == pytest.approx(0.1 * ce_kd.item() + 0.9 * kd_term.item(), rel=1e-5)
     # same start, same batch, same CE: the KD term alone made the students differ
     assert ce_kd.item() == pytest.approx(ce_base.item(), rel=1e-6)

@@ -1,0 +1,348 @@
+"""Whole processes side by side: `python main.py` against the reference way (bench/reference_kd.py).
+
+    python bench/cli_bench.py --data-dir DIR [--subset 5000] [--epochs 1] [--quick-subset 2000]
+        [--quick-epochs 3] [--repeats 1] [--json bench/cli_results.json] [--skip a b c]
+        [--device cpu]
+
+Every measurement is a fresh subprocess (run from the repository root with this interpreter),
+timed from its start to its exit in wall seconds: imports, data reading, training, evaluation
+and writing included. In one run, on the machine at hand:
+
+(a) main.py --epochs E --subset S --val-fraction 0 (KD + baseline students in lockstep) against
+    reference_kd.py --epochs E --subset S, both with the same randomly initialised TeacherNet
+    (seed 0) saved once by this script. main.py notes that this teacher has no run record: fine.
+(b) the quick run: main.py --epochs QE --subset Q (default --val-fraction) against
+    reference_kd.py --epochs QE --subset Q, both with a teacher trained first (not timed) by
+    `main.py --train-teacher --epochs 1 --subset Q` in its own folder, so its run record matches.
+(c) main.py --seeds 0 1 2 --epochs E --subset Q --no-baseline with that teacher: our time only,
+    and the lines of its output that mention the teacher's test logits.
+
+--repeats N runs each measurement N times, alternating ours / reference, and reports the median;
+speed-up = reference seconds / our seconds. For our runs the lines starting with 'precision'
+(also after '; ') or containing 'frozen' or 'images/s' are shown. The environment, including
+OMP_NUM_THREADS, is passed to every subprocess unchanged: unset, each process uses torch's own
+default thread count (the number of cores); set OMP_NUM_THREADS=1 for one thread. Everything
+(commands, seconds, speed-ups, CPU model, torch version, thread count, date) goes to --json, and
+a Markdown table ready for bench/RESULTS.md is printed at the end. All temporary folders live
+under one tempfile.mkdtemp() that is removed at the end.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = 'main.py'
+REFERENCE = os.path.join('bench', 'reference_kd.py')
+
+
+class RunFailed(Exception):
+    pass
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {value}')
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        epilog='Threads: OMP_NUM_THREADS is passed through unchanged; unset, torch uses its own '
+               'default (the number of cores) in every process.')
+    p.add_argument('--data-dir', required=True, help='folder holding cifar-10-batches-py')
+    p.add_argument('--subset', type=positive_int, default=5000,
+                   help='training and test images of (a) (default: 5000)')
+    p.add_argument('--epochs', type=positive_int, default=1,
+                   help='epochs of (a) and of each seed of (c) (default: 1)')
+    p.add_argument('--quick-subset', type=positive_int, default=2000,
+                   help='images of the quick run (b), its teacher and (c) (default: 2000)')
+    p.add_argument('--quick-epochs', type=positive_int, default=3,
+                   help='epochs of the quick run (b) (default: 3)')
+    p.add_argument('--repeats', type=positive_int, default=1,
+                   help='runs of each measurement, alternating ours / reference; the median is '
+                        'reported (default: 1)')
+    p.add_argument('--device', default='cpu',
+                   help='--device for main.py and reference_kd.py (default: cpu)')
+    p.add_argument('--json', default=os.path.join(ROOT, 'bench', 'cli_results.json'),
+                   help='where to write the results (default: bench/cli_results.json)')
+    p.add_argument('--skip', nargs='+', choices=('a', 'b', 'c'), default=[],
+                   help='measurements to leave out (default: none)')
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine
+
+def cpu_model():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info():
+    import torch
+    info = {'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
+            'omp_num_threads': os.environ.get('OMP_NUM_THREADS'),
+            'torch_threads': torch.get_num_threads(),
+            'torch': torch.__version__, 'python': platform.python_version(),
+            'executable': sys.executable}
+    try:
+        import torchvision
+        info['torchvision'] = torchvision.__version__
+    except ImportError:
+        info['torchvision'] = None
+    try:
+        info['load_average'] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def threads_text(machine):
+    omp = machine['omp_num_threads']
+    text = f'OMP_NUM_THREADS={omp}' if omp is not None else 'OMP_NUM_THREADS unset (torch default)'
+    return text + f", torch threads {machine['torch_threads']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and timing
+
+def display(cmd, tmp):
+    """The command as typed from the repository root, temporary folders shown as $TMP."""
+    text = ' '.join(shlex.quote(a) for a in ['python', *cmd[1:]])
+    return text.replace(tmp, '$TMP')
+
+
+def run_timed(cmd, tmp):
+    """Run cmd from the repository root; (wall seconds from start to exit, merged output)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=dict(os.environ))
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = '\n'.join(proc.stdout.splitlines()[-20:]).replace(tmp, '$TMP')
+        raise RunFailed(f'exit {proc.returncode} after {seconds:.1f}s: {display(cmd, tmp)}\n'
+                        f'{tail}')
+    return seconds, proc.stdout
+
+
+PRECISION = re.compile(r'(^|;\s*)precision\b', re.IGNORECASE)
+
+
+def our_lines(output):
+    """main.py's lines about precision, a frozen teacher or throughput."""
+    return [line.strip() for line in output.splitlines()
+            if PRECISION.search(line.strip()) or 'frozen' in line.lower()
+            or 'images/s' in line.lower()]
+
+
+def teacher_logits_lines(output):
+    return [line.strip() for line in output.splitlines()
+            if 'teacher' in line.lower() and 'logits' in line.lower()]
+
+
+def unique(lines):
+    return list(dict.fromkeys(lines))
+
+
+def measure(key, ways, repeats, tmp, log):
+    """ways: {'ours' | 'reference': function(out_dir) -> argv}; each run N times, alternating."""
+    entry = {name: {'commands': [], 'seconds': [], 'lines': [], 'teacher_logits_lines': []}
+             for name in ways}
+    for i in range(repeats):
+        for name, make in ways.items():
+            out_dir = os.path.join(tmp, f'{key}-{name}-{i + 1}')
+            cmd = make(out_dir)
+            seconds, output = run_timed(cmd, tmp)
+            rec = entry[name]
+            rec['commands'].append(display(cmd, tmp))
+            rec['seconds'].append(seconds)
+            if name == 'ours':
+                rec['lines'] = unique(rec['lines'] + our_lines(output))
+                rec['teacher_logits_lines'] = unique(rec['teacher_logits_lines']
+                                                     + teacher_logits_lines(output))
+            log(f'  ({key}) {name:<9} run {i + 1}/{repeats}: {seconds:8.1f} s')
+    for name, rec in entry.items():
+        rec['median'] = statistics.median(rec['seconds'])
+        rec['command'] = rec['commands'][0]
+        if name != 'ours':
+            del rec['lines'], rec['teacher_logits_lines']
+    if 'reference' in entry:
+        entry['speedup'] = entry['reference']['median'] / entry['ours']['median']
+    return entry
+
+
+def print_entry(entry, log):
+    ours = entry['ours']
+    if 'reference' in entry:
+        log(f"  ours {ours['median']:.1f} s, reference {entry['reference']['median']:.1f} s, "
+            f"speed-up {entry['speedup']:.2f}x (reference / ours)")
+    else:
+        log(f"  ours {ours['median']:.1f} s")
+    for line in ours['lines']:
+        log(f'    | {line}')
+    for line in ours.get('teacher_logits_lines', []):
+        log(f'    teacher logits | {line}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def markdown(results):
+    m, args = results['machine'], results['args']
+    seconds = results['total_seconds']
+    median = f"median of {args['repeats']} runs each, alternating ours / reference" \
+        if args['repeats'] > 1 else 'one run each'
+    out = [f"## Whole processes, main.py against the reference way ({results['date']})", '',
+           f"- Machine: CPU {m['cpu']} ({m['cpu_count']} logical cores), {threads_text(m)}, "
+           f"device {args['device']}; torch {m['torch']}, torchvision {m['torchvision']}, "
+           f"Python {m['python']}"
+           + (f"; load average {' '.join(str(x) for x in m['load_average'])} at the start"
+              if 'load_average' in m else ''),
+           f"- Command (repository root), {seconds:.0f} s in all:", '',
+           f"      {results['command']}", '',
+           f'- Each time is one fresh process from start to exit (wall seconds), {median}; '
+           f'speed-up = reference / ours.', '',
+           '| run | this project (s) | reference (s) | speed-up |', '|---|---:|---:|---:|']
+    labels = {
+        'a': f"(a) KD + baseline students, {args['epochs']} epoch(s), `--subset {args['subset']} "
+             f"--val-fraction 0`, random teacher",
+        'b': f"(b) quick run, {args['quick_epochs']} epoch(s), `--subset {args['quick_subset']}`, "
+             f"teacher trained with `--train-teacher --epochs 1`",
+        'c': f"(c) `--seeds 0 1 2 --epochs {args['epochs']} --subset {args['quick_subset']} "
+             f"--no-baseline`, same teacher",
+    }
+    runs = results['runs']
+    for key in ('a', 'b', 'c'):
+        if key not in runs:
+            continue
+        e = runs[key]
+        ref = e.get('reference')
+        out.append(f"| {labels[key]} | {e['ours']['median']:.1f} | "
+                   + (f"{ref['median']:.1f} | {e['speedup']:.2f}× |" if ref else '— | — |'))
+    notes = []
+    for key in ('a', 'b', 'c'):
+        if key in runs:
+            for line in runs[key]['ours']['lines']:
+                notes.append(f'- ({key}) `{line}`')
+    if 'c' in runs:
+        lines = runs['c']['ours']['teacher_logits_lines']
+        notes += [f'- (c) teacher logits: `{line}`' for line in lines] or \
+            ['- (c) no output line mentions the teacher\'s test logits']
+    if notes:
+        out += ['', 'Lines of our output (precision, frozen teacher, images/s):', ''] + notes
+    return '\n'.join(out)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    machine = machine_info()
+    omp = os.environ.get('OMP_NUM_THREADS')
+    command = (f'OMP_NUM_THREADS={shlex.quote(omp)} ' if omp is not None else '') + \
+        ' '.join(shlex.quote(a) for a in ['python', os.path.relpath(os.path.abspath(sys.argv[0]),
+                                                                     ROOT), *argv])
+    date = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+    results = {'date': date, 'machine': machine, 'command': command, 'args': vars(args),
+               'runs': {}}
+    log(f'date     {date}')
+    log(f"machine  CPU {machine['cpu']} ({machine['cpu_count']} logical cores), "
+        f"{threads_text(machine)}")
+    log(f"torch    {machine['torch']}, torchvision {machine['torchvision']}, "
+        f"python {machine['python']}")
+    log(f'command  {command}\n')
+
+    py, dev, data = sys.executable, args.device, args.data_dir
+    t_start = time.perf_counter()
+    tmp = tempfile.mkdtemp(prefix='cli_bench-')
+    code = 0
+    try:
+        if 'a' not in args.skip:
+            import torch
+            sys.path.insert(0, ROOT)
+            from models import TeacherNet
+            torch.manual_seed(0)
+            random_teacher = os.path.join(tmp, 'random_teacher.pth')
+            torch.save(TeacherNet().state_dict(), random_teacher)
+            size = ['--epochs', str(args.epochs), '--subset', str(args.subset)]
+            rest = ['--teacher-checkpoint', random_teacher, '--data-dir', data]
+            log(f'(a) KD + baseline, {args.epochs} epoch(s) of {args.subset} images, '
+                f'random teacher')
+            results['runs']['a'] = measure('a', {
+                'ours': lambda d: [py, MAIN, *size, '--val-fraction', '0', *rest,
+                                   '--out-dir', d, '--device', dev],
+                'reference': lambda d: [py, REFERENCE, *size, *rest, '--out-dir', d,
+                                        '--device', dev],
+            }, args.repeats, tmp, log)
+            print_entry(results['runs']['a'], log)
+
+        if 'b' not in args.skip or 'c' not in args.skip:
+            teacher_dir = os.path.join(tmp, 'teacher')
+            cmd = [py, MAIN, '--train-teacher', '--epochs', '1', '--subset',
+                   str(args.quick_subset), '--data-dir', data, '--out-dir', teacher_dir,
+                   '--device', dev]
+            log(f'\ntraining the teacher for (b) and (c) (not timed): {display(cmd, tmp)}')
+            seconds, _ = run_timed(cmd, tmp)
+            results['teacher_training'] = {'command': display(cmd, tmp), 'seconds': seconds}
+            teacher = os.path.join(teacher_dir, 'best_teacher.pth')
+            subset = ['--subset', str(args.quick_subset)]
+            rest = ['--teacher-checkpoint', teacher, '--data-dir', data]
+
+            if 'b' not in args.skip:
+                log(f'(b) quick run, {args.quick_epochs} epoch(s) of {args.quick_subset} images')
+                qe = ['--epochs', str(args.quick_epochs)]
+                results['runs']['b'] = measure('b', {
+                    'ours': lambda d: [py, MAIN, *qe, *subset, *rest, '--out-dir', d,
+                                       '--device', dev],
+                    'reference': lambda d: [py, REFERENCE, *qe, *subset, *rest, '--out-dir', d,
+                                            '--device', dev],
+                }, args.repeats, tmp, log)
+                print_entry(results['runs']['b'], log)
+
+            if 'c' not in args.skip:
+                log(f'(c) three seeds, KD student only, {args.epochs} epoch(s) of '
+                    f'{args.quick_subset} images')
+                results['runs']['c'] = measure('c', {
+                    'ours': lambda d: [py, MAIN, '--seeds', '0', '1', '2', '--epochs',
+                                       str(args.epochs), *subset, '--no-baseline', *rest,
+                                       '--out-dir', d, '--device', dev],
+                }, args.repeats, tmp, log)
+                print_entry(results['runs']['c'], log)
+    except RunFailed as e:
+        log(f'error: {e}')
+        results['error'] = str(e).replace(tmp, '$TMP')
+        code = 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        results['total_seconds'] = time.perf_counter() - t_start
+
+    if code == 0:
+        log('\n' + markdown(results))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, 'w') as f:
+        json.dump(results, f, indent=2)
+        f.write('\n')
+    log(f'\nwrote {args.json}')
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Speed choices made by measuring on the machine at hand, never from a CPU flag.
+
+- The precision of each network on a CPU: fp32 and bf16 are timed on the run's batch shape,
+  and the faster one trains (a CPU may report bf16 instructions and still run bf16 slower).
+- The teacher's inference form during the students' phase: its weights never change there, so
+  each BatchNorm that follows a convolution is folded into it (same outputs, fewer passes over
+  memory), and for long runs an Inductor-compiled, frozen graph is tried and kept only when it
+  measures faster and its compile time is repaid by the forwards ahead.
+"""
+import copy
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
+PROBE_SLOWDOWN_LIMIT = 2.0   # a precision this much slower on the probe is not timed further
+COMPILE_WORTH_SECONDS = 600  # try compiling the teacher only when its forwards take longer
+
+
+def _autocast(device, dtype):
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _seconds(fn, repeats):
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def _step_fn(model, images, labels, dtype, training):
+    """One forward (inference) or forward + backward (training) of model in dtype."""
+    device = images.device
+    if not training:
+        def step():
+            with torch.inference_mode(), _autocast(device, dtype):
+                model(images)
+        return step
+
+    def step():
+        with _autocast(device, dtype):
+            loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def measure_precisions(model, batch_shape, device, training, num_classes=10):
+    """Images/s of `model` in fp32 and in bf16 on random images of batch_shape.
+
+    Runs on a copy, so the model and its BatchNorm statistics are untouched. Each precision is
+    first run once on a quarter batch (its warm-up, timed as a probe); one more than
+    PROBE_SLOWDOWN_LIMIT times slower than the best there is not run on the whole batch
+    (emulated bf16 can be 10x slower, and a whole teacher batch then costs a minute), and its
+    probe rate is its figure. Returns {'fp32': images/s, 'bf16': images/s}.
+    """
+    model = copy.deepcopy(model).to(device, memory_format=torch.channels_last)
+    model.train(training)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_shape, generator=gen).to(device).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.randint(0, num_classes, (batch_shape[0],), generator=gen).to(device)
+    quarter = max(1, batch_shape[0] // 4)
+    probe = {name: _seconds(_step_fn(model, images[:quarter], labels[:quarter], dtype, training),
+                            1) for name, dtype in PRECISIONS.items()}
+    close = [n for n in PRECISIONS if probe[n] <= PROBE_SLOWDOWN_LIMIT * min(probe.values())]
+    rates = {name: round(quarter / seconds, 1) for name, seconds in probe.items()}
+    if len(close) > 1:  # a real contest: time the whole batch
+        for name in close:
+            step = _step_fn(model, images, labels, PRECISIONS[name], training)
+            rates[name] = round(batch_shape[0] / _seconds(step, 1), 1)
+    return rates
+
+
+def faster_precision(rates):
+    """The dtype with the higher images/s (fp32 on a tie)."""
+    name = max(rates, key=lambda n: (rates[n], n == 'fp32'))
+    return PRECISIONS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen teacher
+
+class _Tracer(fx.Tracer):
+    """Traces through the project's modules but keeps each nn.Linear subclass whole (the
+    classifier runs its own autocast context, which symbolic tracing cannot follow)."""
+
+    def is_leaf_module(self, module, qualified_name):
+        return isinstance(module, nn.Linear) or super().is_leaf_module(module, qualified_name)
+
+
+def fold_batchnorm(model):
+    """A copy of `model` for inference with every BatchNorm2d that directly follows a Conv2d
+    folded into that convolution's weights and bias.
+
+    conv -> BN computes gamma * (W x + b - mean) / sqrt(var + eps) + beta, itself a convolution
+    with weights W * gamma / sqrt(var + eps): one pass over the activations instead of two.
+    Other layers are kept as they are. The copy is in eval mode and holds no gradients.
+    """
+    model = copy.deepcopy(model).eval()
+    graph_module = fx.GraphModule(model, _Tracer().trace(model))
+    modules = dict(graph_module.named_modules())
+    for node in list(graph_module.graph.nodes):
+        if node.op != 'call_module' or type(modules[node.target]) is not nn.BatchNorm2d:
+            continue
+        conv_node = node.args[0]
+        if not (isinstance(conv_node, fx.Node) and conv_node.op == 'call_module'
+                and type(modules[conv_node.target]) is nn.Conv2d and len(conv_node.users) == 1):
+            continue
+        fused = fuse_conv_bn_eval(modules[conv_node.target], modules[node.target])
+        parent, _, name = conv_node.target.rpartition('.')
+        setattr(graph_module.get_submodule(parent) if parent else graph_module, name, fused)
+        node.replace_all_uses_with(conv_node)
+        graph_module.graph.erase_node(node)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    for p in graph_module.parameters():
+        p.requires_grad_(False)
+    return graph_module
+
+
+def outputs_match(a, b, tolerance):
+    """Equal up to tolerance relative to the logits' scale (a deep net's can be in the hundreds)."""
+    return bool((a - b).abs().max() <= tolerance * max(1.0, a.abs().max().item()))
+
+
+def compile_frozen(model):
+    """torch.compile for inference with Inductor's freezing (constants folded into the graph)."""
+    return torch.compile(model, options={'freezing': True})
+
+
+def fastest_teacher(teacher, batch_shape, device, precision, forwards_ahead, log=print):
+    """The teacher in the fastest inference form measured here, and a record of the choice.
+
+    Candidates: eager and BatchNorm-folded (timed on a quarter batch after a warm-up), and,
+    only when the forwards ahead would take longer than COMPILE_WORTH_SECONDS, the best of those
+    compiled with Inductor's freezing, kept if its compile time plus its forwards beat the
+    others' forwards. Each candidate's outputs are checked against eager before it is used.
+    """
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_shape, generator=gen).to(device).contiguous(
+        memory_format=torch.channels_last)
+    quarter = images[:max(1, batch_shape[0] // 4)]
+
+    def forward(model, x):
+        with torch.inference_mode(), _autocast(device, precision):
+            return model(x).float()
+
+    reference = forward(teacher, quarter)  # also eager's warm-up
+    tolerance = 1e-3 if precision is None else 5e-2
+    candidates = {'eager': teacher}
+    try:
+        folded = fold_batchnorm(teacher).to(device, memory_format=torch.channels_last)
+        if outputs_match(reference, forward(folded, quarter), tolerance):
+            candidates['folded'] = folded
+        else:
+            log('teacher: the folded form does not reproduce the eager outputs; not used')
+    except Exception as e:  # a model fx cannot trace stays eager
+        log(f'teacher: BatchNorm folding is not possible for this model ({type(e).__name__})')
+    scale = batch_shape[0] / len(quarter)
+    seconds = {name: scale * _seconds(lambda m=model: forward(m, quarter), 1)
+               for name, model in candidates.items()}
+    best = min(seconds, key=seconds.get)
+    record = {'estimated_forward_seconds': round(forwards_ahead * seconds[best], 1)}
+    if forwards_ahead * seconds[best] > COMPILE_WORTH_SECONDS:
+        start = time.perf_counter()
+        try:
+            compiled = compile_frozen(candidates[best])
+            forward(compiled, images)  # compiles
+            record['compile_seconds'] = round(time.perf_counter() - start, 1)
+            forward(compiled, images)
+            seconds['compiled'] = _seconds(lambda: forward(compiled, images), 1)
+            close = outputs_match(reference, forward(compiled, quarter), tolerance)
+            saving = forwards_ahead * (seconds[best] - seconds['compiled'])
+            if close and saving > record['compile_seconds']:
+                candidates['compiled'], best = compiled, 'compiled'
+        except Exception as e:  # no compiler toolchain, an unsupported op: stay eager
+            record['compile_error'] = f'{type(e).__name__}: {str(e)[:200]}'
+    record['seconds_per_batch'] = {k: round(v, 4) for k, v in seconds.items()}
+    record['chosen'] = best
+    return candidates[best], record

@@ -122,6 +122,10 @@ def build_parser():
       help='mixed precision: --amp forces bf16 autocast (fp16 on GPUs without native bf16), '
            '--no-amp float32. Auto: bf16 on GPUs that have it, fp16 on older ones; on a CPU '
            'fp32 and bf16 are timed at start-up and the faster one is used (default: auto)')
+    a('--stack-students', choices=('auto', 'on', 'off'), default='auto',
+      help='train students of one architecture as one batched computation (torch.func.vmap; '
+           'results equal the one-by-one loop within float rounding). auto: on CUDA, when it '
+           'measures faster at start-up (default: auto)')
     a('--compile', action='store_true', help='torch.compile the models (default: off)')
     a('--resume', action='store_true',
       help='continue the unfinished run whose state (last_<phase>.pt) is in --out-dir '

@@ -451,6 +451,7 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
         'wall_seconds': {str(s): v.get('wall_seconds') for s, v in summaries.items()},
         # the duration printed early in the run, to compare with the actual one
         'estimate': {str(s): v.get('estimate') for s, v in summaries.items()},
+        'peak_memory_mb': max((v.get('peak_memory_mb') or 0) for v in summaries.values()),
         'folders': curve_dirs[phase]}
     results['config'] = config
     results['run'] = {'data_dir': os.path.abspath(run_info['data_dir']),

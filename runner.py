@@ -214,6 +214,65 @@ def decide_precisions(specs, device, args, dist, batch_shape, teacher, saved, lo
             chosen.get(('teacher', False)), measured)
 
 
+def bytes_per_student(arch, num_classes, batch_shape):
+    """About how much memory one student takes while training: weights, gradients and momentum
+    (3 copies of the parameters) plus the activations autograd keeps for one batch (every
+    layer's output, in float32: an upper bound under autocast)."""
+    import torch
+    from models import build_model
+    model = build_model(arch, num_classes=num_classes)
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel()))
+             for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model.eval()(torch.zeros((1,) + tuple(batch_shape[1:])))
+    for h in hooks:
+        h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    return 4 * (3 * params + sum(outputs) * batch_shape[0])
+
+
+def available_bytes(device):
+    """Free memory on the device: the GPU's free memory, or the machine's available RAM."""
+    import torch
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
+def check_memory(specs, device, args, batch_shape, log):
+    """Say how much memory the students need; refuse, before training, a grid that cannot fit,
+    with the number of students that can. Returns the estimate in bytes."""
+    per_student = bytes_per_student(specs[0].arch, args.num_classes, batch_shape)
+    free = available_bytes(device)
+    need = per_student * len(specs)
+    log(f'memory: about {per_student / 2**20:.0f} MB per model, {need / 2**20:.0f} MB for '
+        f'{len(specs)}; {free / 2**20:.0f} MB free on {device.type}')
+    if need > 0.9 * free:
+        fits = max(0, int(0.9 * free // per_student))
+        raise UsageError(f'{len(specs)} models of {specs[0].arch} need about {need / 2**30:.1f} '
+                         f'GB, but {device.type} has {free / 2**30:.1f} GB free: it holds about '
+                         f'{fits}. Use fewer --loss / --temperature / --alpha values, or a '
+                         f'smaller --batch-size.')
+    return need
+
+
+def peak_memory_mb(device):
+    """The process's peak memory so far: the GPU's allocations, or the resident set size."""
+    import resource
+    import torch
+    if device.type == 'cuda':
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def make_trainees(specs, recipe, device, precisions, args, dist, seed):
     """The trainees of one seed. Students start from identical weights: differences between
     them come from their losses alone."""
@@ -233,6 +292,35 @@ def make_trainees(specs, recipe, device, precisions, args, dist, seed):
                                 precisions[spec.name], ddp=dist.enabled,
                                 compile_model=args.compile, loss_params=spec.params))
     return trainees
+
+
+def decide_stacking(trainees, args, device, dist, teacher, teacher_precision, recipe,
+                    batch_shape, log):
+    """(train the students as one vmapped stack?, record). --stack-students on / off decide;
+    auto stacks on CUDA when a few timed steps of both ways say the stack is faster."""
+    import torch
+    from stacked import stacking_problem, time_both
+    if args.stack_students == 'off' or len(trainees) < 2:
+        return False, {'mode': args.stack_students, 'stacked': False}
+    problem = stacking_problem(trainees, dist.enabled, args.compile)
+    if problem:
+        if args.stack_students == 'on':
+            log(f'students: not stacked ({problem}); they train one after another')
+        return False, {'mode': args.stack_students, 'stacked': False, 'why_not': problem}
+    if args.stack_students == 'on':
+        return True, {'mode': 'on', 'stacked': True}
+    if device.type != 'cuda':
+        return False, {'mode': 'auto', 'stacked': False, 'why_not': 'auto stacks on CUDA only'}
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_shape, generator=gen).to(device).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.randint(0, args.num_classes, (batch_shape[0],), generator=gen).to(device)
+    seconds = time_both(trainees, recipe, teacher, images, labels, teacher_precision)
+    stacked = seconds['stacked'] < seconds['loop']
+    log(f"students: {len(trainees)} in a loop {seconds['loop'] * 1e3:.1f} ms per step, stacked "
+        f"{seconds['stacked'] * 1e3:.1f} ms -> {'stacked' if stacked else 'loop'}")
+    return stacked, {'mode': 'auto', 'stacked': stacked,
+                     'seconds_per_step': {k: round(v, 5) for k, v in seconds.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +349,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
 
     data = loaders(seeds[0])
     batch_shape = (args.batch_size // dist.world_size, 3, 32, 32)
+    memory_estimate = check_memory(specs, device, args, batch_shape, main_log)
     precisions, teacher_precision, measured = decide_precisions(
         specs, device, args, dist, batch_shape, teacher,
         saved_precisions(phase, dirs, args), main_log)
@@ -270,7 +359,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         'split_seed', 'subset', 'test_every', 'data_dir', 'out_dir', 'compile', 'amp')}
     base_config.update(device=str(device), world_size=dist.world_size,
                        precision={n: precision_name(p) for n, p in precisions.items()},
-                       precision_measured=measured, val_images_sha256=data.val_fingerprint())
+                       precision_measured=measured, val_images_sha256=data.val_fingerprint(),
+                       memory_estimate_mb=round(memory_estimate / 2**20, 1))
     teacher_logits, teacher_form = None, None
     if phase == 'teacher':
         base_config['teacher_arch'] = specs[0].arch
@@ -309,6 +399,12 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             os.makedirs(dirs[seed], exist_ok=True)
         data = data if index == 0 else loaders(seed)
         trainees = make_trainees(specs, recipe, device, precisions, args, dist, seed)
+        if index == 0:
+            stacked, base_config['stacking'] = decide_stacking(
+                trainees, args, device, dist, teacher, teacher_precision, recipe, batch_shape,
+                main_log)
+            for config in configs.values():
+                config['stacking'] = base_config['stacking']
         main_log(f'[{phase}, seed {seed}] {data.num_train} training, {data.num_val} validation, '
                  f'{data.num_test} test images; {len(data.train)} steps per epoch; '
                  f'{len(trainees)} model(s), precision '
@@ -323,8 +419,10 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             teacher_precision=teacher_precision, config=configs[seed],
             resume_state=states.get(seed), stop=stop, dist=dist, log=main_log,
             epoch_callback=callback, test_every=args.test_every,
-            teacher_test_logits=teacher_logits, runs_ahead=len(seeds) - index)
+            teacher_test_logits=teacher_logits, runs_ahead=len(seeds) - index,
+            stacked=stacked)
         summaries[seed]['wall_seconds'] = round(time.time() - seed_start, 2)
+        summaries[seed]['peak_memory_mb'] = peak_memory_mb(device)
         test_logits = summaries[seed].pop('test_logits')
         for spec in specs:
             summaries[seed]['models'][spec.name]['arch'] = spec.arch
@@ -454,6 +552,27 @@ def evaluate_checkpoints(args, device, arrays, log):
 # ---------------------------------------------------------------------------------------------
 # A whole invocation
 
+def rerun_command(models, args):
+    """For a grid: the setting best on validation and the command that confirms it over seeds."""
+    from report import ranked_students
+    distilled = [n for n in ranked_students(models) if n not in ('student_base', 'student_kd')]
+    if len(distilled) < 2:
+        return None
+    best = models[distilled[0]]
+    params = best.get('loss_params') or {}
+    flags = ['--loss', best['loss']] + [x for k in ('temperature', 'alpha') if k in params
+                                        for x in (f'--{k}', f'{params[k]:g}')]
+    keep = ['--dataset', args.dataset, '--epochs', str(args.epochs)] + \
+        (['--subset', str(args.subset)] if args.subset else []) + \
+        (['--student-arch', args.student_arch] if args.student_arch else []) + \
+        (['--data-dir', args.data_dir] if args.data_dir != './data' else []) + \
+        ['--teacher-checkpoint', args.teacher_checkpoint,
+         '--out-dir', os.path.join(args.out_dir, distilled[0])]
+    return (f"Best on validation: {distilled[0]} ({best.get('best_val_acc', 0):.2f}%). Confirm it "
+            f"over seeds, paired with the baseline: python main.py "
+            + ' '.join(shlex.quote(a) for a in flags + keep + ['--seeds', '0', '1', '2', '3', '4']))
+
+
 def check_split(args, num_train_images):
     """Refuse a --val-fraction that leaves no image on one side, before anything is written."""
     from utils import split_train_val
@@ -536,10 +655,14 @@ def run(args, log=print):
     if dist.is_main:
         results = write_results(args.out_dir, phase, summaries, config, run_info(args, device),
                                 {phase: list(dirs.values())}, log)
-        log(f'\nFinished the {phase} phase in {time.time() - start:.0f}s; results in '
+        log(f'\nFinished the {phase} phase in {time.time() - start:.0f}s (peak memory '
+            f'{results["phases"][phase]["peak_memory_mb"]:.0f} MB); results in '
             f'{os.path.join(args.out_dir, "results.json")} and results.md')
         print_table(results['models'], log)
         if phase == 'students':
             for line in describe_gains(results):
                 log(line)
+            chosen = rerun_command(results['models'], args)
+            if chosen:
+                log(chosen)
     return 0

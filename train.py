@@ -220,6 +220,27 @@ def train_step(trainees, teacher, images, labels, recipe=None, teacher_precision
     return results
 
 
+def train_step_stacked(stack, teacher, images, labels, teacher_precision=None, epoch=1):
+    """train_step for a stacked.StudentStack: one vmapped forward and backward for all students,
+    each with its own loss; returns a StepResult per trainee, as train_step does."""
+    trainees = stack.trainees
+    teacher_logits = None
+    if any(t.loss.uses_teacher for t in trainees):
+        teacher_logits = teacher_forward(teacher, images, teacher_precision)
+    with autocast(images.device, trainees[0].precision):
+        logits = stack.forward(images)
+    total, results = 0.0, []
+    for i, t in enumerate(trainees):
+        loss, parts = t.compute_loss(logits[i], teacher_logits, labels, epoch)
+        total = total + loss
+        results.append(StepResult(loss.detach(), {k: v.detach() for k, v in parts.items()},
+                                  (logits[i].detach().argmax(1) == labels).sum()))
+    stack.optimizer.zero_grad(set_to_none=True)
+    total.backward()  # student i's weights get the gradient of its own loss only
+    stack.optimizer.step()
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -380,7 +401,7 @@ def restore_state(state, trainees, device):
 
 
 def train_epoch(trainees, data, recipe, epoch, progress, sums, *, teacher, teacher_precision,
-                stop, multi_process, bar, on_step=None):
+                stop, multi_process, bar, on_step=None, stack=None):
     """The batches of one epoch (from progress.batch on). Returns (last lr, images seen).
 
     Raises TrainingInterrupted (after the caller-visible sums are complete) on a stop request.
@@ -396,11 +417,16 @@ def train_epoch(trainees, data, recipe, epoch, progress, sums, *, teacher, teach
                 and any_rank(stop.requested):
             raise _StopAt(batch_index, lr, images_seen)
         lr = lr_at(epoch * steps_per_epoch + batch_index, total_steps, n_warmup, recipe.lr)
-        for t in trainees:
-            for group in t.optimizer.param_groups:
-                group['lr'] = lr
-        out = train_step(trainees, teacher, images, labels, recipe, teacher_precision,
-                         epoch=epoch + 1)
+        if stack is not None:
+            stack.set_lr(lr)
+            out = train_step_stacked(stack, teacher, images, labels, teacher_precision,
+                                     epoch=epoch + 1)
+        else:
+            for t in trainees:
+                for group in t.optimizer.param_groups:
+                    group['lr'] = lr
+            out = train_step(trainees, teacher, images, labels, recipe, teacher_precision,
+                             epoch=epoch + 1)
         for t, result in zip(trainees, out):
             sums.add(t.name, batch_index, result, len(labels))
         images_seen += len(labels)
@@ -445,14 +471,15 @@ def evaluate_epoch(trainees, data, epoch, epochs, progress, run_dir, *, test_eve
 def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
                 teacher_precision=None, config=None, resume_state=None, stop=None, dist=None,
                 log=print, progress=True, epoch_callback=None, test_every=1,
-                teacher_test_logits=None, runs_ahead=1):
+                teacher_test_logits=None, runs_ahead=1, stacked=False):
     """Train `trainees` for recipe.epochs; write best_<name>.pth, log_<name>.csv, last_<phase>.pt.
 
     Selection: the epoch with the best validation accuracy (data.val), or the last epoch when
     there is no validation split. The test set is only reported, from the logits of the
     selected epoch. teacher_test_logits (students' phase): the teacher's test-set logits, for
     agreement; runs_ahead: how many runs like this one the invocation still has (the time
-    estimate covers them). Returns a summary per model.
+    estimate covers them); stacked: train the students as one vmapped computation
+    (stacked.StudentStack). Returns a summary per model.
     """
     is_main = dist is None or dist.is_main
     multi_process = dist is not None and dist.enabled
@@ -466,6 +493,10 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     for t in trainees:
         prog.history.setdefault(t.name, [])
     steps_per_epoch = len(data.train)
+    stack = None
+    if stacked:
+        from stacked import StudentStack
+        stack = StudentStack(trainees, recipe)  # after the resume: it starts from its state
     timer = _Estimator(phase, recipe.epochs, steps_per_epoch, data, trainees, test_every,
                        runs_ahead, device, log) if prog.estimate is None else None
 
@@ -486,9 +517,11 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
             lr, images_seen = train_epoch(trainees, data, recipe, epoch, prog, sums,
                                           teacher=teacher, teacher_precision=teacher_precision,
                                           stop=stop, multi_process=multi_process, bar=bar,
-                                          on_step=on_step)
+                                          on_step=on_step, stack=stack)
         except _StopAt as s:
             bar.close()
+            if stack is not None:
+                stack.write_back()
             prog.elapsed += time.time() - t0
             sums.all_reduce()  # the saved partial epoch covers every rank
             prog.batch, prog.partial = s.batch_index, sums.to_dicts()
@@ -496,6 +529,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
             save()
             raise TrainingInterrupted(stop.signum or signal.SIGTERM, state_path) from None
         bar.close()
+        if stack is not None:  # evaluation and checkpoints read the trainees' modules
+            stack.write_back()
         if timer is not None and timer.estimate is not None:
             prog.estimate, timer = timer.estimate, None
         sums.all_reduce()
@@ -515,8 +550,6 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
                           fields)
         prog.epoch, prog.batch, prog.partial = epoch + 1, 0, None
         prog.elapsed += time.time() - t0
-        if timer is not None and prog.epoch == recipe.epochs:  # a run too short to estimate
-            timer = None
         save()
         log(format_epoch_line(phase, epoch + 1, recipe.epochs, lr, trainees, prog.history,
                               train_seconds, row_common['images_per_s']))

@@ -14,8 +14,13 @@ and writing included. In one run, on the machine at hand:
 (b) the quick run: main.py --epochs QE --subset Q (default --val-fraction) against
     reference_kd.py --epochs QE --subset Q, both with a teacher trained first (not timed) by
     `main.py --train-teacher --epochs 1 --subset Q` in its own folder, so its run record matches.
-(c) main.py --seeds 0 1 2 --epochs E --subset Q --no-baseline with that teacher: our time only,
-    and the lines of its output that mention the teacher's test logits.
+(c) main.py --seeds 0 1 2 --epochs E --subset Q --no-baseline with that teacher, against the
+    same command with a copy of the teacher that has no stored test-set logits (so one teacher
+    pass over the test images is paid; the code before them paid one per seed and more).
+(d) a grid in one run, main.py --temperature 2 4 8 --alpha 0.1 0.5 --epochs E --subset S
+    --val-fraction 0 (6 KD students and the baseline, one teacher forward per batch), against
+    the 6 separate runs a user makes without it (--temperature T --alpha A, each with its
+    baseline), with the random teacher of (a); the separate runs' seconds are summed.
 
 --repeats N runs each measurement N times, alternating ours / reference, and reports the median;
 speed-up = reference seconds / our seconds. For our runs the lines starting with 'precision'
@@ -77,7 +82,7 @@ def parse_args(argv=None):
                    help='--device for main.py and reference_kd.py (default: cpu)')
     p.add_argument('--json', default=os.path.join(ROOT, 'bench', 'cli_results.json'),
                    help='where to write the results (default: bench/cli_results.json)')
-    p.add_argument('--skip', nargs='+', choices=('a', 'b', 'c'), default=[],
+    p.add_argument('--skip', nargs='+', choices=('a', 'b', 'c', 'd'), default=[],
                    help='measurements to leave out (default: none)')
     return p.parse_args(argv)
 
@@ -163,16 +168,22 @@ def unique(lines):
 
 
 def measure(key, ways, repeats, tmp, log):
-    """ways: {'ours' | 'reference': function(out_dir) -> argv}; each run N times, alternating."""
+    """ways: {name: function(out_dir) -> argv, or a list of argvs run one after the other and
+    timed together}; each run N times, alternating; the first way is ours."""
     entry = {name: {'commands': [], 'seconds': [], 'lines': [], 'teacher_logits_lines': []}
              for name in ways}
     for i in range(repeats):
         for name, make in ways.items():
             out_dir = os.path.join(tmp, f'{key}-{name}-{i + 1}')
-            cmd = make(out_dir)
-            seconds, output = run_timed(cmd, tmp)
+            cmds = make(out_dir)
+            cmds = cmds if isinstance(cmds[0], list) else [cmds]
+            seconds, output = 0.0, ''
+            for i_cmd, cmd in enumerate(cmds):
+                s, o = run_timed(cmd + (['--out-dir', f'{out_dir}-{i_cmd}'] if len(cmds) > 1
+                                        else []), tmp)
+                seconds, output = seconds + s, output + o
             rec = entry[name]
-            rec['commands'].append(display(cmd, tmp))
+            rec['commands'].append(' && '.join(display(c, tmp) for c in cmds))
             rec['seconds'].append(seconds)
             if name == 'ours':
                 rec['lines'] = unique(rec['lines'] + our_lines(output))
@@ -184,16 +195,18 @@ def measure(key, ways, repeats, tmp, log):
         rec['command'] = rec['commands'][0]
         if name != 'ours':
             del rec['lines'], rec['teacher_logits_lines']
-    if 'reference' in entry:
-        entry['speedup'] = entry['reference']['median'] / entry['ours']['median']
+    other = [n for n in ways if n != 'ours']
+    if other:
+        entry['speedup'] = entry[other[0]]['median'] / entry['ours']['median']
     return entry
 
 
 def print_entry(entry, log):
     ours = entry['ours']
-    if 'reference' in entry:
-        log(f"  ours {ours['median']:.1f} s, reference {entry['reference']['median']:.1f} s, "
-            f"speed-up {entry['speedup']:.2f}x (reference / ours)")
+    other = [n for n in entry if n not in ('ours', 'speedup')]
+    if other:
+        log(f"  ours {ours['median']:.1f} s, {other[0]} {entry[other[0]]['median']:.1f} s, "
+            f"speed-up {entry['speedup']:.2f}x ({other[0]} / ours)")
     else:
         log(f"  ours {ours['median']:.1f} s")
     for line in ours['lines']:
@@ -220,25 +233,29 @@ def markdown(results):
            f"      {results['command']}", '',
            f'- Each time is one fresh process from start to exit (wall seconds), {median}; '
            f'speed-up = reference / ours.', '',
-           '| run | this project (s) | reference (s) | speed-up |', '|---|---:|---:|---:|']
+           '| run | this project (s) | the other way (s) | speed-up |', '|---|---:|---:|---:|']
     labels = {
         'a': f"(a) KD + baseline students, {args['epochs']} epoch(s), `--subset {args['subset']} "
              f"--val-fraction 0`, random teacher",
         'b': f"(b) quick run, {args['quick_epochs']} epoch(s), `--subset {args['quick_subset']}`, "
              f"teacher trained with `--train-teacher --epochs 1`",
         'c': f"(c) `--seeds 0 1 2 --epochs {args['epochs']} --subset {args['quick_subset']} "
-             f"--no-baseline`, same teacher",
+             f"--no-baseline`, same teacher; the other way: a copy without stored test logits",
+        'd': f"(d) grid of 6 KD students (T 2 4 8 × α 0.1 0.5) + baseline in one run, "
+             f"{args['epochs']} epoch(s), `--subset {args['subset']} --val-fraction 0`; the other "
+             f"way: 6 separate runs, each with its baseline",
     }
     runs = results['runs']
-    for key in ('a', 'b', 'c'):
+    for key in ('a', 'b', 'c', 'd'):
         if key not in runs:
             continue
         e = runs[key]
-        ref = e.get('reference')
+        other = [n for n in e if n not in ('ours', 'speedup')]
+        ref = e[other[0]] if other else None
         out.append(f"| {labels[key]} | {e['ours']['median']:.1f} | "
                    + (f"{ref['median']:.1f} | {e['speedup']:.2f}× |" if ref else '— | — |'))
     notes = []
-    for key in ('a', 'b', 'c'):
+    for key in ('a', 'b', 'c', 'd'):
         if key in runs:
             for line in runs[key]['ours']['lines']:
                 notes.append(f'- ({key}) `{line}`')
@@ -275,14 +292,14 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix='cli_bench-')
     code = 0
     try:
+        import torch
+        sys.path.insert(0, ROOT)
+        from models import TeacherNet
+        torch.manual_seed(0)
+        random_teacher = os.path.join(tmp, 'random_teacher.pth')
+        torch.save(TeacherNet().state_dict(), random_teacher)
+        size = ['--epochs', str(args.epochs), '--subset', str(args.subset)]
         if 'a' not in args.skip:
-            import torch
-            sys.path.insert(0, ROOT)
-            from models import TeacherNet
-            torch.manual_seed(0)
-            random_teacher = os.path.join(tmp, 'random_teacher.pth')
-            torch.save(TeacherNet().state_dict(), random_teacher)
-            size = ['--epochs', str(args.epochs), '--subset', str(args.subset)]
             rest = ['--teacher-checkpoint', random_teacher, '--data-dir', data]
             log(f'(a) KD + baseline, {args.epochs} epoch(s) of {args.subset} images, '
                 f'random teacher')
@@ -320,12 +337,34 @@ def main(argv=None):
             if 'c' not in args.skip:
                 log(f'(c) three seeds, KD student only, {args.epochs} epoch(s) of '
                     f'{args.quick_subset} images')
+                bare = os.path.join(tmp, 'teacher-without-logits')
+                os.makedirs(bare)
+                for name in ('best_teacher.pth', 'best_teacher.json'):
+                    shutil.copy(os.path.join(teacher_dir, name), bare)
+                seeds = ['--seeds', '0', '1', '2', '--epochs', str(args.epochs), *subset,
+                         '--no-baseline', '--data-dir', data, '--device', dev]
                 results['runs']['c'] = measure('c', {
-                    'ours': lambda d: [py, MAIN, '--seeds', '0', '1', '2', '--epochs',
-                                       str(args.epochs), *subset, '--no-baseline', *rest,
-                                       '--out-dir', d, '--device', dev],
+                    'ours': lambda d: [py, MAIN, *seeds, '--teacher-checkpoint', teacher,
+                                       '--out-dir', d],
+                    'without stored logits': lambda d: [
+                        py, MAIN, *seeds, '--teacher-checkpoint',
+                        os.path.join(bare, 'best_teacher.pth'), '--out-dir', d],
                 }, args.repeats, tmp, log)
                 print_entry(results['runs']['c'], log)
+
+        if 'd' not in args.skip:
+            log(f'(d) a grid of 6 KD students + baseline in one run against 6 separate runs, '
+                f'{args.epochs} epoch(s) of {args.subset} images')
+            common = [*size, '--val-fraction', '0', '--teacher-checkpoint', random_teacher,
+                      '--data-dir', data, '--device', dev]
+            settings = [(t, a) for t in ('2', '4', '8') for a in ('0.1', '0.5')]
+            results['runs']['d'] = measure('d', {
+                'ours': lambda d: [py, MAIN, *common, '--temperature', '2', '4', '8',
+                                   '--alpha', '0.1', '0.5', '--out-dir', d],
+                'separate runs': lambda d: [[py, MAIN, *common, '--temperature', t, '--alpha', a]
+                                            for t, a in settings],
+            }, args.repeats, tmp, log)
+            print_entry(results['runs']['d'], log)
     except RunFailed as e:
         log(f'error: {e}')
         results['error'] = str(e).replace(tmp, '$TMP')

@@ -39,16 +39,20 @@ def test_cli_bench_times_both_ways(cifar_dir, tmp_path):
     scratch = tmp_path / 'scratch'  # TMPDIR: where the bench's mkdtemp folder goes
     scratch.mkdir()
     proc = run_script('cli_bench.py', '--data-dir', cifar_dir, '--subset', 64, '--epochs', 1,
-                      '--quick-subset', 64, '--quick-epochs', 1,
+                      '--quick-subset', 64, '--quick-epochs', 1, '--skip', 'd',
                       '--json', results_path, env={'TMPDIR': str(scratch)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(results_path) as f:
         results = json.load(f)
     assert set(results['runs']) == {'a', 'b', 'c'}
     seeds = results['runs']['c']
-    assert seeds['ours']['median'] > 0 and 'reference' not in seeds and 'speedup' not in seeds
+    assert seeds['ours']['median'] > 0 and seeds['without stored logits']['median'] > 0
+    assert seeds['speedup'] == pytest.approx(seeds['without stored logits']['median']
+                                             / seeds['ours']['median'])
     assert '--seeds 0 1 2' in seeds['ours']['command']
-    assert isinstance(seeds['ours']['teacher_logits_lines'], list)
+    # with the stored logits the teacher's test pass is skipped; without them it runs once
+    assert any('reused from' in line for line in seeds['ours']['teacher_logits_lines'])
+    assert 'teacher-without-logits' in seeds['without stored logits']['command']
     for key in ('a', 'b'):
         run = results['runs'][key]
         ours, reference = run['ours']['median'], run['reference']['median']
@@ -59,6 +63,6 @@ def test_cli_bench_times_both_ways(cifar_dir, tmp_path):
     assert '--val-fraction 0' in results['runs']['a']['ours']['command']
     assert results['machine']['omp_num_threads'] == '1'
     assert results['machine']['cpu'] and results['machine']['torch'] == torch.__version__
-    assert '| run | this project (s) | reference (s) | speed-up |' in proc.stdout
+    assert '| run | this project (s) | the other way (s) | speed-up |' in proc.stdout
     assert '$TMP/' in results['runs']['a']['ours']['command']  # temporary paths shown as $TMP
     assert not [p for p in scratch.iterdir() if p.name.startswith('cli_bench-')]  # removed

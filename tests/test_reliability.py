@@ -21,7 +21,7 @@ EPOCHS = '3'
 
 def student_args(trained_run, out):
     return ['--epochs', EPOCHS, '--subset', '100', '--data-dir', trained_run['common'][1], '--out-dir', str(out),
-            '--batch-size', '32', '--device', 'cpu',
+            '--batch-size', '32', '--device', 'cpu', '--no-amp',  # measured precision could differ
             '--teacher-checkpoint', os.path.join(trained_run['out'], 'best_teacher.pth')]
 
 

@@ -49,7 +49,7 @@ def test_fastest_teacher_returns_an_equivalent_form_and_its_record():
     teacher = _randomise_batchnorm(build_model('resnet8x4'))
     form, record = fastest_teacher(teacher, (8, 3, 32, 32), torch.device('cpu'), None,
                                    forwards_ahead=10, log=lambda *_: None)
-    assert record['chosen'] in ('eager', 'folded')
+    assert record['chosen'] == 'folded'   # the same arithmetic, one pass fewer: always used
     assert set(record['seconds_per_batch']) == {'eager', 'folded'}
     assert 'compile_seconds' not in record   # 10 forwards never repay a compilation
     x = torch.randn(5, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -133,8 +133,7 @@ def test_measured_precision_is_recorded_in_results(trained_run):
         assert set(config['precision'].values()) == {chosen}
     assert 'teacher (teacher inference)' in results['phases']['students']['config'][
         'precision_measured']
-    assert results['phases']['students']['config']['teacher_form']['chosen'] in (
-        'eager', 'folded')
+    assert results['phases']['students']['config']['teacher_form']['chosen'] == 'folded'
 
 
 def test_selected_students_report_the_selected_epochs_test_accuracy(trained_run):

@@ -1,0 +1,115 @@
+"""Students of one architecture trained as one batched computation.
+
+A grid of students shares every batch and the teacher's logits; what differs is only each
+student's weights and loss. torch.func.vmap runs all of them as one computation over weights
+stacked along a new first dimension (each student keeps its own BatchNorm statistics, stacked
+the same way), which on a GPU replaces N small kernel launches per layer by one larger one.
+Gradients stay separate (student i's loss depends on slice i only) and SGD is elementwise, so
+one optimizer over the stacked tensors takes exactly each student's own step.
+
+The trainees' modules and optimizers stay the reference copy: write_back() puts the stacked
+weights, statistics and momentum into them before every evaluation and checkpoint, so
+checkpoints, resume states and evaluation are those of the plain loop.
+"""
+import copy
+import time
+
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+
+class StudentStack:
+    def __init__(self, trainees, recipe):
+        self.trainees = trainees
+        modules = [t.module for t in trainees]
+        # the architecture without storage: functional_call supplies the stacked tensors
+        self.skeleton = copy.deepcopy(modules[0]).to('meta')
+        self.params, self.buffers = stack_module_state(modules)
+        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=recipe.lr,
+                                         momentum=recipe.momentum, nesterov=True,
+                                         weight_decay=recipe.weight_decay)
+        self._load_momentum()
+
+    def _load_momentum(self):
+        """Stack the trainees' momentum buffers (after a resume) into the stacked optimizer."""
+        for key, stacked in self.params.items():
+            buffers = []
+            for t in self.trainees:
+                param = dict(t.module.named_parameters())[key]
+                buffers.append(t.optimizer.state.get(param, {}).get('momentum_buffer'))
+            if all(b is not None for b in buffers):
+                self.optimizer.state[stacked]['momentum_buffer'] = torch.stack(buffers)
+
+    def _one(self, params, buffers, images):
+        return functional_call(self.skeleton, (params, buffers), (images,))
+
+    def forward(self, images):
+        """Logits of every student, N x batch x classes."""
+        return vmap(self._one, in_dims=(0, 0, None))(self.params, self.buffers, images)
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+
+    @torch.no_grad()
+    def write_back(self):
+        """Copy the stacked weights, BatchNorm statistics and momentum into each trainee."""
+        for i, t in enumerate(self.trainees):
+            params = dict(t.module.named_parameters())
+            buffers = dict(t.module.named_buffers())
+            for key, stacked in self.params.items():
+                params[key].copy_(stacked[i])
+                momentum = self.optimizer.state.get(stacked, {}).get('momentum_buffer')
+                if momentum is not None:
+                    t.optimizer.state[params[key]]['momentum_buffer'] = momentum[i].clone()
+            for key, stacked in self.buffers.items():
+                buffers[key].copy_(stacked[i])
+
+
+def stacking_problem(trainees, multi_process, compiled):
+    """Why these trainees cannot be stacked, or None when they can."""
+    if len(trainees) < 2:
+        return 'a single student'
+    if len({type(t.module) for t in trainees}) > 1 or \
+            len({tuple((k, v.shape) for k, v in t.module.state_dict().items())
+                 for t in trainees}) > 1:
+        return 'students of different architectures'
+    if len({t.precision for t in trainees}) > 1:
+        return 'students in different precisions'
+    if any(t.scaler is not None for t in trainees):
+        return 'fp16 loss scaling (one scaler per student would skip steps separately)'
+    if multi_process:
+        return 'torchrun (DDP wraps each student)'
+    if compiled:
+        return '--compile'
+    return None
+
+
+def time_both(trainees, recipe, teacher, images, labels, teacher_precision, steps=3):
+    """Seconds per step of the plain loop and of the stack, on copies of the trainees."""
+    from train import train_step, train_step_stacked
+    device = images.device
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
+    seconds = {}
+    for mode in ('loop', 'stacked'):
+        copies = copy.deepcopy(trainees)
+        stack = StudentStack(copies, recipe) if mode == 'stacked' else None
+
+        def step():
+            if stack is None:
+                train_step(copies, teacher, images, labels, recipe, teacher_precision)
+            else:
+                train_step_stacked(stack, teacher, images, labels, teacher_precision)
+
+        step()  # warm-up
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        seconds[mode] = (time.perf_counter() - start) / steps
+    return seconds

@@ -44,6 +44,9 @@ class DistillLoss:
     uses_teacher: bool
     help: str
 
+    def __deepcopy__(self, memo):  # immutable and registered once: copies share it
+        return self
+
 
 LOSSES = {}
 

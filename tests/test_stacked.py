@@ -102,3 +102,16 @@ def test_stacked_run_equals_the_loop_run_end_to_end(trained_run, tmp_path):
         wa = torch.load(tmp_path / 'off' / f'best_{name}.pth', weights_only=True)
         wb = torch.load(tmp_path / 'on' / f'best_{name}.pth', weights_only=True)
         assert all(torch.allclose(wa[k].double(), wb[k].double(), atol=1e-3) for k in wa)
+
+
+def test_timing_both_ways_leaves_the_students_untouched():
+    from stacked import time_both
+    recipe = Recipe(epochs=1)
+    trainees = _trainees(recipe, dtype=torch.float32)
+    before = [copy.deepcopy(t.module.state_dict()) for t in trainees]
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    seconds = time_both(trainees, recipe, build_model('resnet8x4').eval(), images, labels, None,
+                        steps=1)
+    assert set(seconds) == {'loop', 'stacked'} and all(v > 0 for v in seconds.values())
+    for t, state in zip(trainees, before):
+        assert all(torch.equal(v, state[k]) for k, v in t.module.state_dict().items())

@@ -9,8 +9,8 @@ timed from its start to its exit in wall seconds: imports, data reading, trainin
 and writing included. In one run, on the machine at hand:
 
 (a) main.py --epochs E --subset S --val-fraction 0 (KD + baseline students in lockstep) against
-    reference_kd.py --epochs E --subset S, both with the same randomly initialised TeacherNet
-    (seed 0) saved once by this script. main.py notes that this teacher has no run record: fine.
+    reference_kd.py --epochs E --subset S, both with the same teacher, trained first (not timed)
+    by `main.py --train-teacher --epochs 1 --subset S --val-fraction 0`, as a user's would be.
 (b) the quick run: main.py --epochs QE --subset Q (default --val-fraction) against
     reference_kd.py --epochs QE --subset Q, both with a teacher trained first (not timed) by
     `main.py --train-teacher --epochs 1 --subset Q` in its own folder, so its run record matches.
@@ -20,7 +20,7 @@ and writing included. In one run, on the machine at hand:
 (d) a grid in one run, main.py --temperature 2 4 8 --alpha 0.1 0.5 --epochs E --subset S
     --val-fraction 0 (6 KD students and the baseline, one teacher forward per batch), against
     the 6 separate runs a user makes without it (--temperature T --alpha A, each with its
-    baseline), with the random teacher of (a); the separate runs' seconds are summed.
+    baseline), with the teacher of (a); the separate runs' seconds are summed.
 
 --repeats N runs each measurement N times, alternating ours / reference, and reports the median;
 speed-up = reference seconds / our seconds. For our runs the lines starting with 'precision'
@@ -236,7 +236,7 @@ def markdown(results):
            '| run | this project (s) | the other way (s) | speed-up |', '|---|---:|---:|---:|']
     labels = {
         'a': f"(a) KD + baseline students, {args['epochs']} epoch(s), `--subset {args['subset']} "
-             f"--val-fraction 0`, random teacher",
+             f"--val-fraction 0`, teacher trained with `--train-teacher --epochs 1`",
         'b': f"(b) quick run, {args['quick_epochs']} epoch(s), `--subset {args['quick_subset']}`, "
              f"teacher trained with `--train-teacher --epochs 1`",
         'c': f"(c) `--seeds 0 1 2 --epochs {args['epochs']} --subset {args['quick_subset']} "
@@ -292,17 +292,21 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix='cli_bench-')
     code = 0
     try:
-        import torch
-        sys.path.insert(0, ROOT)
-        from models import TeacherNet
-        torch.manual_seed(0)
-        random_teacher = os.path.join(tmp, 'random_teacher.pth')
-        torch.save(TeacherNet().state_dict(), random_teacher)
         size = ['--epochs', str(args.epochs), '--subset', str(args.subset)]
+        if 'a' not in args.skip or 'd' not in args.skip:
+            # the students' teacher, trained as a user would (untimed): its run record and its
+            # stored test-set logits come with it
+            teacher_a_dir = os.path.join(tmp, 'teacher-a')
+            cmd = [py, MAIN, '--train-teacher', '--epochs', '1', '--subset', str(args.subset),
+                   '--val-fraction', '0', '--data-dir', data, '--out-dir', teacher_a_dir,
+                   '--device', dev]
+            log(f'training the teacher for (a) and (d) (not timed): {display(cmd, tmp)}')
+            seconds, _ = run_timed(cmd, tmp)
+            results['teacher_training_a'] = {'command': display(cmd, tmp), 'seconds': seconds}
+            teacher_a = os.path.join(teacher_a_dir, 'best_teacher.pth')
         if 'a' not in args.skip:
-            rest = ['--teacher-checkpoint', random_teacher, '--data-dir', data]
-            log(f'(a) KD + baseline, {args.epochs} epoch(s) of {args.subset} images, '
-                f'random teacher')
+            rest = ['--teacher-checkpoint', teacher_a, '--data-dir', data]
+            log(f'(a) KD + baseline, {args.epochs} epoch(s) of {args.subset} images')
             results['runs']['a'] = measure('a', {
                 'ours': lambda d: [py, MAIN, *size, '--val-fraction', '0', *rest,
                                    '--out-dir', d, '--device', dev],
@@ -355,7 +359,7 @@ def main(argv=None):
         if 'd' not in args.skip:
             log(f'(d) a grid of 6 KD students + baseline in one run against 6 separate runs, '
                 f'{args.epochs} epoch(s) of {args.subset} images')
-            common = [*size, '--val-fraction', '0', '--teacher-checkpoint', random_teacher,
+            common = [*size, '--val-fraction', '0', '--teacher-checkpoint', teacher_a,
                       '--data-dir', data, '--device', dev]
             settings = [(t, a) for t in ('2', '4', '8') for a in ('0.1', '0.5')]
             results['runs']['d'] = measure('d', {

@@ -419,7 +419,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             teacher_precision=teacher_precision, config=configs[seed],
             resume_state=states.get(seed), stop=stop, dist=dist, log=main_log,
             epoch_callback=callback, test_every=args.test_every,
-            teacher_test_logits=teacher_logits, runs_ahead=len(seeds) - index,
+            teacher_test_logits=teacher_logits, runs_ahead=len(seeds) if index == 0 else 0,
             stacked=stacked)
         summaries[seed]['wall_seconds'] = round(time.time() - seed_start, 2)
         summaries[seed]['peak_memory_mb'] = peak_memory_mb(device)

@@ -477,8 +477,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     Selection: the epoch with the best validation accuracy (data.val), or the last epoch when
     there is no validation split. The test set is only reported, from the logits of the
     selected epoch. teacher_test_logits (students' phase): the teacher's test-set logits, for
-    agreement; runs_ahead: how many runs like this one the invocation still has (the time
-    estimate covers them); stacked: train the students as one vmapped computation
+    agreement; runs_ahead: how many runs like this one the invocation has (the time estimate
+    covers them; 0: no estimate, as for the seeds after the first); stacked: train the students as one vmapped computation
     (stacked.StudentStack). Returns a summary per model.
     """
     is_main = dist is None or dist.is_main
@@ -498,7 +498,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
         from stacked import StudentStack
         stack = StudentStack(trainees, recipe)  # after the resume: it starts from its state
     timer = _Estimator(phase, recipe.epochs, steps_per_epoch, data, trainees, test_every,
-                       runs_ahead, device, log) if prog.estimate is None else None
+                       runs_ahead, device, log) if prog.estimate is None and runs_ahead else None
 
     def save(finished=False):
         if is_main:
@@ -600,8 +600,8 @@ class _Estimator:
         seconds = time.time() - self.t0
         per_step = seconds / (self.steps - 2)
         images_per_s = self.images / max(seconds, 1e-9)
-        # an evaluation forward costs about a third of a training step per image and model
-        per_image_forward = per_step / max(1, self.data.train.batch_size) / 3
+        # an evaluation forward costs about a third of a training step, per image and model
+        per_image_forward = per_step / max(1, self.data.train.batch_size) / 3 / len(self.trainees)
         eval_images = (self.data.num_val + self.data.num_test / self.test_every) \
             * len(self.trainees)
         per_epoch = per_step * self.steps_per_epoch + per_image_forward * eval_images

@@ -46,6 +46,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS_FLAGS = []  # --ours-flags, split
 MAIN = 'main.py'
 REFERENCE = os.path.join('bench', 'reference_kd.py')
 
@@ -82,6 +83,9 @@ def parse_args(argv=None):
                    help='--device for main.py and reference_kd.py (default: cpu)')
     p.add_argument('--json', default=os.path.join(ROOT, 'bench', 'cli_results.json'),
                    help='where to write the results (default: bench/cli_results.json)')
+    p.add_argument('--ours-flags', default='',
+                   help='extra flags for our timed runs, e.g. --ours-flags=--no-amp to pin '
+                        'float32 (default: none)')
     p.add_argument('--skip', nargs='+', choices=('a', 'b', 'c', 'd'), default=[],
                    help='measurements to leave out (default: none)')
     return p.parse_args(argv)
@@ -177,6 +181,8 @@ def measure(key, ways, repeats, tmp, log):
             out_dir = os.path.join(tmp, f'{key}-{name}-{i + 1}')
             cmds = make(out_dir)
             cmds = cmds if isinstance(cmds[0], list) else [cmds]
+            if name == 'ours' or MAIN in cmds[0]:
+                cmds = [c + OURS_FLAGS if MAIN in c else c for c in cmds]
             seconds, output = 0.0, ''
             for i_cmd, cmd in enumerate(cmds):
                 s, o = run_timed(cmd + (['--out-dir', f'{out_dir}-{i_cmd}'] if len(cmds) > 1
@@ -271,6 +277,7 @@ def markdown(results):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    OURS_FLAGS[:] = shlex.split(args.ours_flags)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     machine = machine_info()
     omp = os.environ.get('OMP_NUM_THREADS')

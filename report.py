@@ -355,10 +355,13 @@ def plot_grid(models, path, log=print):
             alphas = sorted({a for _, a in grid}, key=lambda v: (v is None, v))
             values = [[grid.get((t, a), (float('nan'),))[0] for a in alphas] for t in temps]
             image = ax.imshow(values, cmap='viridis', aspect='auto')
+            finite = [v for row in values for v in row if v == v]
+            middle = (min(finite) + max(finite)) / 2
             for i, row in enumerate(values):
                 for j, v in enumerate(row):
-                    if v == v:
-                        ax.text(j, i, f'{v:.2f}', ha='center', va='center', color='w', fontsize=9)
+                    if v == v:  # dark text on the light (high) cells of viridis
+                        ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=9,
+                                color='k' if v > middle else 'w')
             ax.set_xticks(range(len(alphas)), ['-' if a is None else f'{a:g}' for a in alphas])
             ax.set_yticks(range(len(temps)), ['-' if t is None else f'{t:g}' for t in temps])
             ax.set_xlabel('alpha (weight of the labels)')

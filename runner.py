@@ -638,6 +638,7 @@ def run(args, log=print):
                 evaluate_checkpoints(args, device, arrays, log)
             except TeacherMismatch as e:
                 raise UsageError(str(e)) from None
+        barrier()
         return 0
     if teacher_info is not None:
         num_test = min(len(arrays[3]), args.subset or len(arrays[3]))
@@ -665,4 +666,7 @@ def run(args, log=print):
             chosen = rerun_command(results['models'], args)
             if chosen:
                 log(chosen)
+    # every process leaves together: one that tears its process group down while rank 0 still
+    # writes the results can abort in the communication library's threads at exit
+    barrier()
     return 0

@@ -15,10 +15,12 @@
 #   4. benchmark: bench/bench.py on cuda: training-loader images/s, train-step images/s of the
 #      teacher and the student in fp32 and in the default precision, and one KD + baseline epoch,
 #      each against the reference way.
-#   5. a short real schedule on all of CIFAR-10: `main.py --train-teacher --epochs N`, then
+#   5. many students: bench/stack_bench.py on cuda: seconds per step of one KD student, of a grid
+#      of 7 students one after another, and of the same 7 stacked into one vmapped computation.
+#   6. a short real schedule on all of CIFAR-10: `main.py --train-teacher --epochs N`, then
 #      `main.py --epochs N` (the KD and the baseline student), each followed by its per-epoch
 #      table (seconds, images/s, train / validation / test accuracy).
-#   6. a summary: each step ok / FAILED / TIMED OUT with its seconds, the benchmark's numbers,
+#   7. a summary: each step ok / FAILED / TIMED OUT with its seconds, the benchmark's numbers,
 #      the epoch times, the final accuracies and the files written.
 #
 # Deadline: the whole check ends within --deadline seconds (default 480). Every step runs under
@@ -29,6 +31,7 @@
 # are replaced):
 #   gpu_check.log                 everything printed
 #   bench.json                    the benchmark's results
+#   stack.json                    the many-students timings
 #   results.json, results.md      the short runs' results, as main.py writes them
 #   log_teacher.csv, log_student_kd.csv, log_student_base.csv   one row per epoch
 #   curves.png                    accuracy and loss per epoch (needs matplotlib)
@@ -424,6 +427,10 @@ run_benchmark() {
     --subset 10000 --batches 100 --json "$OUT/bench.json" || true
 }
 
+run_stack_benchmark() {
+  run_step stacking 60 "$PY" bench/stack_bench.py --device cuda --json "$OUT/stack.json" || true
+}
+
 TEACHER_OK=0
 train_teacher() {
   # the teacher's epochs cost about 1.5 times the students' (both at once): 3/5 of the time left
@@ -455,7 +462,7 @@ COLLECTED=0
 
 clean_previous() {  # the files of an earlier check
   local f
-  for f in bench.json "${SMALL_FILES[@]}"; do rm -f "${OUT:?}/$f"; done
+  for f in bench.json stack.json "${SMALL_FILES[@]}"; do rm -f "${OUT:?}/$f"; done
   for f in "${SMALL_FILES[@]}"; do rm -f "${RUN:?}/$f"; done
   for f in "$RUN"/best_* "$RUN"/last_*; do
     [[ -f $f ]] && rm -f "$f"
@@ -539,6 +546,7 @@ main() {
   check_requirements
   get_data
   run_benchmark
+  run_stack_benchmark
   train_teacher
   train_students
   finish 0

@@ -151,8 +151,8 @@ def main(argv=None):
     trainloader, testloader = loaders(args.data_dir, args.subset)
 
     teacher = TeacherNet().to(device)
-    teacher.load_state_dict(torch.load(args.teacher_checkpoint, map_location=device,
-                                       weights_only=True))
+    state = torch.load(args.teacher_checkpoint, map_location=device, weights_only=True)
+    teacher.load_state_dict(state)
     teacher.eval()
 
     best_kd = train_student('kd', StudentNet().to(device), teacher, trainloader, testloader,

@@ -102,25 +102,3 @@ def test_no_cuda_gpu_exits_1_quickly_with_a_log(no_cuda_env, tmp_path, explicit_
     # it stops before the data, the benchmark and the training runs
     assert sorted(p.name for p in out.iterdir()) == ['gpu_check.log']
     assert not (tmp_path / 'no_data').exists()
-
-
-FORBIDDEN = ('../shared', 'carry=', 'run(command', 'lent ')
-
-
-def test_no_tracked_file_describes_a_private_setup():
-    if shutil.which('git') is None:
-        pytest.skip('needs git')
-    r = subprocess.run(['git', 'ls-files', '-z'], cwd=ROOT, capture_output=True)
-    if r.returncode != 0:
-        pytest.skip('not a git checkout')
-    me = os.path.relpath(os.path.abspath(__file__), ROOT)
-    hits = []
-    for path in filter(None, r.stdout.decode().split('\0')):
-        if path == me or not os.path.isfile(os.path.join(ROOT, path)):
-            continue
-        with open(os.path.join(ROOT, path), 'rb') as f:
-            text = f.read().decode('utf-8', errors='replace')
-        for number, line in enumerate(text.splitlines(), 1):
-            low = line.lower()
-            hits += [f'{path}:{number}: {s!r}' for s in FORBIDDEN if s in low]
-    assert not hits, '\n'.join(hits)

@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 
 import distributed
-import train
 from models import StudentNet, build_model, model_names
 from train import Recipe, Trainee, choose_precision, configure_backends, train_step
 from utils import CifarLoader

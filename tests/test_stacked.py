@@ -87,7 +87,7 @@ def test_stacked_run_equals_the_loop_run_end_to_end(trained_run, tmp_path):
     results = {}
     for mode in ('off', 'on'):
         out = str(tmp_path / mode)
-        r = run_cli('--epochs', '2', '--subset', '100', '--batch-size', '32', '--device', 'cpu',
+        r = run_cli('--epochs', '1', '--subset', '100', '--batch-size', '32', '--device', 'cpu',
                     '--no-amp', '--loss', 'kd', 'ls', '--data-dir', trained_run['common'][1],
                     '--out-dir', out, '--stack-students', mode, '--teacher-checkpoint',
                     os.path.join(trained_run['out'], 'best_teacher.pth'))

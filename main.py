@@ -50,10 +50,9 @@ def build_parser():
         description='Knowledge distillation on CIFAR: a teacher (ResNet-18 by default), then '
                     'distilled students and a baseline student trained in lockstep on identical '
                     'batches, so their differences are paired.',
-        epilog='Loss of the KD student: alpha*CE(student, labels) + (1-alpha)*T^2*'
-               'KL(softmax(teacher/T) || softmax(student/T)). alpha weights the HARD LABELS: '
-               'alpha=0.1 puts 0.9 on the teacher. Other losses: '
-               + ' '.join(f'{n}: {spec.help}' for n, spec in LOSSES.items() if n != 'ce'))
+        epilog='alpha weights the HARD LABELS: alpha=0.1 puts 0.9 on the teacher. Losses '
+               '(--loss): ' + ' '.join(f'{n}: {spec.help}' for n, spec in LOSSES.items()
+                                       if n != 'ce'))
     a = p.add_argument
     a('--train-teacher', action='store_true',
       help='train the teacher and write best_teacher.pth (default: train the students)')

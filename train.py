@@ -478,8 +478,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     there is no validation split. The test set is only reported, from the logits of the
     selected epoch. teacher_test_logits (students' phase): the teacher's test-set logits, for
     agreement; runs_ahead: how many runs like this one the invocation has (the time estimate
-    covers them; 0: no estimate, as for the seeds after the first); stacked: train the students as one vmapped computation
-    (stacked.StudentStack). Returns a summary per model.
+    covers them; 0: no estimate, as for the seeds after the first); stacked: train the students
+    as one vmapped computation (stacked.StudentStack). Returns a summary per model.
     """
     is_main = dist is None or dist.is_main
     multi_process = dist is not None and dist.enabled
@@ -488,8 +488,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     part_names = phase_part_names(trainees)
     parts_of = {t.name: get_part_names(t) for t in trainees}
     fields = csv_fields(part_names)
-    done = resume_state is not None
-    prog = restore_state(resume_state, trainees, device) if done else PhaseProgress()
+    prog = restore_state(resume_state, trainees, device) if resume_state is not None \
+        else PhaseProgress()
     for t in trainees:
         prog.history.setdefault(t.name, [])
     steps_per_epoch = len(data.train)

@@ -35,7 +35,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -94,33 +93,14 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 # Machine
 
-def cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info():
+    """bench.py's machine facts (CPU model, cores, versions, load), plus the thread settings."""
     import torch
-    info = {'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
-            'omp_num_threads': os.environ.get('OMP_NUM_THREADS'),
-            'torch_threads': torch.get_num_threads(),
-            'torch': torch.__version__, 'python': platform.python_version(),
-            'executable': sys.executable}
-    try:
-        import torchvision
-        info['torchvision'] = torchvision.__version__
-    except ImportError:
-        info['torchvision'] = None
-    try:
-        info['load_average'] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
+    from bench import machine_info as bench_machine_info
+    info = bench_machine_info(torch.device('cpu'))
+    info.update(omp_num_threads=os.environ.get('OMP_NUM_THREADS'), executable=sys.executable)
+    if 'load_average' in info:
+        info['load_average'] = [round(x, 2) for x in info['load_average']]
     return info
 
 

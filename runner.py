@@ -169,110 +169,6 @@ def saved_precisions(phase, dirs, args):
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# Precision and the teacher's form: chosen once per invocation, by measurement on a CPU
-
-def decide_precisions(specs, device, args, dist, batch_shape, teacher, saved, log):
-    """({model name: dtype}, teacher dtype, measurements) for this phase.
-
-    CUDA, or --amp / --no-amp given: train.choose_precision's rule. CPU in auto mode: fp32 and
-    bf16 timed per architecture on this run's batch shape (the students share one figure), the
-    faster kept; every torchrun process uses the average of all processes' figures. A resumed
-    run keeps the precisions it started with.
-    """
-    import torch
-    from distributed import all_reduce_sum
-    from models import build_model
-    from train import choose_precision, precision_name
-    from tuning import PRECISIONS, faster_precision, measure_precisions
-    by_name = {precision_name(d): d for d in (None, torch.bfloat16, torch.float16)}
-    if saved is not None:
-        precisions, teacher_precision = saved
-        return ({n: by_name[p] for n, p in precisions.items()},
-                by_name[teacher_precision] if teacher_precision else None, None)
-    if device.type != 'cpu' or args.amp is not None:
-        role = lambda spec: 'teacher' if spec.name == 'teacher' else 'student'  # noqa: E731
-        return ({s.name: choose_precision(role(s), device, args.amp) for s in specs},
-                choose_precision('teacher', device, args.amp) if teacher is not None else None,
-                None)
-    measured, chosen = {}, {}
-    jobs = {(s.arch, True): (lambda s=s: build_model(s.arch, num_classes=args.num_classes))
-            for s in specs}
-    if teacher is not None:
-        jobs[('teacher', False)] = lambda: teacher
-    for (arch, training), make in jobs.items():
-        rates = measure_precisions(make(), batch_shape, device, training, args.num_classes)
-        totals = torch.tensor([rates[n] for n in PRECISIONS], dtype=torch.float64)
-        all_reduce_sum(totals)  # every process decides from the same figures
-        rates = {n: round(v / dist.world_size, 1) for n, v in zip(PRECISIONS, totals.tolist())}
-        key = f"{arch} ({'training' if training else 'teacher inference'})"
-        measured[key] = dict(rates, chosen=precision_name(faster_precision(rates)))
-        chosen[(arch, training)] = faster_precision(rates)
-        log(f'precision: {key}: fp32 {rates["fp32"]:.0f} images/s, bf16 {rates["bf16"]:.0f} '
-            f'images/s -> {measured[key]["chosen"]}')
-    return ({s.name: chosen[(s.arch, True)] for s in specs},
-            chosen.get(('teacher', False)), measured)
-
-
-def bytes_per_student(arch, num_classes, batch_shape):
-    """About how much memory one student takes while training: weights, gradients and momentum
-    (3 copies of the parameters) plus the activations autograd keeps for one batch (every
-    layer's output, in float32: an upper bound under autocast)."""
-    import torch
-    from models import build_model
-    model = build_model(arch, num_classes=num_classes)
-    outputs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel()))
-             for m in model.modules() if not list(m.children())]
-    with torch.no_grad():
-        model.eval()(torch.zeros((1,) + tuple(batch_shape[1:])))
-    for h in hooks:
-        h.remove()
-    params = sum(p.numel() for p in model.parameters())
-    return 4 * (3 * params + sum(outputs) * batch_shape[0])
-
-
-def available_bytes(device):
-    """Free memory on the device: the GPU's free memory, or the machine's available RAM."""
-    import torch
-    if device.type == 'cuda':
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open('/proc/meminfo') as f:
-            for line in f:
-                if line.startswith('MemAvailable:'):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-
-
-def check_memory(specs, device, args, batch_shape, log):
-    """Say how much memory the students need; refuse, before training, a grid that cannot fit,
-    with the number of students that can. Returns the estimate in bytes."""
-    per_student = bytes_per_student(specs[0].arch, args.num_classes, batch_shape)
-    free = available_bytes(device)
-    need = per_student * len(specs)
-    log(f'memory: about {per_student / 2**20:.0f} MB per model, {need / 2**20:.0f} MB for '
-        f'{len(specs)}; {free / 2**20:.0f} MB free on {device.type}')
-    if need > 0.9 * free:
-        fits = max(0, int(0.9 * free // per_student))
-        raise UsageError(f'{len(specs)} models of {specs[0].arch} need about {need / 2**30:.1f} '
-                         f'GB, but {device.type} has {free / 2**30:.1f} GB free: it holds about '
-                         f'{fits}. Use fewer --loss / --temperature / --alpha values, or a '
-                         f'smaller --batch-size.')
-    return need
-
-
-def peak_memory_mb(device):
-    """The process's peak memory so far: the GPU's allocations, or the resident set size."""
-    import resource
-    import torch
-    if device.type == 'cuda':
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def make_trainees(specs, recipe, device, precisions, args, dist, seed):
     """The trainees of one seed. Students start from identical weights: differences between
     them come from their losses alone."""
@@ -294,45 +190,17 @@ def make_trainees(specs, recipe, device, precisions, args, dist, seed):
     return trainees
 
 
-def decide_stacking(trainees, args, device, dist, teacher, teacher_precision, recipe,
-                    batch_shape, log):
-    """(train the students as one vmapped stack?, record). --stack-students on / off decide;
-    auto stacks on CUDA when a few timed steps of both ways say the stack is faster."""
-    import torch
-    from stacked import stacking_problem, time_both
-    if args.stack_students == 'off' or len(trainees) < 2:
-        return False, {'mode': args.stack_students, 'stacked': False}
-    problem = stacking_problem(trainees, dist.enabled, args.compile)
-    if problem:
-        if args.stack_students == 'on':
-            log(f'students: not stacked ({problem}); they train one after another')
-        return False, {'mode': args.stack_students, 'stacked': False, 'why_not': problem}
-    if args.stack_students == 'on':
-        return True, {'mode': 'on', 'stacked': True}
-    if device.type != 'cuda':
-        return False, {'mode': 'auto', 'stacked': False, 'why_not': 'auto stacks on CUDA only'}
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_shape, generator=gen).to(device).contiguous(
-        memory_format=torch.channels_last)
-    labels = torch.randint(0, args.num_classes, (batch_shape[0],), generator=gen).to(device)
-    seconds = time_both(trainees, recipe, teacher, images, labels, teacher_precision)
-    stacked = seconds['stacked'] < seconds['loop']
-    log(f"students: {len(trainees)} in a loop {seconds['loop'] * 1e3:.1f} ms per step, stacked "
-        f"{seconds['stacked'] * 1e3:.1f} ms -> {'stacked' if stacked else 'loop'}")
-    return stacked, {'mode': 'auto', 'stacked': stacked,
-                     'seconds_per_step': {k: round(v, 5) for k, v in seconds.items()}}
-
-
 # ---------------------------------------------------------------------------------------------
 # A phase, once per seed
 
 def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=None,
                           teacher_info=None):
     """Train one phase once per seed; return {seed: summary}, the run folders and the config."""
+    from memory import GridTooLarge, check_memory, peak_memory_mb
     from report import write_results
     from teacher import logits_key, save_test_logits, teacher_test_logits
     from train import Recipe, precision_name, train_phase
-    from tuning import fastest_teacher
+    from tuning import decide_precisions, decide_stacking, fastest_teacher
     from utils import make_loaders
 
     seeds = args.seeds if args.seeds is not None else [args.seed]
@@ -349,7 +217,10 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
 
     data = loaders(seeds[0])
     batch_shape = (args.batch_size // dist.world_size, 3, 32, 32)
-    memory_estimate = check_memory(specs, device, args, batch_shape, main_log)
+    try:
+        memory_estimate = check_memory(specs, device, args.num_classes, batch_shape, main_log)
+    except GridTooLarge as e:
+        raise UsageError(str(e)) from None
     precisions, teacher_precision, measured = decide_precisions(
         specs, device, args, dist, batch_shape, teacher,
         saved_precisions(phase, dirs, args), main_log)

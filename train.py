@@ -24,6 +24,7 @@ from checkpoint import (atomic_save, atomic_write_text, capture_rng_state, plain
                         restore_rng_state)
 from distributed import all_gather_cat, all_reduce_min, all_reduce_sum, any_rank, sync_batchnorm
 from losses import get_loss
+from progress import DurationEstimate
 from recipe import Recipe  # noqa: F401  (train.Recipe, as before)
 
 STATE_FORMAT = 2  # 2: named loss parts, the selected epoch's test logits
@@ -497,7 +498,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     if stacked:
         from stacked import StudentStack
         stack = StudentStack(trainees, recipe)  # after the resume: it starts from its state
-    timer = _Estimator(phase, recipe.epochs, steps_per_epoch, data, trainees, test_every,
+    timer = DurationEstimate(phase, recipe.epochs, steps_per_epoch, data, trainees, test_every,
                        runs_ahead, device, log) if prog.estimate is None and runs_ahead else None
 
     def save(finished=False):
@@ -570,66 +571,6 @@ def check_finite(sums, phase, epoch, steps_per_epoch):
         raise NonFiniteLoss(f'the {phase} loss became NaN or infinite in epoch {epoch + 1}, '
                             f'batch {bad + 1}; training stopped and the checkpoints of the '
                             f'last good epoch are kept. Try a lower --lr.')
-
-
-class _Estimator:
-    """Times the first steps of a run and prints one line: images/s and the whole phase's
-    expected duration, evaluation included; on a CPU, past an hour, with a quick-run hint."""
-
-    STEPS = 20  # steps timed (after 2 of warm-up), or the whole first epoch when shorter
-
-    def __init__(self, phase, epochs, steps_per_epoch, data, trainees, test_every, runs_ahead,
-                 device, log):
-        self.phase, self.epochs, self.steps_per_epoch = phase, epochs, steps_per_epoch
-        self.data, self.trainees, self.test_every = data, trainees, test_every
-        self.runs_ahead, self.device, self.log = runs_ahead, device, log
-        self.t0, self.steps, self.images, self.estimate = None, 0, 0, None
-
-    def on_step(self, batch_images, out):
-        self.steps += 1
-        if self.steps == 2:  # warm-up over: one-time kernel choices and allocations
-            _sync(out)
-            self.t0 = time.time()
-            return
-        if self.estimate is not None or self.t0 is None:
-            return
-        self.images += batch_images
-        if self.steps - 2 < min(self.STEPS, self.steps_per_epoch - 2):
-            return
-        _sync(out)
-        seconds = time.time() - self.t0
-        per_step = seconds / (self.steps - 2)
-        images_per_s = self.images / max(seconds, 1e-9)
-        # an evaluation forward costs about a third of a training step, per image and model
-        per_image_forward = per_step / max(1, self.data.train.batch_size) / 3 / len(self.trainees)
-        eval_images = (self.data.num_val + self.data.num_test / self.test_every) \
-            * len(self.trainees)
-        per_epoch = per_step * self.steps_per_epoch + per_image_forward * eval_images
-        total = per_epoch * self.epochs * self.runs_ahead
-        self.estimate = {'images_per_s': round(images_per_s, 1),
-                         'estimated_seconds': round(total, 1)}
-        runs = f' x {self.runs_ahead} seeds' if self.runs_ahead > 1 else ''
-        line = (f'{self.phase}: {images_per_s:.0f} images/s; {self.epochs} epochs{runs} should '
-                f'take about {format_duration(total)} (training and evaluation)')
-        if self.device.type == 'cpu' and total > 3600:
-            quick = 'python main.py' + (' --train-teacher' if self.phase == 'teacher' else '')
-            line += f'. On a CPU, try a quick run first: {quick} --epochs 3 --subset 2000'
-        self.log(line)
-
-
-def _sync(out):
-    out[0].loss.item()  # waits for the device to finish the queued steps
-
-
-def format_duration(seconds):
-    seconds = int(round(seconds))
-    if seconds < 90:
-        return f'{seconds} s'
-    if seconds < 5400:
-        return f'{seconds / 60:.0f} min'
-    if seconds < 48 * 3600:
-        return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
-    return f'{seconds / 86400:.1f} days'
 
 
 def format_epoch_line(phase, epoch, epochs, lr, trainees, history, seconds, images_per_s):

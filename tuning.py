@@ -2,6 +2,8 @@
 
 - The precision of each network on a CPU: fp32 and bf16 are timed on the run's batch shape,
   and the faster one trains (a CPU may report bf16 instructions and still run bf16 slower).
+- Whether students of one architecture train as one vmapped stack (stacked.py): on CUDA, when
+  a few timed steps of both ways say so.
 - The teacher's inference form during the students' phase: its weights never change there, so
   each BatchNorm that follows a convolution is folded into it (same outputs, fewer passes over
   memory), and for long runs an Inductor-compiled, frozen graph is tried and kept only when it
@@ -188,3 +190,76 @@ def fastest_teacher(teacher, batch_shape, device, precision, forwards_ahead, log
     record['seconds_per_batch'] = {k: round(v, 4) for k, v in seconds.items()}
     record['chosen'] = best
     return candidates[best], record
+
+
+# ---------------------------------------------------------------------------------------------
+# The choices of a run, made once per invocation
+
+def decide_precisions(specs, device, args, dist, batch_shape, teacher, saved, log):
+    """({model name: dtype}, teacher dtype, measurements) for this phase.
+
+    CUDA, or --amp / --no-amp given: train.choose_precision's rule. CPU in auto mode: fp32 and
+    bf16 timed per architecture on this run's batch shape (the students share one figure), the
+    faster kept; every torchrun process uses the average of all processes' figures. A resumed
+    run keeps the precisions it started with.
+    """
+    import torch
+    from distributed import all_reduce_sum
+    from models import build_model
+    from train import choose_precision, precision_name
+    by_name = {precision_name(d): d for d in (None, torch.bfloat16, torch.float16)}
+    if saved is not None:
+        precisions, teacher_precision = saved
+        return ({n: by_name[p] for n, p in precisions.items()},
+                by_name[teacher_precision] if teacher_precision else None, None)
+    if device.type != 'cpu' or args.amp is not None:
+        role = lambda spec: 'teacher' if spec.name == 'teacher' else 'student'  # noqa: E731
+        return ({s.name: choose_precision(role(s), device, args.amp) for s in specs},
+                choose_precision('teacher', device, args.amp) if teacher is not None else None,
+                None)
+    measured, chosen = {}, {}
+    jobs = {(s.arch, True): (lambda s=s: build_model(s.arch, num_classes=args.num_classes))
+            for s in specs}
+    if teacher is not None:
+        jobs[('teacher', False)] = lambda: teacher
+    for (arch, training), make in jobs.items():
+        rates = measure_precisions(make(), batch_shape, device, training, args.num_classes)
+        totals = torch.tensor([rates[n] for n in PRECISIONS], dtype=torch.float64)
+        all_reduce_sum(totals)  # every process decides from the same figures
+        rates = {n: round(v / dist.world_size, 1) for n, v in zip(PRECISIONS, totals.tolist())}
+        key = f"{arch} ({'training' if training else 'teacher inference'})"
+        measured[key] = dict(rates, chosen=precision_name(faster_precision(rates)))
+        chosen[(arch, training)] = faster_precision(rates)
+        log(f'precision: {key}: fp32 {rates["fp32"]:.0f} images/s, bf16 {rates["bf16"]:.0f} '
+            f'images/s -> {measured[key]["chosen"]}')
+    return ({s.name: chosen[(s.arch, True)] for s in specs},
+            chosen.get(('teacher', False)), measured)
+
+
+def decide_stacking(trainees, args, device, dist, teacher, teacher_precision, recipe,
+                    batch_shape, log):
+    """(train the students as one vmapped stack?, record). --stack-students on / off decide;
+    auto stacks on CUDA when a few timed steps of both ways say the stack is faster."""
+    import torch
+    from stacked import stacking_problem, time_both
+    if args.stack_students == 'off' or len(trainees) < 2:
+        return False, {'mode': args.stack_students, 'stacked': False}
+    problem = stacking_problem(trainees, dist.enabled, args.compile)
+    if problem:
+        if args.stack_students == 'on':
+            log(f'students: not stacked ({problem}); they train one after another')
+        return False, {'mode': args.stack_students, 'stacked': False, 'why_not': problem}
+    if args.stack_students == 'on':
+        return True, {'mode': 'on', 'stacked': True}
+    if device.type != 'cuda':
+        return False, {'mode': 'auto', 'stacked': False, 'why_not': 'auto stacks on CUDA only'}
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_shape, generator=gen).to(device).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.randint(0, args.num_classes, (batch_shape[0],), generator=gen).to(device)
+    seconds = time_both(trainees, recipe, teacher, images, labels, teacher_precision)
+    stacked = seconds['stacked'] < seconds['loop']
+    log(f"students: {len(trainees)} in a loop {seconds['loop'] * 1e3:.1f} ms per step, stacked "
+        f"{seconds['stacked'] * 1e3:.1f} ms -> {'stacked' if stacked else 'loop'}")
+    return stacked, {'mode': 'auto', 'stacked': stacked,
+                     'seconds_per_step': {k: round(v, 5) for k, v in seconds.items()}}

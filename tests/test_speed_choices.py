@@ -12,7 +12,7 @@ import torch.nn as nn
 from conftest import run_cli
 from models import build_model, model_names
 from teacher import cached_test_logits, logits_key, logits_path, save_test_logits
-from train import _Estimator, format_duration
+from progress import DurationEstimate, format_duration
 from tuning import fastest_teacher, fold_batchnorm, measure_precisions
 
 
@@ -193,11 +193,11 @@ class _FakeData:
 
 
 def test_a_long_cpu_estimate_suggests_the_quick_run(monkeypatch):
-    import train
+    import progress
     now = [0.0]
-    monkeypatch.setattr(train.time, 'time', lambda: now[0])
+    monkeypatch.setattr(progress.time, 'time', lambda: now[0])
     lines = []
-    timer = _Estimator('teacher', 200, 352, _FakeData(), [object()], 1, 1,
+    timer = DurationEstimate('teacher', 200, 352, _FakeData(), [object()], 1, 1,
                        torch.device('cpu'), lines.append)
     out = [type('R', (), {'loss': torch.zeros(())})()]
     for _ in range(2 + 20):

@@ -1,0 +1,66 @@
+"""How long a phase will take: measured on its first steps, said once, recorded.
+
+A user's first command may start 200 epochs on a laptop CPU; after a few dozen steps the run
+says how long all of it will take, and past an hour on a CPU it suggests a quick run instead.
+"""
+import time
+
+
+class DurationEstimate:
+    """Times the first steps of a run and prints one line: images/s and the whole phase's
+    expected duration, evaluation included; on a CPU, past an hour, with a quick-run hint."""
+
+    STEPS = 20  # steps timed (after 2 of warm-up), or the whole first epoch when shorter
+
+    def __init__(self, phase, epochs, steps_per_epoch, data, trainees, test_every, runs_ahead,
+                 device, log):
+        self.phase, self.epochs, self.steps_per_epoch = phase, epochs, steps_per_epoch
+        self.data, self.trainees, self.test_every = data, trainees, test_every
+        self.runs_ahead, self.device, self.log = runs_ahead, device, log
+        self.t0, self.steps, self.images, self.estimate = None, 0, 0, None
+
+    def on_step(self, batch_images, out):
+        self.steps += 1
+        if self.steps == 2:  # warm-up over: one-time kernel choices and allocations
+            _sync(out)
+            self.t0 = time.time()
+            return
+        if self.estimate is not None or self.t0 is None:
+            return
+        self.images += batch_images
+        if self.steps - 2 < min(self.STEPS, self.steps_per_epoch - 2):
+            return
+        _sync(out)
+        seconds = time.time() - self.t0
+        per_step = seconds / (self.steps - 2)
+        images_per_s = self.images / max(seconds, 1e-9)
+        # an evaluation forward costs about a third of a training step, per image and model
+        per_image_forward = per_step / max(1, self.data.train.batch_size) / 3 / len(self.trainees)
+        eval_images = (self.data.num_val + self.data.num_test / self.test_every) \
+            * len(self.trainees)
+        per_epoch = per_step * self.steps_per_epoch + per_image_forward * eval_images
+        total = per_epoch * self.epochs * self.runs_ahead
+        self.estimate = {'images_per_s': round(images_per_s, 1),
+                         'estimated_seconds': round(total, 1)}
+        runs = f' x {self.runs_ahead} seeds' if self.runs_ahead > 1 else ''
+        line = (f'{self.phase}: {images_per_s:.0f} images/s; {self.epochs} epochs{runs} should '
+                f'take about {format_duration(total)} (training and evaluation)')
+        if self.device.type == 'cpu' and total > 3600:
+            quick = 'python main.py' + (' --train-teacher' if self.phase == 'teacher' else '')
+            line += f'. On a CPU, try a quick run first: {quick} --epochs 3 --subset 2000'
+        self.log(line)
+
+
+def _sync(out):
+    out[0].loss.item()  # waits for the device to finish the queued steps
+
+
+def format_duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 90:
+        return f'{seconds} s'
+    if seconds < 5400:
+        return f'{seconds / 60:.0f} min'
+    if seconds < 48 * 3600:
+        return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
+    return f'{seconds / 86400:.1f} days'

@@ -209,3 +209,20 @@ def test_a_long_cpu_estimate_suggests_the_quick_run(monkeypatch):
     assert timer.estimate['images_per_s'] == pytest.approx(128 / 5)
     assert timer.estimate['estimated_seconds'] > 200 * 352 * 5
     assert format_duration(30) == '30 s' and format_duration(3 * 86400) == '3.0 days'
+
+
+def test_a_long_run_compiles_the_frozen_teacher_when_it_measures_faster(monkeypatch):
+    """The compiled path (Inductor with freezing), as a 200-epoch CPU run would take it."""
+    import tuning
+    monkeypatch.setattr(tuning, 'COMPILE_WORTH_SECONDS', 0)
+    torch.manual_seed(0)
+    teacher = _randomise_batchnorm(build_model('cnn')).to(memory_format=torch.channels_last)
+    form, record = fastest_teacher(teacher, (8, 3, 32, 32), torch.device('cpu'), None,
+                                   forwards_ahead=10 ** 6, log=lambda *_: None)
+    assert record['compile_seconds'] > 0 and 'compiled' in record['seconds_per_batch']
+    expected = 'compiled' if record['seconds_per_batch']['compiled'] < \
+        record['seconds_per_batch']['folded'] else 'folded'
+    assert record['chosen'] == expected
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.allclose(form(x), teacher(x), atol=1e-4)

@@ -122,10 +122,9 @@ def run_dirs(out_dir, seeds, per_seed_folders):
     return {s: (os.path.join(out_dir, f'seed{s}') if per_seed_folders else out_dir) for s in seeds}
 
 
-def find_states(phase, dirs, args, config_by_seed):
-    """Load the saved state of each seed for --resume, or refuse to overwrite an unfinished run."""
+def load_states(phase, dirs):
+    """{seed: (path, state)} of the saved training states in the run folders, each read once."""
     from checkpoint import load_file
-    from train import STATE_FORMAT
     states = {}
     for seed, d in dirs.items():
         path = os.path.join(d, f'last_{phase}.pt')
@@ -135,6 +134,17 @@ def find_states(phase, dirs, args, config_by_seed):
         if not isinstance(state, dict) or 'config' not in state or 'finished' not in state:
             raise UsageError(f'{path} is not a training state of this program; '
                              f'remove it or use --restart')
+        states[seed] = (path, state)
+    return states
+
+
+def find_states(phase, saved, args, config_by_seed):
+    """The saved state of each seed for --resume, or a refusal to overwrite an unfinished run.
+
+    saved: load_states's result."""
+    from train import STATE_FORMAT
+    states = {}
+    for seed, (path, state) in saved.items():
         if not state['finished'] and not args.resume and not args.restart:
             raise UsageError(
                 f"{path} holds an unfinished {phase} run (epoch {state['epoch']} of "
@@ -155,17 +165,13 @@ def find_states(phase, dirs, args, config_by_seed):
     return states
 
 
-def saved_precisions(phase, dirs, args):
+def saved_precisions(saved, args):
     """The precisions a run to be resumed used (measured ones are not measured again)."""
     if not args.resume:
         return None
-    from checkpoint import load_file
-    for d in dirs.values():
-        path = os.path.join(d, f'last_{phase}.pt')
-        if os.path.exists(path):
-            config = load_file(path, 'training state').get('config', {})
-            if 'precision' in config:
-                return config['precision'], config.get('teacher_precision')
+    for _, state in saved.values():
+        if 'precision' in state['config']:
+            return state['config']['precision'], state['config'].get('teacher_precision')
     return None
 
 
@@ -221,9 +227,10 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         memory_estimate = check_memory(specs, device, args.num_classes, batch_shape, main_log)
     except GridTooLarge as e:
         raise UsageError(str(e)) from None
+    saved = load_states(phase, dirs)
     precisions, teacher_precision, measured = decide_precisions(
-        specs, device, args, dist, batch_shape, teacher,
-        saved_precisions(phase, dirs, args), main_log)
+        specs, device, args, dist, batch_shape, teacher, saved_precisions(saved, args),
+        main_log)
 
     base_config = {k: getattr(args, k) for k in (
         'dataset', 'num_classes', 'epochs', 'batch_size', 'lr', 'weight_decay', 'val_fraction',
@@ -258,7 +265,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                  f"({', '.join(f'{k} {v:.3f}s' for k, v in teacher_form['seconds_per_batch'].items())}"
                  f" per batch)")
     configs = {s: dict(base_config, seed=s) for s in seeds}
-    states = find_states(phase, dirs, args, configs)
+    states = find_states(phase, saved, args, configs)
     if args.resume and not states:
         main_log(f'--resume: no saved {phase} state in {args.out_dir}; starting from the '
                  f'beginning')

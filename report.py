@@ -438,8 +438,8 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
     models.update(aggregate_models(per_seed))
     results['models'] = models
     if phase == 'students':
-        results['kd_gain'] = kd_gain(per_seed)
         results['gains'] = gains(per_seed)
+        results['kd_gain'] = results['gains'].get('student_kd')
         teacher_accs = [v['models']['teacher_in_use']['test_acc'] for v in summaries.values()]
         results['teacher_in_use'] = {'checkpoint': config.get('teacher_checkpoint'),
                                      'sha256': config.get('teacher_sha256'),

@@ -305,12 +305,12 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         for spec in specs:
             summaries[seed]['models'][spec.name]['arch'] = spec.arch
         if dist.is_main:
-            write_model_records(dirs[seed], specs, summaries[seed]['models'], configs[seed])
+            hashes = write_model_records(dirs[seed], specs, summaries[seed]['models'],
+                                         configs[seed])
             if phase == 'teacher':  # the students' phase and --evaluate reuse them
-                from checkpoint import file_sha256
-                path = os.path.join(dirs[seed], 'best_teacher.pth')
-                save_test_logits(path, test_logits['teacher'], logits_key(
-                    file_sha256(path), args.dataset, args.subset, data.num_test))
+                save_test_logits(os.path.join(dirs[seed], 'best_teacher.pth'),
+                                 test_logits['teacher'], logits_key(
+                                     hashes['teacher'], args.dataset, args.subset, data.num_test))
             else:
                 promote_best_student(dirs[seed], specs, summaries[seed]['models'], main_log)
         if args.seeds is not None and dist.is_main:
@@ -328,22 +328,26 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
 
 def write_model_records(run_dir, specs, models, config):
     """best_<name>.json beside each best_<name>.pth: what the weights are (architecture, class
-    count, loss) and which data selected them, so later phases can rebuild and check them."""
+    count, loss) and which data selected them, so later phases can rebuild and check them.
+    Returns {name: sha256 of its checkpoint}."""
     from checkpoint import file_sha256, write_record
+    hashes = {}
     for spec in specs:
         path = os.path.join(run_dir, f'best_{spec.name}.pth')
         entry = models.get(spec.name, {})
         if not os.path.exists(path):
             continue
+        hashes[spec.name] = file_sha256(path)
         write_record(path, {
             'model': spec.name, 'arch': spec.arch, 'num_classes': config['num_classes'],
             'loss': spec.loss, 'loss_params': spec.params, 'seed': config['seed'],
             **{k: config.get(k) for k in ('dataset', 'split_seed', 'val_fraction', 'subset',
                                           'val_images_sha256', 'epochs')},
             'best_epoch': entry.get('best_epoch'), 'best_val_acc': entry.get('best_val_acc'),
-            'test_acc': entry.get('test_acc'), 'sha256': file_sha256(path),
+            'test_acc': entry.get('test_acc'), 'sha256': hashes[spec.name],
             **({'teacher_sha256': config['teacher_sha256']} if 'teacher_sha256' in config else {}),
         })
+    return hashes
 
 
 def promote_best_student(run_dir, specs, models, log):

@@ -295,13 +295,14 @@ def write_csv(path, rows, fields):
     atomic_write_text(path, buf.getvalue())
 
 
-def phase_part_names(trainees):
-    """The loss parts logged for a phase: the union over its trainees, 'ce' first.
+def phase_part_names(parts_of):
+    """The loss parts logged for a phase: the union over its models' parts, 'ce' first.
 
-    Every CSV of a phase has the same columns; a part a model's loss lacks stays empty."""
+    parts_of: {model name: get_part_names(trainee)}. Every CSV of a phase has the same
+    columns; a part a model's loss lacks stays empty."""
     names = []
-    for t in trainees:
-        for p in get_part_names(t):
+    for parts in parts_of.values():
+        for p in parts:
             if p not in names:
                 names.append(p)
     return sorted(names, key=lambda p: p != 'ce')
@@ -416,7 +417,7 @@ def train_epoch(trainees, data, recipe, epoch, progress, sums, *, teacher, teach
         # over several processes the ranks agree on stopping every few batches only
         if stop is not None and (batch_index % STOP_CHECK_EVERY == 0 or not multi_process) \
                 and any_rank(stop.requested):
-            raise _StopAt(batch_index, lr, images_seen)
+            raise _StopAt(batch_index)
         lr = lr_at(epoch * steps_per_epoch + batch_index, total_steps, n_warmup, recipe.lr)
         if stack is not None:
             stack.set_lr(lr)
@@ -438,9 +439,11 @@ def train_epoch(trainees, data, recipe, epoch, progress, sums, *, teacher, teach
 
 
 class _StopAt(Exception):
-    def __init__(self, batch_index, lr, images_seen):
+    """A stop request seen before batch `batch_index` (the batches before it are done)."""
+
+    def __init__(self, batch_index):
         super().__init__(batch_index)
-        self.batch_index, self.lr, self.images_seen = batch_index, lr, images_seen
+        self.batch_index = batch_index
 
 
 def evaluate_epoch(trainees, data, epoch, epochs, progress, run_dir, *, test_every, is_main):
@@ -486,8 +489,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     multi_process = dist is not None and dist.enabled
     world_size = dist.world_size if dist else 1
     state_path = os.path.join(run_dir, f'last_{phase}.pt')
-    part_names = phase_part_names(trainees)
     parts_of = {t.name: get_part_names(t) for t in trainees}
+    part_names = phase_part_names(parts_of)
     fields = csv_fields(part_names)
     prog = restore_state(resume_state, trainees, device) if resume_state is not None \
         else PhaseProgress()

@@ -85,15 +85,26 @@ def stacking_problem(trainees, multi_process, compiled):
     return None
 
 
-def time_both(trainees, recipe, teacher, images, labels, teacher_precision, steps=3):
-    """Seconds per step of the plain loop and of the stack, on copies of the trainees."""
-    from train import train_step, train_step_stacked
-    device = images.device
-
+def seconds_per_step(step, device, steps, warmup=1):
+    """Mean wall seconds of step() over `steps` calls, after `warmup` untimed ones (one-time
+    kernel choices, cuDNN's autotuning), with the device synchronised around the timed calls."""
     def sync():
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
 
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def time_both(trainees, recipe, teacher, images, labels, teacher_precision, steps=3):
+    """Seconds per step of the plain loop and of the stack, on copies of the trainees."""
+    from train import train_step, train_step_stacked
     seconds = {}
     for mode in ('loop', 'stacked'):
         copies = copy.deepcopy(trainees)
@@ -105,11 +116,5 @@ def time_both(trainees, recipe, teacher, images, labels, teacher_precision, step
             else:
                 train_step_stacked(stack, teacher, images, labels, teacher_precision)
 
-        step()  # warm-up
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        seconds[mode] = (time.perf_counter() - start) / steps
+        seconds[mode] = seconds_per_step(step, images.device, steps)
     return seconds

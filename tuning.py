@@ -11,7 +11,6 @@
 """
 import copy
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.fx as fx
@@ -19,13 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from train import autocast
+
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
 PROBE_SLOWDOWN_LIMIT = 2.0   # a precision this much slower on the probe is not timed further
 COMPILE_WORTH_SECONDS = 600  # try compiling the teacher only when its forwards take longer
-
-
-def _autocast(device, dtype):
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _seconds(fn, repeats):
@@ -40,12 +37,12 @@ def _step_fn(model, images, labels, dtype, training):
     device = images.device
     if not training:
         def step():
-            with torch.inference_mode(), _autocast(device, dtype):
+            with torch.inference_mode(), autocast(device, dtype):
                 model(images)
         return step
 
     def step():
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             loss = F.cross_entropy(model(images).float(), labels)
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -151,7 +148,7 @@ def fastest_teacher(teacher, batch_shape, device, precision, forwards_ahead, log
     quarter = images[:max(1, batch_shape[0] // 4)]
 
     def forward(model, x):
-        with torch.inference_mode(), _autocast(device, precision):
+        with torch.inference_mode(), autocast(device, precision):
             return model(x).float()
 
     reference = forward(teacher, quarter)  # also eager's warm-up

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +34,7 @@ def main(argv=None):
     sys.path.insert(0, ROOT)
     import torch
     from models import StudentNet, TeacherNet
-    from stacked import StudentStack
+    from stacked import StudentStack, seconds_per_step
     from train import (Recipe, Trainee, choose_precision, precision_name, train_step,
                        train_step_stacked)
     from tuning import faster_precision, fold_batchnorm, measure_precisions
@@ -61,29 +60,18 @@ def main(argv=None):
         return [Trainee(f's{i}', StudentNet(), 'ce' if i == n - 1 and n > 1 else 'kd', recipe,
                         device, precision) for i in range(n)]
 
-    def sync():
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-
-    def seconds_per_step(step):
-        step()
-        step()  # warm-up, and cuDNN's autotuning
-        sync()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync()
-        return (time.perf_counter() - start) / args.steps
+    def timed(step):
+        return seconds_per_step(step, device, args.steps, warmup=2)
 
     one = students(1)
     grid = students(args.students)
     stack = StudentStack(students(args.students), recipe)
     results = {
-        'single student': seconds_per_step(
+        'single student': timed(
             lambda: train_step(one, teacher, images, labels, recipe, teacher_precision)),
-        f'{args.students} students, loop': seconds_per_step(
+        f'{args.students} students, loop': timed(
             lambda: train_step(grid, teacher, images, labels, recipe, teacher_precision)),
-        f'{args.students} students, stacked': seconds_per_step(
+        f'{args.students} students, stacked': timed(
             lambda: train_step_stacked(stack, teacher, images, labels, teacher_precision)),
     }
     device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'

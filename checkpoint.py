@@ -13,16 +13,33 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, not a checkpoint, or of another model."""
 
 
+def current_umask():
+    """The process's file-mode creation mask.
+
+    Python can read it only by setting it: 0o077 meanwhile, so a file another thread creates in
+    that instant gets fewer permissions, never more.
+    """
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path, write):
     """Write through a temporary file in the same folder, fsync it, then os.replace it into place.
 
     A crash at any instant leaves either the old file or the complete new one, never a torn one.
+    The file gets the mode open() would give a new file (0o666 & ~umask, 0644 under umask 022).
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
                                dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
+            # mkstemp creates its file 0600 whatever the umask, and the rename keeps that mode
+            try:
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
+            except OSError:  # a file system without permissions (FAT, some shares): its own
+                pass
             write(f)
             f.flush()
             os.fsync(f.fileno())

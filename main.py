@@ -169,7 +169,7 @@ def validate(args):
 def main(argv=None):
     from checkpoint import CheckpointError
     from distributed import shutdown_distributed
-    from train import NonFiniteLoss, TrainingInterrupted
+    from train import NonFiniteLoss, StopNow, TrainingInterrupted
     from utils import DataError
     try:
         args = build_parser().parse_args(argv)
@@ -187,9 +187,18 @@ def main(argv=None):
         print(f'\nInterrupted (signal {int(e.signum)}); the state is saved in {e.state_path}.\n'
               f'Resume with: {resume_command()}', file=sys.stderr)
         return 128 + int(e.signum)
-    except KeyboardInterrupt:
-        print('\nInterrupted; the state of the last finished epoch is kept. Resume with: '
-              f'{resume_command()}', file=sys.stderr)
+    except StopNow as e:  # a second Ctrl-C: no state saved now, say which ones exist
+        if os.environ.get('RANK', '0') != '0':
+            return 128 + int(e.signum)
+        if e.kept is None:
+            print('\nInterrupted before any training state of this run was saved; run the same '
+                  'command again to start over.', file=sys.stderr)
+        else:
+            print(f'\nInterrupted; kept: {e.kept}. Resume with: {resume_command()}',
+                  file=sys.stderr)
+        return 128 + int(e.signum)
+    except KeyboardInterrupt:  # outside the training loop: nothing was being saved
+        print(f'\nInterrupted. Resume with: {resume_command()}', file=sys.stderr)
         return 130
     except OSError as e:  # a full disk, a folder that vanished: say what, not where in the code
         print(f'error: {e}', file=sys.stderr)

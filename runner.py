@@ -175,6 +175,42 @@ def saved_precisions(saved, args):
     return None
 
 
+def resumed_amp(saved, amp):
+    """The --amp setting a resumed run records: the one it started with when amp is None
+    (auto), else amp, once it agrees with the precision the run trained in.
+
+    A resumed run keeps its precision, so an explicit --amp (bf16 / fp16) on a run that trained
+    any model in fp32, or --no-amp on one that used a lower precision, would be recorded but
+    not run: UsageError, naming the saved precision. saved: load_states's result.
+    """
+    started = amp
+    for path, state in saved.values():
+        config = state['config']
+        if 'precision' not in config:
+            continue
+        used = set(config['precision'].values()) | (
+            {config['teacher_precision']} if config.get('teacher_precision') else set())
+        if (amp is True and 'fp32' in used) or (amp is False and used != {'fp32'}):
+            raise UsageError(
+                f"cannot resume {path} with --{'' if amp else 'no-'}amp: that run trained in "
+                f"{' and '.join(sorted(used))}, and a resumed run keeps its precision; resume "
+                f"without --{'' if amp else 'no-'}amp, or start over with --restart")
+        if amp is None:
+            started = config.get('amp')
+    return started
+
+
+def describe_resume(seed, path, state, steps_per_epoch):
+    """The line a resumed seed prints: where it continues and when its state was saved."""
+    saved = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(os.path.getmtime(path)))
+    epochs = state['config'].get('epochs')
+    if state['finished']:
+        return (f'seed {seed}: finished all {epochs} epochs already (state saved {saved} in '
+                f'{path}); nothing to train')
+    return (f"resuming seed {seed} from epoch {state['epoch'] + 1} of {epochs}, batch "
+            f"{state['batch'] + 1} of {steps_per_epoch} (state saved {saved} in {path})")
+
+
 def make_trainees(specs, recipe, device, precisions, args, dist, seed):
     """The trainees of one seed. Students start from identical weights: differences between
     them come from their losses alone."""
@@ -200,8 +236,10 @@ def make_trainees(specs, recipe, device, precisions, args, dist, seed):
 # A phase, once per seed
 
 def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=None,
-                          teacher_info=None):
-    """Train one phase once per seed; return {seed: summary}, the run folders and the config."""
+                          teacher_info=None, configuration=None):
+    """Train one phase once per seed; return {seed: summary}, the run folders and the config.
+
+    configuration: resolved_configuration's view, recorded in the config as printed."""
     from memory import GridTooLarge, check_memory, peak_memory_mb
     from report import write_results
     from teacher import logits_key, save_test_logits, teacher_test_logits
@@ -228,14 +266,16 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     except GridTooLarge as e:
         raise UsageError(str(e)) from None
     saved = load_states(phase, dirs)
+    amp = resumed_amp(saved, args.amp) if args.resume else args.amp
     precisions, teacher_precision, measured = decide_precisions(
         specs, device, args, dist, batch_shape, teacher, saved_precisions(saved, args),
         main_log)
 
     base_config = {k: getattr(args, k) for k in (
         'dataset', 'num_classes', 'epochs', 'batch_size', 'lr', 'weight_decay', 'val_fraction',
-        'split_seed', 'subset', 'test_every', 'data_dir', 'out_dir', 'compile', 'amp')}
-    base_config.update(device=str(device), world_size=dist.world_size,
+        'split_seed', 'subset', 'test_every', 'data_dir', 'out_dir', 'compile')}
+    base_config.update(amp=amp, configuration=configuration, device=str(device),
+                       world_size=dist.world_size,
                        precision={n: precision_name(p) for n, p in precisions.items()},
                        precision_measured=measured, val_images_sha256=data.val_fingerprint(),
                        memory_estimate_mb=round(memory_estimate / 2**20, 1))
@@ -244,12 +284,11 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         base_config['teacher_arch'] = specs[0].arch
     else:
         distilled = [s for s in specs if s.name != 'student_base']
-        # one setting: its resolved T and alpha (as before); a grid: the values asked for
-        hyper = distilled[0].params if len(distilled) == 1 else {
-            'temperature': args.temperature, 'alpha': args.alpha}
+        # every loss's resolved settings; one setting also as its T and alpha (those it takes)
+        base_config.update(distilled[0].params if len(distilled) == 1 else {})
         base_config.update(
-            student_arch=specs[0].arch, loss=args.loss, temperature=hyper.get('temperature'),
-            alpha=hyper.get('alpha'), no_baseline=args.no_baseline,
+            student_arch=specs[0].arch, loss=args.loss, loss_settings=loss_settings(specs),
+            no_baseline=args.no_baseline,
             students=[{'name': s.name, 'loss': s.loss, 'params': s.params} for s in specs],
             teacher_checkpoint=args.teacher_checkpoint, teacher_arch=teacher_info['arch'],
             teacher_sha256=teacher_info['sha256'],
@@ -289,6 +328,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                  + ', '.join(sorted({precision_name(p) for p in precisions.values()}))
                  + (f', teacher {precision_name(teacher_precision)}' if teacher is not None
                     else ''))
+        if seed in states and dist.is_main:
+            main_log(describe_resume(seed, saved[seed][0], states[seed], len(data.train)))
         callback = (lambda epoch, rows, s=seed: log_tensorboard(writer, phase, s, epoch, rows)) \
             if writer else None
         seed_start = time.time()
@@ -432,6 +473,125 @@ def evaluate_checkpoints(args, device, arrays, log):
 
 
 # ---------------------------------------------------------------------------------------------
+# The resolved configuration
+
+def loss_settings(specs):
+    """{loss: {hyper-parameter: [values]}} of the distilled students in specs (the settings that
+    train, defaults applied), in the students' order; the baseline's 'ce' takes none."""
+    settings = {}
+    for spec in specs:
+        if spec.loss == 'ce':
+            continue
+        entry = settings.setdefault(spec.loss, {})
+        for key, value in spec.params.items():
+            if value not in entry.setdefault(key, []):
+                entry[key].append(value)
+    return settings
+
+
+def describe_loss_settings(settings, alpha_given):
+    """['kd: T=4 (its default), alpha=0.1 (its default)', ...]: one line per loss of
+    loss_settings's result. alpha_given: --alpha was on the command line (said where it does not
+    apply)."""
+    from losses import get_loss
+    symbols = {'temperature': 'T', 'alpha': 'alpha'}
+    lines = []
+    for name, values in settings.items():
+        defaults = get_loss(name).defaults
+        parts = []
+        for key, given in values.items():
+            text = ', '.join(f'{v:g}' for v in given)
+            if given == [defaults.get(key)]:
+                text += ' (its default)'
+            parts.append(f'{symbols.get(key, key)}={text}')
+        if alpha_given and 'alpha' not in defaults:
+            parts.append('--alpha does not apply')
+        lines.append(f'{name}: ' + ', '.join(parts))
+    return lines
+
+
+def resolved_configuration(phase, args, device, world_size=1, specs=None, teacher_arch=None):
+    """What `phase` ('teacher', 'students' or 'evaluate') runs with, every value resolved, as an
+    ordered {label: value}: only the settings that apply to the phase, defaults applied (the
+    learning rate scaled to the batch, each loss's own T and alpha, the teacher's architecture
+    from its checkpoint's record), never None. Values are strings, numbers or lists of strings
+    (one line each). The run prints it under 'Configuration:' and results.json records it as
+    its phase's config['configuration'].
+
+    args: main.py's parsed flags, with args.lr resolved; specs: runner.phase_specs's models of
+    the phase (not for 'evaluate'); teacher_arch: the students' teacher's architecture.
+    """
+    from recipe import BASE_LR, BATCH_SIZE, default_lr
+    from report import device_name
+    from train import choose_precision, precision_name
+
+    def architecture(name, default):
+        return name + (' (the default)' if name == default else '')
+
+    def amp():
+        if args.amp is None and phase != 'evaluate':  # measured or ruled per device later on
+            return ('kept from the saved run, else auto (decided below)' if args.resume else
+                    'auto (decided below)')
+        # --evaluate, and forced modes, follow the fixed rule
+        role = 'student' if phase == 'students' else 'teacher'
+        name = precision_name(choose_precision(role, device, args.amp))
+        return name + (' (auto)' if args.amp is None else ' (--amp)' if args.amp else
+                       ' (--no-amp)')
+
+    view = {'phase': phase, 'dataset': f'{args.dataset} ({args.num_classes} classes)',
+            'data dir': args.data_dir,
+            'subset': 'all' if args.subset is None else args.subset}
+    if phase == 'evaluate':
+        view['checkpoints'] = os.path.join(args.out_dir, 'best_*.pth')
+        view['amp'] = amp()
+        view['device'] = device_name(device)
+        return view
+    from teacher import DEFAULT_TEACHER_ARCH
+    if phase == 'teacher':
+        view['teacher arch'] = architecture(specs[0].arch, DEFAULT_TEACHER_ARCH)
+    else:
+        view['student arch'] = architecture(specs[0].arch, DEFAULT_STUDENT_ARCH)
+        view['teacher checkpoint'] = args.teacher_checkpoint
+        view['teacher arch'] = teacher_arch
+        view['losses'] = describe_loss_settings(loss_settings(specs), args.alpha is not None)
+        distilled = distilled_names(specs)
+        view['students'] = f'{len(distilled)}: ' + ', '.join(distilled)
+        view['baseline'] = ('off (--no-baseline)' if args.no_baseline else
+                            'student_base (cross-entropy on the labels only)')
+    view['epochs'] = args.epochs
+    view['batch size'] = args.batch_size
+    view['lr'] = f'{args.lr:g}' + (f' ({BASE_LR:g} x batch size {args.batch_size} / {BATCH_SIZE})'
+                                   if args.lr == default_lr(args.batch_size) else '')
+    view['weight decay'] = f'{args.weight_decay:g}'
+    if args.seeds is None:
+        view['seed'] = args.seed
+    else:
+        view['seeds'] = ', '.join(map(str, args.seeds)) + ' (one folder each: seed<N>/)'
+    view['val fraction'] = f'{args.val_fraction:g}' + (
+        ' (no validation: the last epoch is kept)' if args.val_fraction == 0 else '')
+    view['split seed'] = args.split_seed
+    view['test every'] = f'{args.test_every} epoch(s)'
+    view['amp'] = amp()
+    if phase == 'students':
+        view['stack students'] = args.stack_students
+    view['compile'] = 'on' if args.compile else 'off'
+    view['resume'] = 'on' if args.resume else 'off (--restart)' if args.restart else 'off'
+    view['tensorboard'] = 'on' if args.tensorboard else 'off'
+    view['out dir'] = args.out_dir
+    view['device'] = device_name(device) + (f' x {world_size} processes' if world_size > 1
+                                            else '')
+    return view
+
+
+def print_configuration(view, log=print):
+    """resolved_configuration's view, one label per line (a list continues on the next lines)."""
+    log('Configuration:')
+    for label, value in view.items():
+        for i, line in enumerate(value if isinstance(value, list) else [value]):
+            log(f'  {label if i == 0 else "":<20} {line}')
+
+
+# ---------------------------------------------------------------------------------------------
 # A whole invocation
 
 def rerun_command(models, args):
@@ -470,7 +630,7 @@ def run(args, log=print):
     """Run what args ask for (main.py's parsed and validated flags); returns the exit code."""
     from datasets import get_dataset, load_dataset
     from distributed import barrier, init_distributed
-    from report import describe_gains, device_name, print_table, write_results
+    from report import describe_gains, print_table, write_results
     from teacher import TeacherMismatch, load_teacher, logits_key
     from train import StopSignal, configure_backends
 
@@ -486,15 +646,6 @@ def run(args, log=print):
     if args.teacher_checkpoint is None:
         args.teacher_checkpoint = os.path.join(args.out_dir, 'best_teacher.pth')
     phase = 'evaluate' if args.evaluate else 'teacher' if args.train_teacher else 'students'
-    if dist.is_main:
-        log('Configuration:')
-        for key, value in sorted(vars(args).items()):
-            log(f'  {key:<20} {value}')
-        log(f'  {"device (resolved)":<20} {device_name(device)}'
-            + (f' x {dist.world_size} processes' if dist.enabled else ''))
-        if args.subset:
-            log(f'  --subset {args.subset}: a quick run on part of {spec.title}, not comparable '
-                f'to full-data numbers')
     check_out_dir(args.out_dir)
 
     teacher, teacher_info = None, None
@@ -505,6 +656,15 @@ def run(args, log=print):
         except TeacherMismatch as e:
             raise UsageError(str(e)) from None
         teacher_info = {'arch': arch, 'sha256': sha}
+    configuration = resolved_configuration(
+        phase, args, device, dist.world_size,
+        phase_specs(phase, args) if phase != 'evaluate' else None,
+        teacher_info['arch'] if teacher_info else None)
+    if dist.is_main:
+        print_configuration(configuration, log)
+        if args.subset:
+            log(f'  --subset {args.subset}: a quick run on part of {spec.title}, not comparable '
+                f'to full-data numbers')
 
     if dist.is_main:  # one process downloads; the others wait and read
         arrays = load_dataset(args.data_dir, spec)
@@ -532,7 +692,8 @@ def run(args, log=print):
     stop.install()
     try:
         summaries, dirs, config = train_phase_for_seeds(phase, args, device, dist, arrays, log,
-                                                        stop, teacher, teacher_info)
+                                                        stop, teacher, teacher_info,
+                                                        configuration)
     finally:
         stop.uninstall()
     if dist.is_main:

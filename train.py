@@ -41,14 +41,25 @@ class NonFiniteLoss(Exception):
     pass
 
 
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: training stops at once, without saving. `kept` says in words
+    which training states are on disk (StopSignal.describe_saved)."""
+
+    def __init__(self, signum, kept):
+        super().__init__(kept)
+        self.signum, self.kept = signum, kept
+
+
 class StopSignal:
     """SIGINT/SIGTERM set a flag that the loop reads at the next batch boundary.
 
-    A second signal interrupts at once (the state of the last finished epoch is kept on disk).
+    A second signal interrupts at once with StopNow, which says what is on disk: train_phase
+    records every state it starts from or saves in `saved`.
     """
 
     def __init__(self):
         self.signum = None
+        self.saved = {}  # state path -> (epochs finished, batches of the next, finished) or None
 
     @property
     def requested(self):
@@ -64,8 +75,30 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise StopNow(signum, self.describe_saved())
         self.signum = signum
+
+    def describe_saved(self):
+        """What the training states of this invocation hold, in words, or None when none has
+        been saved (nor resumed from)."""
+        if not any(self.saved.values()):
+            return None
+        parts = []
+        for path, where in self.saved.items():
+            if where is None:
+                parts.append(f'nothing yet for {path}')
+            elif where[2]:
+                parts.append(f'the finished run in {path}')
+            else:
+                parts.append(f'{describe_position(*where[:2])} in {path}')
+        return '; '.join(parts)
+
+
+def describe_position(epoch, batch):
+    """Where a saved state stands: 'the state of epoch 3' (epochs finished) or, saved mid-epoch,
+    'the state of epoch 4 after batch 12'."""
+    return f'the state of epoch {epoch + 1} after batch {batch}' if batch else \
+        f'the state of epoch {epoch}'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +540,12 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     def save(finished=False):
         if is_main:
             save_state(state_path, phase, trainees, prog, config, finished)
+            if stop is not None:  # what a second Ctrl-C reports as kept
+                stop.saved[state_path] = (prog.epoch, prog.batch, finished)
+
+    if stop is not None:
+        stop.saved[state_path] = None if resume_state is None else (
+            resume_state['epoch'], resume_state['batch'], resume_state['finished'])
 
     for epoch in range(prog.epoch, recipe.epochs):
         # a saved partial epoch holds the sums of all ranks: rank 0 alone takes them back
@@ -538,7 +577,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
         if timer is not None and timer.estimate is not None:
             prog.estimate, timer = timer.estimate, None
         sums.all_reduce()
-        check_finite(sums, phase, epoch, steps_per_epoch)
+        check_finite(sums, phase, epoch, steps_per_epoch,
+                     kept_files(prog, run_dir, state_path, resume_state is not None))
         train_seconds = time.time() - t0
         accs = evaluate_epoch(trainees, data, epoch + 1, recipe.epochs, prog, run_dir,
                               test_every=test_every, is_main=is_main)
@@ -565,15 +605,32 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     return summary
 
 
-def check_finite(sums, phase, epoch, steps_per_epoch):
-    """Stop every rank, before anything is written, when a loss became NaN or infinite."""
+def kept_files(progress, run_dir, state_path, resumed):
+    """What a run has written so far, in words, or None when nothing: the best_*.pth selected
+    so far (progress.best) and the training state it last saved or resumed from."""
+    kept = []
+    epochs = sorted({b['epoch'] for b in progress.best.values()})
+    if epochs:
+        kept.append(f'the best_*.pth in {run_dir} selected in epoch{"s" * (len(epochs) > 1)} '
+                    + ', '.join(map(str, epochs)))
+    if progress.epoch or resumed:  # saved at the end of every epoch, or where it resumed
+        kept.append(f'{describe_position(progress.epoch, progress.batch)} in {state_path}')
+    return ' and '.join(kept) or None
+
+
+def check_finite(sums, phase, epoch, steps_per_epoch, kept=None):
+    """Stop every rank, before anything is written, when a loss became NaN or infinite.
+
+    kept: kept_files's account of what the run has written so far (None: nothing)."""
     first_bad = sums.first_bad.reshape(1).clone()
     first_bad[first_bad < 0] = steps_per_epoch
     bad = int(all_reduce_min(first_bad).item())
     if bad < steps_per_epoch:
+        what = (f'kept: {kept}. Try a lower --lr with --restart' if kept else
+                'no checkpoint or training state of this run had been written. Try a lower '
+                '--lr')
         raise NonFiniteLoss(f'the {phase} loss became NaN or infinite in epoch {epoch + 1}, '
-                            f'batch {bad + 1}; training stopped and the checkpoints of the '
-                            f'last good epoch are kept. Try a lower --lr.')
+                            f'batch {bad + 1}; training stopped, {what}.')
 
 
 def format_epoch_line(phase, epoch, epochs, lr, trainees, history, seconds, images_per_s):

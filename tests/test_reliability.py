@@ -111,8 +111,19 @@ def test_sigterm_saves_mid_epoch_refuses_silent_restart_and_resumes(
     assert 'alpha' in capsys.readouterr().err
     assert snapshot(tmp_path) == before
 
+    # so is a precision the resumed run would not use (it keeps the saved one)
+    assert main.main(student_args(trained_run, tmp_path) + ['--resume', '--amp']) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume {tmp_path / 'last_students.pt'} with --amp: that run trained in fp32" \
+        in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before
+
     r = run_cli(*student_args(trained_run, tmp_path), '--resume')
     assert r.returncode == 0, r.stderr
+    steps = int(r.stdout.split(' steps per epoch')[0].split()[-1])
+    assert (f"resuming seed 0 from epoch {state['epoch'] + 1} of {EPOCHS}, batch "
+            f"{state['batch'] + 1} of {steps} (state saved ") in r.stdout
+    assert state['batch'] > 0   # stopped mid-epoch
     assert results_of(tmp_path) == results_of(uninterrupted)
     assert logs_of(tmp_path) == logs_of(uninterrupted)
 
@@ -282,7 +293,10 @@ def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_checkpoints(
     r = run_cli(*student_args(trained_run, tmp_path), '--lr', '1e30')
     assert r.returncode == 1
     assert 'NaN or infinite in epoch 1, batch' in r.stderr and 'Traceback' not in r.stderr
-    assert snapshot(tmp_path)['best_student_kd.pth'] == before['best_student_kd.pth']
+    # nothing of this run was written, and the message says so (an earlier file stays as it was)
+    assert 'no checkpoint or training state of this run had been written. Try a lower --lr.' \
+        in r.stderr
+    assert snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +347,12 @@ def test_resume_from_a_state_saved_with_eight_gpus_finishes(trained_run, tmp_pat
     state['finished'] = False
     state['config']['epochs'] = int(EPOCHS)
     torch.save(state, path)
-    resumed = run_cli(*args, '--resume')
+    # without --no-amp: a resumed run keeps the precision it started with, and records it
+    resumed = run_cli(*[a for a in args if a != '--no-amp'], '--resume')
     assert resumed.returncode == 0, resumed.stderr
     assert 'Traceback' not in resumed.stderr
+    assert f'resuming seed 0 from epoch 2 of {EPOCHS}, batch 1 of ' in resumed.stdout
     with open(tmp_path / 'results.json') as f:
-        assert json.load(f)['phases']['students']['config']['epochs'] == int(EPOCHS)
+        config = json.load(f)['phases']['students']['config']
+    assert config['epochs'] == int(EPOCHS)
+    assert config['amp'] is False and set(config['precision'].values()) == {'fp32'}

@@ -37,12 +37,14 @@ LS_EPS = 1e-7
 @dataclass(frozen=True)
 class DistillLoss:
     """One registered loss: its function, the defaults of the hyper-parameters it takes, whether
-    it needs a teacher, and one sentence on how --alpha / --temperature map onto its weights."""
+    it needs a teacher, one sentence on how --alpha / --temperature map onto its weights, and
+    the epochs over which its distillation weight ramps up (0: full weight from the start)."""
     name: str
     fn: Callable
     defaults: Mapping[str, float]
     uses_teacher: bool
     help: str
+    warmup_epochs: int = 0
 
     def __deepcopy__(self, memo):  # immutable and registered once: copies share it
         return self
@@ -51,11 +53,13 @@ class DistillLoss:
 LOSSES = {}
 
 
-def register_loss(name, *, defaults=None, uses_teacher=True, help):
+def register_loss(name, *, defaults=None, uses_teacher=True, help, warmup_epochs=0):
     """Decorator: register `fn` under `name` in LOSSES (a second loss of the same name is refused).
 
     defaults maps the hyper-parameters the loss takes (a subset of 'temperature', 'alpha') to
-    their default values; the function is returned unchanged.
+    their default values; warmup_epochs is how many epochs the function's own ramp of the
+    distillation weight lasts (reports say when a run was shorter). The function is returned
+    unchanged.
     """
     defaults = dict(defaults or {})
     unknown = set(defaults) - set(HYPER_PARAMETERS)
@@ -67,7 +71,8 @@ def register_loss(name, *, defaults=None, uses_teacher=True, help):
     def decorator(fn):
         if name in LOSSES:
             raise ValueError(f'a loss named {name!r} is already registered')
-        LOSSES[name] = DistillLoss(name, fn, MappingProxyType(ordered), bool(uses_teacher), help)
+        LOSSES[name] = DistillLoss(name, fn, MappingProxyType(ordered), bool(uses_teacher), help,
+                                   int(warmup_epochs))
         return fn
 
     return decorator
@@ -151,7 +156,7 @@ def kd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0,
     return alpha * ce + (1 - alpha) * kd, {'ce': ce, 'kd': kd}
 
 
-@register_loss('dkd', defaults={'temperature': 4.0},
+@register_loss('dkd', defaults={'temperature': 4.0}, warmup_epochs=DKD_WARMUP_EPOCHS,
                help='loss = CE + min(epoch/20, 1)*(1*TCKD + 8*NCKD) (Zhao et al., authors\' CIFAR '
                     'weights): --temperature is T in both terms and --alpha does not apply.')
 def dkd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0):

@@ -9,6 +9,8 @@ import subprocess
 import torch
 import torch.nn.functional as F
 
+from losses import get_loss
+
 MODEL_LABELS = {'teacher': 'Teacher (ResNet-18)', 'student_kd': 'Student (KD)',
                 'student_base': 'Student (baseline)'}
 
@@ -158,17 +160,23 @@ def results_table(results):
     """A Markdown table of every model in results.json, students ranked by validation accuracy,
     then the paired differences to the baseline."""
     models = results.get('models', {})
-    lines = ['| Model | Params | Test acc. (%) | Last-epoch acc. (%) | ECE (%) | '
-             'Agreement w/ teacher (%) | KL to teacher | Seeds | Val. acc. (%) | Loss |',
+    ranked = _ranked_on_validation(models)
+    val_head = 'Val. acc. (%) ↓' if ranked else 'Val. acc. (%)'
+    lines = [f'| Model | Params | {val_head} | Test acc. (%) | Last-epoch acc. (%) | ECE (%) | '
+             'Agreement w/ teacher (%) | KL to teacher | Seeds | Loss |',
              '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
     order = (['teacher'] if 'teacher' in models else []) + ranked_students(models)
     for name in order:
         e = models[name]
         lines.append(f"| {model_label(name, e)} | {e['params'] / 1e6:.2f}M | "
-                     f"{_pm(e, 'test_acc')} | {_pm(e, 'last_test_acc')} | {_pm(e, 'ece')} | "
+                     f"{_pm(e, 'best_val_acc')} | {_pm(e, 'test_acc')} | "
+                     f"{_pm(e, 'last_test_acc')} | {_pm(e, 'ece')} | "
                      f"{_pm(e, 'agreement')} | {_pm(e, 'kl_to_teacher', 3)} | "
-                     f"{len(e['seeds'])} | {_pm(e, 'best_val_acc')} | {describe_loss(e)} |")
+                     f"{len(e['seeds'])} | {describe_loss(e)} |")
     lines.append('')
+    if ranked:
+        lines += ['↓ The students are ranked by validation accuracy (it selects the checkpoints); '
+                  'the test accuracy only reports.', '']
     all_gains = results.get('gains') or {}
     if len(all_gains) > 1:
         lines += ['| Student − baseline (paired, test acc.) | Mean | Per seed | 95% CI |',
@@ -179,19 +187,28 @@ def results_table(results):
             lines.append(f"| {name} | {g['mean']:+.2f} | "
                          f"{', '.join(f'{d:+.2f}' for d in g['per_seed'])} | {ci} |")
         lines.append('')
+        if any(g['ci95'] is None for g in all_gains.values()):
+            lines += [NO_INTERVAL, '']
     if len(all_gains) <= 1:
         lines.append(describe_gain(results.get('kd_gain')))
     return '\n'.join(lines)
 
 
-def describe_gain(gain, label='KD'):
+NO_INTERVAL = 'n is too small for a confidence interval (run at least 2 seeds).'
+
+
+def describe_gain(gain, label='KD', interval_note=True):
+    """One sentence on a paired difference to the baseline (test accuracy, points).
+
+    interval_note=False leaves out why a single seed has no interval (a list of gains says it
+    once, see describe_gains)."""
     if not gain:
         return f'{label} − baseline: not measured (train both students with the same seeds).'
     per_seed = ', '.join(f'{d:+.2f}' for d in gain['per_seed'])
     text = f"{label} − baseline (paired, test accuracy): {gain['mean']:+.2f} points over " \
            f"{gain['n']} seed{'s' if gain['n'] != 1 else ''} ({per_seed})"
     if gain['ci95'] is None:
-        return text + '; n is too small for a confidence interval (run at least 2 seeds).'
+        return text + ('; ' + NO_INTERVAL if interval_note else '.')
     lo, hi = gain['ci95']
     verdict = 'excludes 0' if lo > 0 or hi < 0 else 'includes 0: not distinguishable from noise'
     return text + f'; 95% CI [{lo:+.2f}, {hi:+.2f}] (Student t, n−1 = {gain["n"] - 1}), {verdict}.'
@@ -207,12 +224,16 @@ def describe_loss(entry):
 
 
 def describe_gains(results):
-    """The console lines on the paired differences to the baseline, best on validation first."""
+    """The console lines on the paired differences to the baseline, best on validation first;
+    why there is no confidence interval is said once, after them."""
     all_gains = results.get('gains') or {}
     if len(all_gains) <= 1:
         return [describe_gain(results.get('kd_gain'))]
-    return [describe_gain(all_gains[n], n) for n in ranked_students(results['models'])
-            if n in all_gains]
+    lines = [describe_gain(all_gains[n], n, interval_note=False)
+             for n in ranked_students(results['models']) if n in all_gains]
+    if any(g['ci95'] is None for g in all_gains.values()):
+        lines.append(NO_INTERVAL[0].upper() + NO_INTERVAL[1:])
+    return lines
 
 
 def results_markdown(results):
@@ -237,16 +258,46 @@ def results_markdown(results):
     return '\n'.join(lines)
 
 
+def _ranked_on_validation(models):
+    """Whether some student has a validation accuracy (none with --val-fraction 0 or from
+    --evaluate), i.e. whether ranked_students orders by it."""
+    return any(e.get('best_val_acc') is not None for n, e in models.items() if n != 'teacher')
+
+
 def print_table(models, log=print):
-    """The console table: the teacher, then the students best on validation first."""
+    """The console table: the teacher, then the students best on validation first, each with
+    its validation and test accuracy (%, mean ± std over seeds; '-' where not measured, as for
+    --evaluate, which only tests) and parameters."""
     width = max([22] + [len(model_label(n, e)) for n, e in models.items()])
-    log(f"{'Model':<{width}} {'Test acc.':>16} {'Params':>8}")
+    ranked = _ranked_on_validation(models)
+    if ranked:
+        log('Students ranked by validation accuracy (↓); the test set only reports.')
+    log(f"{'Model':<{width}} {'Val. acc. ↓' if ranked else 'Val. acc.':>16} {'Test acc.':>16} "
+        f"{'Params':>8}")
     for name in (['teacher'] if 'teacher' in models else []) + ranked_students(models):
         e = models[name]
-        log(f"{model_label(name, e):<{width}} {_pm(e, 'test_acc'):>16} {e['params'] / 1e6:>7.2f}M")
+        log(f"{model_label(name, e):<{width}} {_pm(e, 'best_val_acc'):>16} "
+            f"{_pm(e, 'test_acc'):>16} {e['params'] / 1e6:>7.2f}M")
     if 'student_kd' in models and 'student_base' in models:
         diff = models['student_kd']['test_acc'] - models['student_base']['test_acc']
-        log(f"{'KD − baseline':<{width}} {diff:>+16.2f}")
+        log(f"{'KD − baseline':<{width}} {'':>16} {diff:>+16.2f}")
+
+
+def warmup_notes(models, epochs):
+    """Sentences for the losses of `models` whose distillation weight ramps up over more epochs
+    than the run had (DKD's over losses.DKD_WARMUP_EPOCHS): such students never trained at their
+    full weight, so a ranking of them says little about the method."""
+    notes = []
+    for loss in dict.fromkeys(e.get('loss') for e in models.values() if e.get('loss')):
+        try:
+            ramp = get_loss(loss).warmup_epochs
+        except KeyError:   # a loss from another version of the code: nothing known about it
+            continue
+        if epochs < ramp:
+            notes.append(f'{loss} never reached its full distillation weight: it ramps up over '
+                         f'{ramp} epochs and this run had {epochs} (it ended at {epochs}/{ramp} '
+                         f'of it), so this run does not judge {loss} as its authors train it.')
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,30 +309,56 @@ def read_csv(path):
                 for row in csv.DictReader(f)]
 
 
-def plot_curves(run_dirs, path, log=print):
-    """curves.png: accuracy and loss per epoch for each model, mean over runs with a min-max band.
-
-    run_dirs: {model: [folders holding log_<model>.csv]}. Returns the path, or None when
-    matplotlib cannot be imported (said through `log`; the caller silences the per-seed calls
-    so a run says it once) or there is nothing to plot. A plot never fails the run.
-    """
+def _pyplot(log, what):
+    """matplotlib.pyplot on the Agg backend, or None (said through `log`) when it is missing or
+    broken: a run never fails for a plot."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
-    except Exception as e:  # missing, or installed but broken: the run must not fail for a plot
-        what = 'is not installed' if isinstance(e, ImportError) else f'cannot be used ({e})'
-        log(f'matplotlib {what}: skipping curves.png (pip install matplotlib)')
+    except Exception as e:
+        reason = 'is not installed' if isinstance(e, ImportError) else f'cannot be used ({e})'
+        log(f'matplotlib {reason}: skipping {what} (pip install matplotlib)')
         return None
+    return plt
+
+
+def _save(plt, make_figure, path, log):
+    """Draw with make_figure() (None: nothing to draw) and write it to path; returns the path or
+    None. A damaged CSV or a plotting error is said through `log` and skips the plot."""
     try:
-        return _draw_curves(plt, run_dirs, path)
-    except Exception as e:  # a damaged CSV or a plotting error: keep the results, skip the plot
+        fig = make_figure()
+        if fig is None:
+            return None
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+    except Exception as e:
         plt.close('all')
         log(f'could not draw {path}: {e}; skipping it')
         return None
 
 
-def _draw_curves(plt, run_dirs, path):
+def plot_curves(run_dirs, path, log=print, teacher_acc=None):
+    """curves.png: accuracy and the hard-label loss per epoch (see curves_figure).
+
+    run_dirs: {model: [folders holding log_<model>.csv]}; teacher_acc: the test accuracy (%) of
+    the teacher that taught the students, drawn as a reference line. Returns the path, or None
+    when matplotlib cannot be imported (said through `log`; the caller silences the per-seed
+    calls so a run says it once) or there is nothing to plot. A plot never fails the run.
+    """
+    plt = _pyplot(log, 'curves.png')
+    if plt is None:
+        return None
+    return _save(plt, lambda: curves_figure(run_dirs, teacher_acc), path, log)
+
+
+CURVE_HIGHLIGHTS = 5   # distilled students drawn in colour; the others are thin grey lines
+_HIGHLIGHT_COLOURS = ['tab:blue', 'tab:orange', 'tab:green', 'tab:red', 'tab:purple']
+
+
+def _read_series(run_dirs):
+    """{model: [rows of each run's CSV]} for the models with at least one non-empty CSV."""
     series = {}
     for model, folders in run_dirs.items():
         runs = [read_csv(os.path.join(d, f'log_{model}.csv')) for d in folders
@@ -289,42 +366,142 @@ def _draw_curves(plt, run_dirs, path):
         runs = [r for r in runs if r]
         if runs:
             series[model] = runs
+    return series
+
+
+def _mean_curve(runs, key):
+    """(epochs, mean, min, max) over the runs, at the epochs where every run has a value of key
+    (the test accuracy is measured every --test-every epochs only)."""
+    out = ([], [], [], [])
+    for i in range(min(len(r) for r in runs)):
+        values = [r[i].get(key) for r in runs]
+        if any(v is None for v in values):
+            continue
+        for column, v in zip(out, (int(runs[0][i]['epoch']), mean(values), min(values),
+                                   max(values))):
+            column.append(v)
+    return out
+
+
+def _selection_score(runs):
+    """(score, what it is): the mean over runs of each run's best validation accuracy (what
+    selects the checkpoints), or without a validation split the last epoch's test accuracy."""
+    best = [max(v) for r in runs if (v := [row['val_acc'] for row in r
+                                           if row.get('val_acc') is not None])]
+    if len(best) == len(runs):
+        return mean(best), 'val'
+    last = [r[-1].get('test_acc') for r in runs]
+    return (mean(last), 'test') if all(v is not None for v in last) else (None, None)
+
+
+def curves_figure(run_dirs, teacher_acc=None):
+    """The figure of curves.png, or None when no CSV holds a row.
+
+    Panels, per epoch: validation accuracy (%; it selects the checkpoints, absent without a
+    validation split), test accuracy (%) and the training cross-entropy on the labels (the
+    part every loss has, so the panel compares like with like). Each line is the mean over the
+    runs (seeds), with a min-max band for the highlighted models when there are several.
+    With students, the teacher is not plotted as a curve (its run is usually longer) but as a
+    dashed line at teacher_acc in the test panel; the baseline (black) and the
+    CURVE_HIGHLIGHTS distilled students best on validation are in colour, any others thin grey.
+    The legend sits below the panels; epochs are integers; with few epochs every point has a
+    marker, so a 1-epoch run shows its points.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogFormatter, MaxNLocator
+
+    series = _read_series(run_dirs)
     if not series:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    panels = [('test_acc', 'val_acc', 'Accuracy (%)'), ('train_loss', None, 'Training loss')]
-    colors = {'teacher': 'tab:gray', 'student_kd': 'tab:blue', 'student_base': 'tab:orange'}
-    colors.update({m: f'C{i + 3}' for i, m in enumerate(m for m in series if m not in colors)})
-    for ax, (key, key2, ylabel) in zip(axes, panels):
-        for model, runs in series.items():
-            # one colour per model; dashed = validation, solid = test or training
-            for k, style in ((key, '-'), (key2, '--')):
-                if k is None or any(row[k] is None for r in runs for row in r):
-                    continue
-                n = min(len(r) for r in runs)
-                epochs = [runs[0][i]['epoch'] for i in range(n)]
-                values = [[r[i][k] for r in runs] for i in range(n)]
-                avg = [mean(v) for v in values]
-                kind = 'test' if k == 'test_acc' else 'val' if k == 'val_acc' else 'train'
-                line, = ax.plot(epochs, avg, style, label=f'{model_label(model)} ({kind})',
-                                color=colors.setdefault(model, f'C{len(colors) % 10}'))
-                if len(runs) > 1 and style == '-':
-                    ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values],
-                                    color=line.get_color(), alpha=0.2)
-        ax.set_xlabel('Epoch')
-        ax.set_ylabel(ylabel)
+    students = [m for m in series if phase_of(m) == 'students']
+    if students:
+        series = {m: series[m] for m in students}
+    scores = {m: _selection_score(runs) for m, runs in series.items()}
+    distilled = sorted((m for m in series if m != 'student_base'),
+                       key=lambda m: -(scores[m][0] if scores[m][0] is not None else -1.0))
+    shown = distilled[:CURVE_HIGHLIGHTS]
+    others = distilled[CURVE_HIGHLIGHTS:]
+    style = {}   # model -> (colour, line width, z-order, gid)
+    if 'student_base' in series:
+        style['student_base'] = ('black', 2.2, 4, 'baseline')
+    for i, m in enumerate(shown):
+        style[m] = (_HIGHLIGHT_COLOURS[i], 1.8, 3, 'highlight')
+    for m in others:
+        style[m] = ('0.72', 0.8, 1, 'other')
+
+    n_epochs = max(int(row['epoch']) for runs in series.values() for r in runs for row in r)
+    n_runs = max(len(runs) for runs in series.values())
+    marker_size = (5 if n_epochs <= 10 else 3) if n_epochs <= 30 else 0
+    has_val = any(row.get('val_acc') is not None for runs in series.values() for r in runs
+                  for row in r)
+    panels = ([('val_acc', 'Validation accuracy (%)')] if has_val else []) + \
+        [('test_acc', 'Test accuracy (%)'), ('train_ce', 'Training cross-entropy on the labels')]
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4),
+                             layout='constrained', squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        ce_values = []
+        for m in sorted(series, key=lambda m: style[m][2]):   # grey first, highlighted on top
+            colour, width, z, gid = style[m]
+            xs, avg, lo, hi = _mean_curve(series[m], key)
+            if not xs:
+                continue
+            dots = {'marker': 'o', 'markersize': marker_size * (0.6 if gid == 'other' else 1)} \
+                if marker_size else {}
+            ax.plot(xs, avg, '-', color=colour, lw=width, zorder=z, gid=gid, **dots)
+            if n_runs > 1 and gid != 'other':
+                ax.fill_between(xs, lo, hi, color=colour, alpha=0.15, lw=0, zorder=z - 0.5)
+            if key == 'train_ce':
+                ce_values += [v for v in lo + hi if v > 0]
+        if key == 'test_acc' and students and teacher_acc is not None:
+            ax.axhline(teacher_acc, ls='--', color='0.3', lw=1.2, gid='teacher', zorder=2)
+        if key == 'train_ce' and ce_values and max(ce_values) / min(ce_values) > 10:
+            ax.set_yscale('log')   # the loss falls by orders of magnitude over a long run
+            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False,
+                                                      minor_thresholds=(1.5, 0.5)))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel('epoch')
+        pad = 0.5 if n_epochs <= 10 else 0.02 * n_epochs
+        ax.set_xlim(1 - pad, n_epochs + pad)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    n_runs = max(len(r) for r in series.values())
-    fig.suptitle(f'Mean over {n_runs} seed(s)' + (', band: min-max' if n_runs > 1 else ''))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+
+    score_name = {'val': 'best val.', 'test': 'last test'}
+    dots = {'marker': 'o', 'markersize': marker_size} if marker_size else {}
+    handles = []
+    if 'student_base' in series:
+        handles.append(Line2D([], [], color='black', lw=2.2, label=model_label('student_base'),
+                              **dots))
+    for m in shown:
+        score, what = scores[m]
+        handles.append(Line2D([], [], color=style[m][0], lw=1.8, **dots, label=model_label(m) + (
+            f' ({score_name[what]} {score:.2f}%)' if score is not None else '')))
+    if others:
+        what = 'validation' if scores[others[0]][1] == 'val' else 'last test accuracy'
+        handles.append(Line2D([], [], color='0.72', lw=0.8, label=(
+            f'{len(others)} other student{"s" if len(others) != 1 else ""}, below the '
+            f'{len(shown)} best on {what} (all in results.md)')))
+    if students and teacher_acc is not None:
+        handles.append(Line2D([], [], color='0.3', ls='--', lw=1.2,
+                              label=f'teacher, test accuracy {teacher_acc:.2f}%'))
+    if not students:
+        handles = [Line2D([], [], color=style[m][0], lw=1.8, label=model_label(m), **dots)
+                   for m in series]
+    fig.legend(handles=handles, loc='outside lower center', ncol=min(3, len(handles)),
+               fontsize=9, frameon=False)
+    who = 'Students' if students else ', '.join(model_label(m) for m in series)
+    fig.suptitle(f'{who}: {n_epochs} epoch{"s" if n_epochs != 1 else ""}, '
+                 + (f'mean over {n_runs} seeds (band: min–max)' if n_runs > 1 else '1 seed')
+                 + ('' if has_val else '; no validation split, ranked by the last test accuracy'),
+                 fontsize=11)
+    return fig
 
 
 def grid_cells(models):
-    """{loss: {(T, alpha): (validation accuracy, name)}} for losses trained on a grid of settings."""
+    """{loss: {(T, alpha): (validation accuracy, name)}} for every loss of a run that trained
+    some loss on two or more settings ({} otherwise)."""
     cells = {}
     for name, e in models.items():
         if name in ('teacher', 'student_base') or not e.get('loss') or e.get('best_val_acc') is None:
@@ -332,53 +509,80 @@ def grid_cells(models):
         params = e.get('loss_params') or {}
         cells.setdefault(e['loss'], {})[(params.get('temperature'), params.get('alpha'))] = \
             (e['best_val_acc'], name)
-    return {loss: c for loss, c in cells.items() if len(c) > 1}
+    return cells if any(len(c) > 1 for c in cells.values()) else {}
 
 
 def plot_grid(models, path, log=print):
-    """grid.png: a heat map per loss, temperature x alpha, of validation accuracy (the mean over
-    seeds), the baseline's in the title. Nothing is drawn when no loss has two settings."""
+    """grid.png: a heat map per loss, temperature x alpha, of validation accuracy (see
+    grid_figure). Nothing is drawn when no loss has two settings. Returns the path or None."""
+    if not grid_cells(models):
+        return None
+    plt = _pyplot(log, 'grid.png')
+    if plt is None:
+        return None
+    return _save(plt, lambda: grid_figure(models), path, log)
+
+
+def grid_figure(models):
+    """The figure of grid.png, or None when no loss has two settings.
+
+    One heat map per loss (rows: temperature T, columns: α), each cell the validation accuracy
+    (%, mean over seeds) and, under it, its difference to the baseline's. One colour scale for
+    all panels, diverging around the baseline: blue above it, red below, white level.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     cells = grid_cells(models)
     if not cells:
         return None
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except Exception:
-        log('matplotlib is not available: skipping grid.png (pip install matplotlib)')
-        return None
-    try:
-        fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False)
-        for ax, (loss, grid) in zip(axes[0], cells.items()):
-            temps = sorted({t for t, _ in grid}, key=lambda v: (v is None, v))
-            alphas = sorted({a for _, a in grid}, key=lambda v: (v is None, v))
-            values = [[grid.get((t, a), (float('nan'),))[0] for a in alphas] for t in temps]
-            image = ax.imshow(values, cmap='viridis', aspect='auto')
-            finite = [v for row in values for v in row if v == v]
-            middle = (min(finite) + max(finite)) / 2
-            for i, row in enumerate(values):
-                for j, v in enumerate(row):
-                    if v == v:  # dark text on the light (high) cells of viridis
-                        ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=9,
-                                color='k' if v > middle else 'w')
-            ax.set_xticks(range(len(alphas)), ['-' if a is None else f'{a:g}' for a in alphas])
-            ax.set_yticks(range(len(temps)), ['-' if t is None else f'{t:g}' for t in temps])
-            ax.set_xlabel('alpha (weight of the labels)')
-            ax.set_ylabel('temperature T')
-            ax.set_title(f'{loss}: validation accuracy (%)', fontsize=10)
-            fig.colorbar(image, ax=ax)
-        base = models.get('student_base', {}).get('best_val_acc')
-        if base is not None:
-            fig.suptitle(f'baseline (no teacher): {base:.2f}% on validation', fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
-    except Exception as e:  # a plot never fails the run
-        plt.close('all')
-        log(f'could not draw {path}: {e}; skipping it')
-        return None
+    base = models.get('student_base', {}).get('best_val_acc')
+    values = [v for grid in cells.values() for v, _ in grid.values()]
+    centre = base if base is not None else (min(values) + max(values)) / 2
+    half = max(abs(v - centre) for v in values) or 1.0
+    norm = Normalize(centre - half, centre + half)
+    cmap = plt.get_cmap('RdBu')
+
+    def axis_values(grid, i):
+        return sorted({k[i] for k in grid}, key=lambda v: (v is None, v))
+
+    shapes = {loss: (axis_values(g, 0), axis_values(g, 1)) for loss, g in cells.items()}
+    widths = [len(alphas) for _, alphas in shapes.values()]
+    rows = max(len(temps) for temps, _ in shapes.values())
+    fig, axes = plt.subplots(1, len(cells), figsize=(1.5 * sum(widths) + 1.4 * len(cells) + 1.2,
+                                                     0.75 * rows + 2.2),
+                             layout='constrained', squeeze=False, width_ratios=widths)
+    for ax, (loss, grid) in zip(axes[0], cells.items()):
+        temps, alphas = shapes[loss]
+        table = [[grid.get((t, a), (float('nan'),))[0] for a in alphas] for t in temps]
+        ax.imshow(table, cmap=cmap, norm=norm, aspect='auto')
+        for i, row in enumerate(table):
+            for j, v in enumerate(row):
+                if v != v:
+                    continue
+                text = f'{v:.2f}' + (f'\n{v - base:+.2f}' if base is not None else '')
+                # white text on the saturated ends of the scale, black near the middle
+                ax.text(j, i, text, ha='center', va='center', fontsize=9,
+                        color='w' if abs(norm(v) - 0.5) > 0.3 else 'k')
+        if alphas == [None]:
+            ax.set_xticks([])
+            ax.set_xlabel('α does not apply')
+        else:
+            ax.set_xticks(range(len(alphas)), [f'{a:g}' for a in alphas])
+            ax.set_xlabel('α (weight of the labels)')
+        ax.set_yticks(range(len(temps)), ['-' if t is None else f'{t:g}' for t in temps])
+        ax.set_ylabel('temperature T')
+        ax.set_title(loss, fontsize=10)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[0].tolist(),
+                 label='validation accuracy (%)')
+    n_seeds = max(len(models[n].get('seeds') or [0]) for g in cells.values() for _, n in g.values())
+    title = 'Validation accuracy (%) per setting' + (
+        f', mean over {n_seeds} seeds' if n_seeds > 1 else '')
+    if base is not None:
+        title += f'; under it, the difference to the baseline ({base:.2f}%): blue above, red below'
+    fig.suptitle(title, fontsize=10)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +674,10 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
     atomic_write_text(os.path.join(out_dir, 'results.md'), results_markdown(results))
     folders = {n: results['phases'][phase_of(n)]['folders'] for n in models
                if phase_of(n) in results['phases']}
-    plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log)
+    # the reference line is the teacher that taught the students, wherever its checkpoint lives
+    teacher_acc = (results.get('teacher_in_use') or {}).get('test_acc',
+                                                            models.get('teacher', {}).get('test_acc'))
+    plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log, teacher_acc=teacher_acc)
     if phase == 'students':
         plot_grid(models, os.path.join(out_dir, 'grid.png'), log=log)
     return results

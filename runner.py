@@ -595,12 +595,24 @@ def print_configuration(view, log=print):
 # A whole invocation
 
 def rerun_command(models, args):
-    """For a grid: the setting best on validation and the command that confirms it over seeds."""
-    from report import ranked_students
+    """For a grid: the setting best on validation, whether it beats the baseline there, notes on
+    losses whose warm-up outlasted the run, and the command that confirms it over seeds.
+    Returns the lines as one string, or None for fewer than two distilled settings."""
+    from report import ranked_students, warmup_notes
     distilled = [n for n in ranked_students(models) if n not in ('student_base', 'student_kd')]
     if len(distilled) < 2:
         return None
     best = models[distilled[0]]
+    best_val = best.get('best_val_acc')
+    if best_val is None:
+        return ('No validation split (--val-fraction 0): nothing ranks the settings without '
+                'the test set; run with a validation split to choose one.')
+    lines = [f'Best on validation: {distilled[0]} ({best_val:.2f}%).']
+    base_val = models.get('student_base', {}).get('best_val_acc')
+    if base_val is not None and best_val <= base_val:
+        lines.append(f'It does not beat the baseline on validation ({best_val:.2f}% against the '
+                     f"baseline's {base_val:.2f}%).")
+    lines += warmup_notes({n: models[n] for n in distilled}, args.epochs)
     params = best.get('loss_params') or {}
     flags = ['--loss', best['loss']] + [x for k in ('temperature', 'alpha') if k in params
                                         for x in (f'--{k}', f'{params[k]:g}')]
@@ -610,9 +622,10 @@ def rerun_command(models, args):
         (['--data-dir', args.data_dir] if args.data_dir != './data' else []) + \
         ['--teacher-checkpoint', args.teacher_checkpoint,
          '--out-dir', os.path.join(args.out_dir, distilled[0])]
-    return (f"Best on validation: {distilled[0]} ({best.get('best_val_acc', 0):.2f}%). Confirm it "
-            f"over seeds, paired with the baseline: python main.py "
-            + ' '.join(shlex.quote(a) for a in flags + keep + ['--seeds', '0', '1', '2', '3', '4']))
+    lines.append('Confirm it over seeds, paired with the baseline: python main.py '
+                 + ' '.join(shlex.quote(a) for a in flags + keep + ['--seeds', '0', '1', '2', '3',
+                                                                     '4']))
+    return '\n'.join(lines)
 
 
 def check_split(args, num_train_images):

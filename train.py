@@ -633,19 +633,58 @@ def check_finite(sums, phase, epoch, steps_per_epoch, kept=None):
                             f'batch {bad + 1}; training stopped, {what}.')
 
 
-def format_epoch_line(phase, epoch, epochs, lr, trainees, history, seconds, images_per_s):
-    """One fixed-width line per epoch."""
-    width = len(str(epochs))
-    name_width = max(12, *(len(t.name) for t in trainees))
-    parts = [f'{phase:<8} {epoch:>{width}}/{epochs} lr {lr:6.4f}']
-    for t in trainees:
-        row = history[t.name][-1]
-        val = f"{row['val_acc']:6.2f}" if row['val_acc'] is not None else '     -'
-        test = f"{row['test_acc']:6.2f}" if row['test_acc'] is not None else '     -'
-        parts.append(f"{t.name:<{name_width}} loss {row['train_loss']:6.3f} train "
-                     f"{row['train_acc']:6.2f} val {val} test {test}")
-    parts.append(f'{seconds:7.1f}s {images_per_s:7.0f} img/s')
-    return ' | '.join(parts)
+EPOCH_LINE_WIDTH = 120  # characters: a terminal's width; the CSVs hold every number
+
+
+def format_epoch_line(phase, epoch, epochs, lr, trainees, history, seconds, images_per_s,
+                      width=EPOCH_LINE_WIDTH):
+    """The console line of one epoch, at most `width` characters whatever the number of models.
+
+    history: {model name: [CSV row per epoch]} (accuracies in %, None where not measured).
+    The most detail that fits: every model's training loss and accuracy with its validation
+    and test accuracy; else every model's validation / test accuracy; else the baseline, the
+    distilled student best on validation this epoch (named) and the count and range of the
+    others (without a validation split: on the test accuracy, or the training accuracy in an
+    epoch without a test).
+    """
+    rows = {t.name: history[t.name][-1] for t in trainees}
+    head = f'{phase:<8} {epoch:>{len(str(epochs))}}/{epochs} lr {lr:6.4f}'
+    speed = f'{seconds:6.1f}s {images_per_s:5.0f} img/s'
+    name_width = max(len(n) for n in rows)
+
+    def acc(value):
+        return '     -' if value is None else f'{value:6.2f}'
+
+    full = [f"{n:<{name_width}} loss {r['train_loss']:6.3f} train {r['train_acc']:6.2f} "
+            f"val {acc(r['val_acc'])} test {acc(r['test_acc'])}" for n, r in rows.items()]
+    by_model = ['val/test ' + ' · '.join(f"{n} {acc(r['val_acc'])}/{acc(r['test_acc'])}"
+                                         for n, r in rows.items())]
+    for parts in (full, by_model):
+        line = ' | '.join([head, *parts, speed])
+        if len(line) <= width:
+            return line
+
+    key = next((k for k in ('val_acc', 'test_acc', 'train_acc')
+                if all(r[k] is not None for r in rows.values())), 'train_acc')
+    what = {'val_acc': 'val', 'test_acc': 'test', 'train_acc': 'train acc.'}[key]
+    distilled = sorted((n for n in rows if n != 'student_base'), key=lambda n: -rows[n][key])
+    best, others = distilled[0], distilled[1:]
+
+    def summary(name):
+        parts = [f"baseline {rows['student_base'][key]:5.2f}"] if 'student_base' in rows else []
+        parts.append(f'best {name} {rows[best][key]:5.2f}')
+        values = [rows[n][key] for n in others]
+        if len(others) == 1:
+            parts.append(f'1 other {values[0]:5.2f}')
+        elif others:
+            parts.append(f'{len(others)} others {min(values):5.2f}–{max(values):5.2f}')
+        return ' | '.join([head, f'{what} ' + ', '.join(parts), speed])
+
+    # the name padded to the longest one keeps the line's width from epoch to epoch; it is cut
+    # (…) only when even the name alone would not fit
+    room = width - len(summary(''))
+    name = best if len(best) <= room else best[:max(1, room - 1)] + '…'
+    return summary(f'{name:<{min(max(len(n) for n in distilled), max(room, 1))}}')
 
 
 def finish_phase(trainees, data, progress, teacher_test_logits=None):

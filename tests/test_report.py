@@ -239,7 +239,7 @@ def test_results_markdown_outside_git_and_without_validation(per_seed):
 def test_results_markdown_teacher_only():
     per_seed = {0: {'teacher': _entry(90.0, 89.0, 2.0, params=11_000_000)}}
     text = results_markdown({'models': aggregate_models(per_seed), 'config': {}, 'run': {}})
-    assert '| Teacher (ResNet-18) | 11.00M | 90.00 |' in text
+    assert '| Teacher (ResNet-18) | 11.00M | 91.00 | 90.00 |' in text   # validation, test
     assert 'not measured' in text
 
 

@@ -59,7 +59,13 @@ def test_paired_gains_over_seeds_and_the_ranked_table(grid_run):
     assert sorted(vals, reverse=True) == [results['models'][
         {'Student (baseline)': 'student_base'}.get(r, r)]['best_val_acc'] for r in rows]
     assert 'Student − baseline (paired, test acc.)' in text
-    assert 'Confirm it over seeds' in grid_run['run'].stdout
+    out = grid_run['run'].stdout
+    assert 'Confirm it over seeds' in out
+    epoch_lines = [line for line in out.splitlines() if line.startswith('students ')]
+    assert len(epoch_lines) == 2   # one epoch, two seeds
+    assert all(len(line) <= 120 and 'baseline' in line and 'best' in line
+               for line in epoch_lines)
+    assert 'Val. acc. ↓' in out
 
 
 def test_best_student_kd_is_the_distilled_student_best_on_validation(grid_run):

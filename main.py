@@ -3,7 +3,7 @@
     python main.py --train-teacher                  # writes best_teacher.pth
     python main.py --temperature 4 --alpha 0.1      # writes best_student_kd.pth, best_student_base.pth
     python main.py --loss kd dkd ls --temperature 2 4 8 --alpha 0.1 0.5   # a grid, in one run
-    python main.py --evaluate                       # test accuracy of the best_*.pth in --out-dir
+    python main.py --evaluate                       # test accuracy of the last runs' checkpoints
 
 This file parses and validates the command line; runner.py runs it.
 """
@@ -57,8 +57,8 @@ def build_parser():
     a('--train-teacher', action='store_true',
       help='train the teacher and write best_teacher.pth (default: train the students)')
     a('--evaluate', action='store_true',
-      help='evaluate the best_*.pth found in --out-dir on the test set and print the table '
-           '(default: off)')
+      help='evaluate the checkpoints of the last run of each phase in --out-dir on the test '
+           'images their runs used (their --subset) and print the table (default: off)')
     a('--dataset', default=r.DATASET, choices=dataset_names(),
       help=f'cifar10 (10 classes) or cifar100 (100 classes) (default: {r.DATASET})')
     a('--teacher-arch', default=None, choices=model_names(),
@@ -95,12 +95,14 @@ def build_parser():
     a('--data-dir', default='./data',
       help='folder holding cifar-10-batches-py / cifar-100-python, or where to download it '
            '(default: ./data)')
-    a('--out-dir', default='.', help='where checkpoints, logs and results go (default: .)')
+    a('--out-dir', default='.',
+      help='where checkpoints, logs and results go; a fresh run of a phase first moves the '
+           'files of its earlier run there to previous/<phase>-<time>/ (default: .)')
     a('--device', default='auto',
       help='auto, cpu, cuda or cuda:N (default: auto = cuda when available)')
     a('--subset', type=positive_int, default=None, metavar='N',
       help='use only the first N training and the first N test images, for quick CPU runs; '
-           'results say so (default: all)')
+           'results say so; --evaluate takes the checkpoints\' own unless given (default: all)')
     a('--val-fraction', type=finite_float, default=r.VAL_FRACTION,
       help='share of the training images held out to select the best epoch; 0 trains on all '
            f'and keeps the last epoch (default: {r.VAL_FRACTION})')
@@ -130,9 +132,10 @@ def build_parser():
       help='continue the unfinished run whose state (last_<phase>.pt) is in --out-dir '
            '(default: off)')
     a('--restart', action='store_true',
-      help='discard an unfinished run\'s state in --out-dir and start over (default: off)')
+      help='set an unfinished run in --out-dir aside (into previous/) and start over '
+           '(default: off)')
     a('--tensorboard', action='store_true',
-      help='also write the per-epoch scalars to OUT_DIR/tensorboard (default: off)')
+      help='also write the per-epoch scalars to OUT_DIR/tensorboard/<phase> (default: off)')
     return p
 
 

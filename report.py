@@ -620,27 +620,65 @@ def device_name(device):
     return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
 
 
+def read_results(out_dir):
+    """OUT_DIR/results.json as a dict: {} when there is none, None when it cannot be read."""
+    path = os.path.join(out_dir, 'results.json')
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def drop_phase(results, phase):
+    """A copy of results.json's dict without `phase`: its models, its entry under 'phases' and,
+    for the students, their gains and teacher; the top-level config and seeds become those of
+    the phase that is left (if any)."""
+    results = dict(results)
+    results['models'] = {n: e for n, e in results.get('models', {}).items()
+                         if phase_of(n) != phase}
+    phases = {p: v for p, v in results.get('phases', {}).items() if p != phase}
+    results['phases'] = phases
+    if phase == 'students':
+        for key in ('kd_gain', 'gains', 'teacher_in_use'):
+            results.pop(key, None)
+    if phases:
+        rest = phases[next(iter(phases))]
+        results['config'], results['seeds'] = rest.get('config'), rest.get('seeds')
+        if isinstance(results.get('run'), dict):
+            run = results['run'] = dict(results['run'])
+            run['seeds'] = rest.get('seeds')
+            for key in ('subset_by_phase', 'wall_seconds'):
+                if isinstance(run.get(key), dict):
+                    run[key] = {p: v for p, v in run[key].items() if p != phase}
+    return results
+
+
+def write_results_files(out_dir, results, log=print):
+    """results.json, results.md and curves.png (every phase's models) of `results`."""
+    from checkpoint import atomic_write_text
+    atomic_write_text(os.path.join(out_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
+    atomic_write_text(os.path.join(out_dir, 'results.md'), results_markdown(results))
+    phases, models = results.get('phases', {}), results.get('models', {})
+    folders = {n: phases[phase_of(n)]['folders'] for n in models if phase_of(n) in phases}
+    # the reference line is the teacher that taught the students, wherever its checkpoint lives
+    teacher_acc = (results.get('teacher_in_use') or {}).get('test_acc',
+                                                            models.get('teacher', {}).get('test_acc'))
+    plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log, teacher_acc=teacher_acc)
+
+
 def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=print):
     """Merge this phase into OUT_DIR/results.json and rewrite results.md and curves.png.
 
     summaries: {seed: train.train_phase's summary}; run_info: data_dir, subset, device name.
     """
-    from checkpoint import atomic_write_text
-    path = os.path.join(out_dir, 'results.json')
-    results = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                results = json.load(f)
-        except (OSError, ValueError):
-            results = {}
-    models = {n: e for n, e in results.get('models', {}).items() if phase_of(n) != phase}
-    if phase == 'students':
-        results.pop('kd_gain', None)
-        results.pop('gains', None)
+    results = drop_phase(read_results(out_dir) or {}, phase)
+    models = results['models']
     per_seed = {s: v['models'] for s, v in summaries.items()}
     models.update(aggregate_models(per_seed))
-    results['models'] = models
     if phase == 'students':
         results['gains'] = gains(per_seed)
         results['kd_gain'] = results['gains'].get('student_kd')
@@ -650,7 +688,7 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
                                      'test_acc': teacher_accs[0]}
     seeds = list(summaries)
     results['seeds'] = seeds
-    results.setdefault('phases', {})[phase] = {
+    results['phases'][phase] = {
         'seeds': seeds, 'config': config,
         # training-loop time (epochs and their evaluations, summed over resumes) and this
         # invocation's wall time per seed, start-up and final evaluation included
@@ -670,14 +708,7 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
                                        for p, v in results['phases'].items()}}
     results['versions'] = versions()
     results['git'] = git_state()
-    atomic_write_text(path, json.dumps(results, indent=2) + '\n')
-    atomic_write_text(os.path.join(out_dir, 'results.md'), results_markdown(results))
-    folders = {n: results['phases'][phase_of(n)]['folders'] for n in models
-               if phase_of(n) in results['phases']}
-    # the reference line is the teacher that taught the students, wherever its checkpoint lives
-    teacher_acc = (results.get('teacher_in_use') or {}).get('test_acc',
-                                                            models.get('teacher', {}).get('test_acc'))
-    plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log, teacher_acc=teacher_acc)
+    write_results_files(out_dir, results, log)
     if phase == 'students':
         plot_grid(models, os.path.join(out_dir, 'grid.png'), log=log)
     return results

@@ -240,9 +240,11 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     """Train one phase once per seed; return {seed: summary}, the run folders and the config.
 
     configuration: resolved_configuration's view, recorded in the config as printed."""
+    from checkpoint import record_path
     from memory import GridTooLarge, check_memory, peak_memory_mb
+    from outdir import planned_files, set_aside, write_manifest
     from report import write_results
-    from teacher import logits_key, save_test_logits, teacher_test_logits
+    from teacher import logits_key, logits_path, save_test_logits, teacher_test_logits
     from train import Recipe, precision_name, train_phase
     from tuning import decide_precisions, decide_stacking, fastest_teacher
     from utils import make_loaders
@@ -308,8 +310,22 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     if args.resume and not states:
         main_log(f'--resume: no saved {phase} state in {args.out_dir}; starting from the '
                  f'beginning')
+    folders = [os.path.relpath(dirs[s], args.out_dir) for s in seeds]
+    names = [s.name for s in specs] + (['student_kd'] if len(distilled_names(specs)) > 1
+                                       else [])
+    files = planned_files(phase, names, folders, top_copies=args.seeds is not None)
+    manifest = dict(models={s.name: {'arch': s.arch, 'loss': s.loss, 'params': s.params}
+                            for s in specs},
+                    folders=folders, subset=args.subset, dataset=args.dataset, seeds=seeds)
+    if dist.is_main:
+        if not states:  # a fresh run: the folder must not mix its files with an earlier run's
+            keep = [] if teacher is None else [args.teacher_checkpoint,
+                                               record_path(args.teacher_checkpoint),
+                                               logits_path(args.teacher_checkpoint)]
+            set_aside(args.out_dir, phase, keep=keep, log=main_log)
+        write_manifest(args.out_dir, phase, files=files, finished=False, **manifest)
 
-    writer = open_tensorboard(args, log) if dist.is_main else None
+    writer = open_tensorboard(args, phase, log) if dist.is_main else None
     summaries = {}
     for index, seed in enumerate(seeds):
         if dist.is_main:
@@ -353,7 +369,11 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                                  test_logits['teacher'], logits_key(
                                      hashes['teacher'], args.dataset, args.subset, data.num_test))
             else:
-                promote_best_student(dirs[seed], specs, summaries[seed]['models'], main_log)
+                best = promote_best_student(dirs[seed], specs, summaries[seed]['models'],
+                                            main_log)
+                if best is not None and index == 0:  # the top-level copy is the first seed's
+                    manifest['models']['student_kd'] = dict(manifest['models'][best],
+                                                            copy_of=best)
         if args.seeds is not None and dist.is_main:
             write_results(dirs[seed], phase, {seed: summaries[seed]}, configs[seed],
                           run_info(args, device), {phase: [dirs[seed]]}, log=lambda *_: None)
@@ -364,6 +384,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         for name in os.listdir(first):  # the top-level files stay usable by the README's snippet
             if name.startswith('best_'):
                 shutil.copyfile(os.path.join(first, name), os.path.join(args.out_dir, name))
+    if dist.is_main:
+        write_manifest(args.out_dir, phase, files=files, finished=True, **manifest)
     return summaries, dirs, base_config
 
 
@@ -405,7 +427,9 @@ def promote_best_student(run_dir, specs, models, log):
     return best
 
 
-def open_tensorboard(args, log):
+def open_tensorboard(args, phase, log):
+    """A SummaryWriter into OUT_DIR/tensorboard/<phase> (one run per phase, as the folder
+    holds), or None without --tensorboard or when tensorboard is not installed."""
     if not args.tensorboard:
         return None
     try:
@@ -413,7 +437,7 @@ def open_tensorboard(args, log):
     except ImportError:
         log('tensorboard is not installed: --tensorboard is ignored (pip install tensorboard)')
         return None
-    return SummaryWriter(os.path.join(args.out_dir, 'tensorboard'))
+    return SummaryWriter(os.path.join(args.out_dir, 'tensorboard', phase))
 
 
 def log_tensorboard(writer, phase, seed, epoch, rows):
@@ -435,39 +459,110 @@ def checkpoint_names(out_dir):
     return [n for n in first if n in names] + sorted(n for n in names if n not in first)
 
 
+def last_run_models(out_dir):
+    """The checkpoints --evaluate reports: those of the last run of each phase in out_dir.
+
+    Returns ({name: that run's manifest or results.json config, or None}, notes). A phase's
+    models come from its manifest run_<phase>.json; for folders written before manifests,
+    from results.json's record of the phase; with neither, every best_*.pth is taken."""
+    from checkpoint import read_record
+    from outdir import read_manifest
+    from report import read_results
+    results = read_results(out_dir) or {}
+    models, notes = {}, []
+    for phase in ('teacher', 'students'):
+        manifest = read_manifest(out_dir, phase)
+        config = (results.get('phases', {}).get(phase) or {}).get('config')
+        if manifest is not None:
+            names, info = list(manifest['models']), manifest
+            if not manifest.get('finished'):
+                notes.append(f'note: the last {phase} run in {out_dir} is unfinished: its '
+                             f'best_*.pth are the best epochs so far (finish it with --resume)')
+        elif phase == 'teacher':
+            names, info = ['teacher'], config
+        elif config and config.get('students'):
+            names, info = [s['name'] for s in config['students']], config
+            promoted = read_record(os.path.join(out_dir, 'best_student_kd.pth')) \
+                if 'student_kd' not in names else None
+            if promoted and promoted.get('model') in names:  # the grid's copy of its best
+                names.append('student_kd')
+        else:
+            names, info = [n for n in checkpoint_names(out_dir) if n != 'teacher'], None
+        for name in names:
+            if os.path.exists(os.path.join(out_dir, f'best_{name}.pth')):
+                models[name] = info
+            elif manifest is not None:
+                notes.append(f'note: best_{name}.pth of the last {phase} run is not in '
+                             f'{out_dir}: skipped')
+    return models, notes
+
+
+def test_images(subset, total):
+    """Which of the `total` test images --subset `subset` takes, in words."""
+    if subset and subset < total:
+        return f'the first {subset} of the {total} test images'
+    return f'all {total} test images'
+
+
 def evaluate_checkpoints(args, device, arrays, log):
-    """--evaluate: test accuracy of each best_*.pth in --out-dir, each rebuilt from its record."""
+    """--evaluate: test accuracy of the checkpoints of the last run of each phase in --out-dir,
+    each rebuilt from its record, on the test images its run used (its record's --subset),
+    unless --subset is given (then said to differ from results.md where it does)."""
     from checkpoint import file_sha256, read_record
     from report import print_table
     from teacher import (DEFAULT_TEACHER_ARCH, load_for_inference, logits_key, rebuild,
                          teacher_test_logits)
     from train import accuracy, choose_precision, predict
     from utils import make_loaders
-    data = make_loaders(args.data_dir, args.batch_size, device, 0.0, args.seed, args.subset,
-                        eval_batch_size=1000, channels_last=True, arrays=arrays,
-                        dataset=args.dataset)
-    models = {}
-    for name in checkpoint_names(args.out_dir):
-        path = os.path.join(args.out_dir, f'best_{name}.pth')
-        is_teacher = name == 'teacher'
-        model, arch = rebuild(path, read_record(path),
-                              args.teacher_arch if is_teacher else args.student_arch,
-                              DEFAULT_TEACHER_ARCH if is_teacher else DEFAULT_STUDENT_ARCH,
-                              args.num_classes,
-                              '--teacher-arch' if is_teacher else '--student-arch')
-        model = load_for_inference(model, path, device)
-        precision = choose_precision('teacher' if is_teacher else 'student', device, args.amp)
-        if is_teacher:
-            key = logits_key(file_sha256(path), args.dataset, args.subset, data.num_test)
-            logits = teacher_test_logits(model, path, key, data.test, precision, log)
-        else:
-            logits = predict(model, data.test, precision)[0]
-        models[name] = {'test_acc': accuracy(logits, data.test.labels), 'arch': arch,
-                        'params': sum(p.numel() for p in model.parameters())}
-    if not models:
+    listed, notes = last_run_models(args.out_dir)
+    if not listed:
         raise UsageError(f'no best_*.pth in {args.out_dir}: train first, or point --out-dir at '
                          f'the folder holding them')
-    log(f'Test set: {data.num_test} images')
+    for note in notes:
+        log(note)
+    total = len(arrays[3])
+    trained_on, records = {}, {}
+    for name, info in listed.items():
+        path = os.path.join(args.out_dir, f'best_{name}.pth')
+        records[name] = read_record(path)
+        trained_on[name] = (records[name] or info or {}).get('subset', args.subset)
+    explicit = args.subset is not None
+    differ = sorted({s for s in trained_on.values() if s != args.subset}, key=str) \
+        if explicit else []
+    if differ:
+        runs = ' and '.join(test_images(s, total) for s in differ)
+        log(f'note: --subset {args.subset}: these accuracies are on other test images than '
+            f'results.md\'s (the runs that trained these checkpoints used {runs})')
+    groups = {}
+    for name in listed:
+        groups.setdefault(args.subset if explicit else trained_on[name], []).append(name)
+    models = {}
+    for subset, names in groups.items():
+        data = make_loaders(args.data_dir, args.batch_size, device, 0.0, args.seed, subset,
+                            eval_batch_size=1000, channels_last=True, arrays=arrays,
+                            dataset=args.dataset)
+        log(f'Test set: {data.num_test} images, {test_images(subset, total)}'
+            + (' (--subset)' if explicit else ', as in the runs that trained these checkpoints')
+            + (f': {", ".join(names)}' if len(groups) > 1 else ''))
+        for name in names:
+            path = os.path.join(args.out_dir, f'best_{name}.pth')
+            is_teacher = name == 'teacher'
+            model, arch = rebuild(path, records[name],
+                                  args.teacher_arch if is_teacher else args.student_arch,
+                                  DEFAULT_TEACHER_ARCH if is_teacher else DEFAULT_STUDENT_ARCH,
+                                  args.num_classes,
+                                  '--teacher-arch' if is_teacher else '--student-arch')
+            model = load_for_inference(model, path, device)
+            precision = choose_precision('teacher' if is_teacher else 'student', device,
+                                         args.amp)
+            bar = f'evaluate {name}'
+            if is_teacher:
+                key = logits_key(file_sha256(path), args.dataset, subset, data.num_test)
+                logits = teacher_test_logits(model, path, key, data.test, precision, log, bar)
+            else:
+                logits = predict(model, data.test, precision, bar)[0]
+            models[name] = {'test_acc': accuracy(logits, data.test.labels), 'arch': arch,
+                            'params': sum(p.numel() for p in model.parameters())}
     print_table(models, log)
     return models
 
@@ -542,7 +637,10 @@ def resolved_configuration(phase, args, device, world_size=1, specs=None, teache
             'data dir': args.data_dir,
             'subset': 'all' if args.subset is None else args.subset}
     if phase == 'evaluate':
-        view['checkpoints'] = os.path.join(args.out_dir, 'best_*.pth')
+        if args.subset is None:  # each checkpoint on the test images its run used
+            view['subset'] = 'as in the runs that trained the checkpoints'
+        view['checkpoints'] = (f'the last run of each phase in {args.out_dir} '
+                               f'(run_teacher.json, run_students.json)')
         view['amp'] = amp()
         view['device'] = device_name(device)
         return view

@@ -118,9 +118,10 @@ def cached_test_logits(checkpoint_path, key):
     return logits
 
 
-def teacher_test_logits(teacher, checkpoint_path, key, test_loader, precision, log):
+def teacher_test_logits(teacher, checkpoint_path, key, test_loader, precision, log,
+                        progress=None):
     """The teacher's float32 logits on test_loader's images: stored ones when they match, else
-    one pass of the teacher (said in the log)."""
+    one pass of the teacher (said in the log; progress: train.predict's bar)."""
     from train import predict
     logits = cached_test_logits(checkpoint_path, key)
     if logits is not None:
@@ -129,4 +130,4 @@ def teacher_test_logits(teacher, checkpoint_path, key, test_loader, precision, l
         return logits.to(test_loader.device)
     log(f'teacher: computing its test-set logits ({key["num_test"]} images; no stored ones '
         f'match this checkpoint and test set)')
-    return predict(teacher, test_loader, precision)[0]
+    return predict(teacher, test_loader, precision, progress)[0]

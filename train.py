@@ -279,17 +279,20 @@ def train_step_stacked(stack, teacher, images, labels, teacher_precision=None, e
 # Evaluation
 
 @torch.inference_mode()
-def predict(model, loader, precision=None):
+def predict(model, loader, precision=None, progress=None):
     """(float32 logits, labels) for every image of a non-augmenting loader, in dataset order.
 
     A loader sharded over torchrun processes gives each rank a slice of every batch; the
     slices are gathered and put back in dataset order, so every rank gets every image and the
-    result equals the single-process one.
+    result equals the single-process one. progress: a description for a progress bar over the
+    batches (stderr, removed when done, shown on a terminal only), or None for no bar.
     """
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for images, y in loader:
+    batches = loader if progress is None else tqdm(loader, desc=progress, leave=False,
+                                                   disable=None)
+    for images, y in batches:
         with autocast(images.device, precision):
             logits.append(model(images).float())
         labels.append(y)

@@ -670,12 +670,28 @@ def write_results_files(out_dir, results, log=print):
     plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log, teacher_acc=teacher_acc)
 
 
+# The configuration's content digests of the data (see datasets.content_sha256), and their names
+DATA_DIGESTS = (('train_images_sha256', 'training'), ('test_images_sha256', 'test'))
+
+
 def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=print):
     """Merge this phase into OUT_DIR/results.json and rewrite results.md and curves.png.
+
+    Another phase already there is kept when it ran on the same images (or cannot tell), and
+    dropped, with a note, when its configuration names other training or test images.
 
     summaries: {seed: train.train_phase's summary}; run_info: data_dir, subset, device name.
     """
     results = drop_phase(read_results(out_dir) or {}, phase)
+    for other, entry in list(results.get('phases', {}).items()):
+        changed = [what for key, what in DATA_DIGESTS
+                   if key in (entry.get('config') or {}) and key in config
+                   and entry['config'][key] != config[key]]
+        if changed:  # its numbers describe other images: a table mixing both would be wrong
+            results = drop_phase(results, other)
+            log(f'note: {os.path.join(out_dir, "results.json")} held the {other} phase of a run '
+                f'on other {" and ".join(changed)} images; its entries are dropped, the '
+                f'{other}\'s numbers are not of this data')
     models = results['models']
     per_seed = {s: v['models'] for s, v in summaries.items()}
     models.update(aggregate_models(per_seed))

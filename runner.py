@@ -165,6 +165,30 @@ def find_states(phase, saved, args, config_by_seed):
     return states
 
 
+def check_resume_data(saved, arrays, log):
+    """Refuse to resume a run on other images than it started on (UsageError, exit 2).
+
+    saved: load_states's result; arrays: the DatasetArrays this invocation uses (after
+    --subset). The images are compared by content digest, so a copy of the data in another
+    folder resumes, and other pictures under the same path do not. A state written without the
+    digests (an older version) gets a one-line note."""
+    now = {'train_images_sha256': arrays.train_sha256, 'test_images_sha256': arrays.test_sha256}
+    for path, state in saved.values():
+        config = state['config']
+        if not any(k in config for k in now):
+            log(f'note: {path} was saved by an older version that did not record its images\' '
+                f'digests, so it cannot be checked that it resumes on the same data')
+            continue
+        differ = [f'{what} images (sha256 {str(config.get(k))[:12]} saved, {now[k][:12]} now)'
+                  for k, what in (('train_images_sha256', 'training'),
+                                  ('test_images_sha256', 'test')) if config.get(k) != now[k]]
+        if differ:
+            raise UsageError(f'cannot resume {path}: it was started on other data (its '
+                             f'{" and ".join(differ)}); point --data-dir at the data it was '
+                             f'started on (any folder holding the same files), or --restart to '
+                             f'start over')
+
+
 def saved_precisions(saved, args):
     """The precisions a run to be resumed used (measured ones are not measured again)."""
     if not args.resume:
@@ -244,7 +268,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     from memory import GridTooLarge, check_memory, peak_memory_mb
     from outdir import planned_files, set_aside, write_manifest
     from report import write_results
-    from teacher import logits_key, logits_path, save_test_logits, teacher_test_logits
+    from teacher import (logits_key, logits_path, save_test_logits, store_test_logits,
+                         teacher_test_logits)
     from train import Recipe, precision_name, train_phase
     from tuning import decide_precisions, decide_stacking, fastest_teacher
     from utils import make_loaders
@@ -268,6 +293,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     except GridTooLarge as e:
         raise UsageError(str(e)) from None
     saved = load_states(phase, dirs)
+    if args.resume:
+        check_resume_data(saved, data.arrays, main_log)
     amp = resumed_amp(saved, args.amp) if args.resume else args.amp
     precisions, teacher_precision, measured = decide_precisions(
         specs, device, args, dist, batch_shape, teacher, saved_precisions(saved, args),
@@ -280,8 +307,11 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                        world_size=dist.world_size,
                        precision={n: precision_name(p) for n, p in precisions.items()},
                        precision_measured=measured, val_images_sha256=data.val_fingerprint(),
+                       # what the images are, whichever folder they were read from
+                       train_images_sha256=data.arrays.train_sha256,
+                       test_images_sha256=data.arrays.test_sha256,
                        memory_estimate_mb=round(memory_estimate / 2**20, 1))
-    teacher_logits, teacher_form = None, None
+    teacher_logits, teacher_form, logits_reused = None, None, True
     if phase == 'teacher':
         base_config['teacher_arch'] = specs[0].arch
     else:
@@ -295,9 +325,11 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             teacher_checkpoint=args.teacher_checkpoint, teacher_arch=teacher_info['arch'],
             teacher_sha256=teacher_info['sha256'],
             teacher_precision=precision_name(teacher_precision))
-        teacher_logits = teacher_test_logits(
-            teacher, args.teacher_checkpoint, teacher_info['logits_key'], data.test,
-            teacher_precision, main_log)
+        teacher_key = logits_key(teacher_info['sha256'], args.dataset,
+                                 data.arrays.test_sha256, data.num_test)
+        teacher_logits, logits_reused = teacher_test_logits(
+            teacher, args.teacher_checkpoint, teacher_key, data.test, teacher_precision,
+            main_log)
         forwards = args.epochs * len(data.train) * len(seeds)
         teacher, teacher_form = fastest_teacher(teacher, batch_shape, device, teacher_precision,
                                                 forwards, main_log)
@@ -324,6 +356,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                                                logits_path(args.teacher_checkpoint)]
             set_aside(args.out_dir, phase, keep=keep, log=main_log)
         write_manifest(args.out_dir, phase, files=files, finished=False, **manifest)
+    if not logits_reused and dist.is_main:  # stored only now that the run is going ahead
+        store_test_logits(args.teacher_checkpoint, teacher_logits, teacher_key, main_log)
 
     writer = open_tensorboard(args, phase, log) if dist.is_main else None
     summaries = {}
@@ -367,7 +401,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             if phase == 'teacher':  # the students' phase and --evaluate reuse them
                 save_test_logits(os.path.join(dirs[seed], 'best_teacher.pth'),
                                  test_logits['teacher'], logits_key(
-                                     hashes['teacher'], args.dataset, args.subset, data.num_test))
+                                     hashes['teacher'], args.dataset, data.arrays.test_sha256,
+                                     data.num_test))
             else:
                 best = promote_best_student(dirs[seed], specs, summaries[seed]['models'],
                                             main_log)
@@ -405,7 +440,8 @@ def write_model_records(run_dir, specs, models, config):
             'model': spec.name, 'arch': spec.arch, 'num_classes': config['num_classes'],
             'loss': spec.loss, 'loss_params': spec.params, 'seed': config['seed'],
             **{k: config.get(k) for k in ('dataset', 'split_seed', 'val_fraction', 'subset',
-                                          'val_images_sha256', 'epochs')},
+                                          'val_images_sha256', 'train_images_sha256',
+                                          'test_images_sha256', 'epochs')},
             'best_epoch': entry.get('best_epoch'), 'best_val_acc': entry.get('best_val_acc'),
             'test_acc': entry.get('test_acc'), 'sha256': hashes[spec.name],
             **({'teacher_sha256': config['teacher_sha256']} if 'teacher_sha256' in config else {}),
@@ -511,7 +547,7 @@ def evaluate_checkpoints(args, device, arrays, log):
     from checkpoint import file_sha256, read_record
     from report import print_table
     from teacher import (DEFAULT_TEACHER_ARCH, load_for_inference, logits_key, rebuild,
-                         teacher_test_logits)
+                         store_test_logits, teacher_test_logits)
     from train import accuracy, choose_precision, predict
     from utils import make_loaders
     listed, notes = last_run_models(args.out_dir)
@@ -527,7 +563,8 @@ def evaluate_checkpoints(args, device, arrays, log):
         records[name] = read_record(path)
         trained_on[name] = (records[name] or info or {}).get('subset', args.subset)
     explicit = args.subset is not None
-    differ = sorted({s for s in trained_on.values() if s != args.subset}, key=str) \
+    differ = sorted({s for s in trained_on.values()  # compared as the images they take
+                     if test_images(s, total) != test_images(args.subset, total)}, key=str) \
         if explicit else []
     if differ:
         runs = ' and '.join(test_images(s, total) for s in differ)
@@ -557,8 +594,12 @@ def evaluate_checkpoints(args, device, arrays, log):
                                          args.amp)
             bar = f'evaluate {name}'
             if is_teacher:
-                key = logits_key(file_sha256(path), args.dataset, subset, data.num_test)
-                logits = teacher_test_logits(model, path, key, data.test, precision, log, bar)
+                key = logits_key(file_sha256(path), args.dataset, data.arrays.test_sha256,
+                                 data.num_test)
+                logits, reused = teacher_test_logits(model, path, key, data.test, precision,
+                                                     log, bar)
+                if not reused:
+                    store_test_logits(path, logits, key, log)
             else:
                 logits = predict(model, data.test, precision, bar)[0]
             models[name] = {'test_acc': accuracy(logits, data.test.labels), 'arch': arch,
@@ -726,6 +767,18 @@ def rerun_command(models, args):
     return '\n'.join(lines)
 
 
+def describe_subset(asked, effective, title, num_train, num_test):
+    """The line saying what --subset `asked` does to data of num_train / num_test images
+    (effective: datasets.effective_subset's value)."""
+    if effective is None:
+        return (f'  --subset {asked}: {title} has {num_train} training and {num_test} test '
+                f'images, so all of them are used (a full-data run, recorded as no --subset)')
+    used = [f'the first {asked} of {n} {what}' if asked < n else f'all {n} {what}'
+            for n, what in ((num_train, 'training images'), (num_test, 'test images'))]
+    return (f'  --subset {asked}: a quick run on part of {title} ({" and ".join(used)}), not '
+            f'comparable to full-data numbers')
+
+
 def check_split(args, num_train_images):
     """Refuse a --val-fraction that leaves no image on one side, before anything is written."""
     from utils import split_train_val
@@ -739,10 +792,10 @@ def check_split(args, num_train_images):
 
 def run(args, log=print):
     """Run what args ask for (main.py's parsed and validated flags); returns the exit code."""
-    from datasets import get_dataset, load_dataset
+    from datasets import effective_subset, get_dataset, load_dataset
     from distributed import barrier, init_distributed
     from report import describe_gains, print_table, write_results
-    from teacher import TeacherMismatch, load_teacher, logits_key
+    from teacher import SPLIT_KEYS, TeacherMismatch, check_data, load_teacher
     from train import StopSignal, configure_backends
 
     device = resolve_device(args.device)
@@ -759,11 +812,10 @@ def run(args, log=print):
     phase = 'evaluate' if args.evaluate else 'teacher' if args.train_teacher else 'students'
     check_out_dir(args.out_dir)
 
-    teacher, teacher_info = None, None
-    if phase == 'students':  # refuse a bad teacher before reading data or writing anything
+    teacher, teacher_info, record = None, None, None
+    if phase == 'students':  # refuse a missing or wrong teacher before reading data
         try:
-            teacher, arch, sha, _ = load_teacher(args, device, spec.num_classes,
-                                                 log if dist.is_main else (lambda *_: None))
+            teacher, arch, sha, record = load_teacher(args, device, spec.num_classes)
         except TeacherMismatch as e:
             raise UsageError(str(e)) from None
         teacher_info = {'arch': arch, 'sha256': sha}
@@ -773,16 +825,27 @@ def run(args, log=print):
         teacher_info['arch'] if teacher_info else None)
     if dist.is_main:
         print_configuration(configuration, log)
-        if args.subset:
-            log(f'  --subset {args.subset}: a quick run on part of {spec.title}, not comparable '
-                f'to full-data numbers')
 
     if dist.is_main:  # one process downloads; the others wait and read
-        arrays = load_dataset(args.data_dir, spec)
+        full = load_dataset(args.data_dir, spec)
     barrier()
     if not dist.is_main:
-        arrays = load_dataset(args.data_dir, spec, download=False)
+        full = load_dataset(args.data_dir, spec, download=False)
+    arrays = full  # --evaluate takes each checkpoint's own test images unless --subset is given
+    if phase != 'evaluate':  # from here on, --subset is what it does: None when it takes all
+        subset = effective_subset(args.subset, len(full[1]), len(full[3]))
+        if dist.is_main and args.subset:
+            log(describe_subset(args.subset, subset, spec.title, len(full[1]), len(full[3])))
+        args.subset = subset
+        configuration['subset'] = 'all' if subset is None else subset  # recorded: what ran
+        arrays = full.first(subset)
     check_split(args, len(arrays[1]))
+    if phase == 'students':  # before anything is written
+        try:
+            check_data(args.teacher_checkpoint, record, {k: getattr(args, k) for k in SPLIT_KEYS},
+                       full, arrays, log if dist.is_main else (lambda *_: None))
+        except TeacherMismatch as e:
+            raise UsageError(str(e)) from None
     configure_backends(device)
 
     if phase == 'evaluate':
@@ -793,11 +856,6 @@ def run(args, log=print):
                 raise UsageError(str(e)) from None
         barrier()
         return 0
-    if teacher_info is not None:
-        num_test = min(len(arrays[3]), args.subset or len(arrays[3]))
-        teacher_info['logits_key'] = logits_key(teacher_info['sha256'], args.dataset,
-                                                args.subset, num_test)
-
     start = time.time()
     stop = StopSignal()  # SIGINT/SIGTERM: finish the batch, save, exit 130/143
     stop.install()

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets import (CIFAR10, DataError, ensure_dataset, find_folder, get_dataset,  # noqa: F401
-                      load_dataset, read_batch)
+from datasets import (CIFAR10, DataError, DatasetArrays, ensure_dataset,  # noqa: F401
+                      find_folder, get_dataset, load_dataset, read_batch)
 
 # CIFAR-10's constants and readers under the names notebooks already use (datasets.py has them
 # for every dataset)
@@ -188,6 +188,9 @@ class CifarData:
     num_val: int
     num_test: int
     val_indices: torch.Tensor = None  # which training images are held out
+    # the CPU arrays the loaders were built from (after --subset): their train_sha256 /
+    # test_sha256 identify exactly the images these loaders hold
+    arrays: DatasetArrays = None
 
     def val_fingerprint(self):
         """A short hash of the held-out image indices: equal fingerprints, same split."""
@@ -220,13 +223,15 @@ def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0
     seed: order and augmentation; split_seed: which images are held out for validation.
     subset: use only the first N training and the first N test images.
     arrays: already-loaded (train_x, train_y, test_x, test_y), to skip reading the disk again.
+    The result's .arrays are the images used (after subset), with their content digests.
     """
     spec = get_dataset(dataset)
-    train_x, train_y, test_x, test_y = arrays if arrays is not None else load_dataset(
-        data_dir, spec, download)
-    if subset:
-        train_x, train_y, test_x, test_y = (train_x[:subset], train_y[:subset],
-                                            test_x[:subset], test_y[:subset])
+    if arrays is None:
+        arrays = load_dataset(data_dir, spec, download)
+    elif not isinstance(arrays, DatasetArrays):
+        arrays = DatasetArrays(*arrays)
+    arrays = arrays.first(subset)
+    train_x, train_y, test_x, test_y = arrays
     train_idx, val_idx = split_train_val(len(train_y), val_fraction, split_seed)
     common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size,
                   mean=spec.mean, std=spec.std)
@@ -235,7 +240,8 @@ def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0
     val = (CifarLoader(train_x[val_idx], train_y[val_idx], eval_batch_size, False, **common)
            if len(val_idx) else None)
     test = CifarLoader(test_x, test_y, eval_batch_size, False, **common)
-    return CifarData(train, val, test, len(train_idx), len(val_idx), len(test_y), val_idx)
+    return CifarData(train, val, test, len(train_idx), len(val_idx), len(test_y), val_idx,
+                     arrays)
 
 
 def get_cifar10_loaders(batch_size=128, data_dir='./data', num_workers=2, device=None,

@@ -69,11 +69,12 @@ def test_precision_measurement_reports_both_and_leaves_the_model_alone():
 def test_cached_logits_are_used_only_for_the_same_weights_and_test_images(tmp_path):
     path = str(tmp_path / 'best_teacher.pth')
     logits = torch.randn(20, 10)
-    key = logits_key('abc', 'cifar10', 100, 20)
+    key = logits_key('abc', 'cifar10', 'f' * 64, 20)
     save_test_logits(path, logits, key)
     assert os.path.exists(logits_path(path))
     assert torch.equal(cached_test_logits(path, key), logits)
-    for changed in (dict(key, sha256='other'), dict(key, subset=50), dict(key, num_test=19),
+    for changed in (dict(key, sha256='other'), dict(key, test_images_sha256='e' * 64),
+                    dict(key, num_test=19),
                     dict(key, dataset='cifar100')):
         assert cached_test_logits(path, changed) is None
     with open(logits_path(path), 'wb') as f:

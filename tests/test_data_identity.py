@@ -132,6 +132,7 @@ def test_a_subset_larger_than_the_data_is_a_full_run_and_recorded_as_none(runs, 
         assert described['train_images_sha256'] == arrays.train_sha256
         assert described['test_images_sha256'] == arrays.test_sha256
     assert results['run']['subset'] is None
+    assert results['config']['configuration']['subset'] == 'all'  # the recorded view, too
     # and students without --subset took this teacher (same images): runs['students'] ran
 
 

@@ -349,20 +349,24 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     manifest = dict(models={s.name: {'arch': s.arch, 'loss': s.loss, 'params': s.params}
                             for s in specs},
                     folders=folders, subset=args.subset, dataset=args.dataset, seeds=seeds)
-    if dist.is_main:
-        if not states:  # a fresh run: the folder must not mix its files with an earlier run's
+    def claim_folder():
+        """Before this run's first file: a fresh run must not mix its files with an earlier
+        run's, so that run's files are set aside; the manifest then names this run's."""
+        if not states:
             keep = [] if teacher is None else [args.teacher_checkpoint,
                                                record_path(args.teacher_checkpoint),
                                                logits_path(args.teacher_checkpoint)]
             set_aside(args.out_dir, phase, keep=keep, log=main_log)
         write_manifest(args.out_dir, phase, files=files, finished=False, **manifest)
+        os.makedirs(dirs[seeds[0]], exist_ok=True)  # set_aside removes the seed folders it empties
+        writers.extend(w for w in [open_tensorboard(args, phase, log)] if w is not None)
     if not logits_reused and dist.is_main:  # stored only now that the run is going ahead
         store_test_logits(args.teacher_checkpoint, teacher_logits, teacher_key, main_log)
 
-    writer = open_tensorboard(args, phase, log) if dist.is_main else None
+    writers = []  # opened by claim_folder, once an earlier run's event files are set aside
     summaries = {}
     for index, seed in enumerate(seeds):
-        if dist.is_main:
+        if dist.is_main and index > 0:  # the first seed's is made by claim_folder
             os.makedirs(dirs[seed], exist_ok=True)
         data = data if index == 0 else loaders(seed)
         trainees = make_trainees(specs, recipe, device, precisions, args, dist, seed)
@@ -380,8 +384,9 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                     else ''))
         if seed in states and dist.is_main:
             main_log(describe_resume(seed, saved[seed][0], states[seed], len(data.train)))
-        callback = (lambda epoch, rows, s=seed: log_tensorboard(writer, phase, s, epoch, rows)) \
-            if writer else None
+        callback = (lambda epoch, rows, s=seed: [log_tensorboard(w, phase, s, epoch, rows)
+                                                 for w in writers]) \
+            if args.tensorboard and dist.is_main else None
         seed_start = time.time()
         summaries[seed] = train_phase(
             phase, trainees, data, recipe, dirs[seed], device, teacher=teacher,
@@ -389,7 +394,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             resume_state=states.get(seed), stop=stop, dist=dist, log=main_log,
             epoch_callback=callback, test_every=args.test_every,
             teacher_test_logits=teacher_logits, runs_ahead=len(seeds) if index == 0 else 0,
-            stacked=stacked)
+            stacked=stacked, before_write=claim_folder if index == 0 else None)
         summaries[seed]['wall_seconds'] = round(time.time() - seed_start, 2)
         summaries[seed]['peak_memory_mb'] = peak_memory_mb(device)
         test_logits = summaries[seed].pop('test_logits')
@@ -412,7 +417,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         if args.seeds is not None and dist.is_main:
             write_results(dirs[seed], phase, {seed: summaries[seed]}, configs[seed],
                           run_info(args, device), {phase: [dirs[seed]]}, log=lambda *_: None)
-    if writer:
+    for writer in writers:
         writer.close()
     if args.seeds is not None and dist.is_main:
         first = dirs[seeds[0]]

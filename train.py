@@ -511,7 +511,7 @@ def evaluate_epoch(trainees, data, epoch, epochs, progress, run_dir, *, test_eve
 def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
                 teacher_precision=None, config=None, resume_state=None, stop=None, dist=None,
                 log=print, progress=True, epoch_callback=None, test_every=1,
-                teacher_test_logits=None, runs_ahead=1, stacked=False):
+                teacher_test_logits=None, runs_ahead=1, stacked=False, before_write=None):
     """Train `trainees` for recipe.epochs; write best_<name>.pth, log_<name>.csv, last_<phase>.pt.
 
     Selection: the epoch with the best validation accuracy (data.val), or the last epoch when
@@ -519,7 +519,9 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     selected epoch. teacher_test_logits (students' phase): the teacher's test-set logits, for
     agreement; runs_ahead: how many runs like this one the invocation has (the time estimate
     covers them; 0: no estimate, as for the seeds after the first); stacked: train the students
-    as one vmapped computation (stacked.StudentStack). Returns a summary per model.
+    as one vmapped computation (stacked.StudentStack); before_write: called once, on the main
+    process, before the run writes its first file (a run that fails before that, on a NaN in
+    its first epoch say, leaves the folder as it found it). Returns a summary per model.
     """
     is_main = dist is None or dist.is_main
     multi_process = dist is not None and dist.enabled
@@ -540,8 +542,15 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     timer = DurationEstimate(phase, recipe.epochs, steps_per_epoch, data, trainees, test_every,
                        runs_ahead, device, log) if prog.estimate is None and runs_ahead else None
 
+    def claim_folder():  # the run's first file: the folder becomes this run's only now
+        nonlocal before_write
+        if before_write is not None and is_main:
+            before_write()
+        before_write = None
+
     def save(finished=False):
         if is_main:
+            claim_folder()
             save_state(state_path, phase, trainees, prog, config, finished)
             if stop is not None:  # what a second Ctrl-C reports as kept
                 stop.saved[state_path] = (prog.epoch, prog.batch, finished)
@@ -583,6 +592,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
         check_finite(sums, phase, epoch, steps_per_epoch,
                      kept_files(prog, run_dir, state_path, resume_state is not None))
         train_seconds = time.time() - t0
+        claim_folder()
         accs = evaluate_epoch(trainees, data, epoch + 1, recipe.epochs, prog, run_dir,
                               test_every=test_every, is_main=is_main)
         row_common = {'epoch': epoch + 1, 'lr': round(lr, 6), 'seconds': round(train_seconds, 3),

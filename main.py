@@ -15,6 +15,7 @@ import sys
 from datasets import dataset_names
 from models import model_names
 from runner import UsageError, resume_command, run
+from tuning import BF16_MIN_SPEEDUP, CACHE_ENV, decisions_path
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -122,7 +123,10 @@ def build_parser():
     a('--amp', action=argparse.BooleanOptionalAction, default=None,
       help='mixed precision: --amp forces bf16 autocast (fp16 on GPUs without native bf16), '
            '--no-amp float32. Auto: bf16 on GPUs that have it, fp16 on older ones; on a CPU '
-           'fp32 and bf16 are timed at start-up and the faster one is used (default: auto)')
+           'fp32 and bf16 are timed once per machine, architecture and batch shape, bf16 kept '
+           f'only when {BF16_MIN_SPEEDUP:g}x faster, and the decision stored in '
+           f'{decisions_path().replace("%", "%%")} (${CACHE_ENV} relocates its folder; delete '
+           'the file to measure again). A resumed run keeps its precision (default: auto)')
     a('--stack-students', choices=('auto', 'on', 'off'), default='auto',
       help='train students of one architecture as one batched computation (torch.func.vmap; '
            'results equal the one-by-one loop within float rounding). auto: on CUDA, when it '
@@ -172,7 +176,7 @@ def validate(args):
 def main(argv=None):
     from checkpoint import CheckpointError
     from distributed import shutdown_distributed
-    from train import NonFiniteLoss, StopNow, TrainingInterrupted
+    from train import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
     from utils import DataError
     try:
         args = build_parser().parse_args(argv)
@@ -189,6 +193,11 @@ def main(argv=None):
             return 128 + int(e.signum)
         print(f'\nInterrupted (signal {int(e.signum)}); the state is saved in {e.state_path}.\n'
               f'Resume with: {resume_command()}', file=sys.stderr)
+        return 128 + int(e.signum)
+    except StartupInterrupted as e:  # before the first batch: nothing to save or resume
+        if os.environ.get('RANK', '0') == '0':
+            print(f'\nInterrupted (signal {int(e.signum)}) before training started; nothing to '
+                  f'resume.', file=sys.stderr)
         return 128 + int(e.signum)
     except StopNow as e:  # a second Ctrl-C: no state saved now, say which ones exist
         if os.environ.get('RANK', '0') != '0':

@@ -8,15 +8,17 @@ import time
 
 class DurationEstimate:
     """Times the first steps of a run and prints one line: images/s and the whole phase's
-    expected duration, evaluation included; on a CPU, past an hour, with a quick-run hint."""
+    expected duration, evaluation included; on a CPU, past an hour, the commands of a quick run
+    (quick_run: command lines, each printed on its own line, ready to paste)."""
 
     STEPS = 20  # steps timed (after 2 of warm-up), or the whole first epoch when shorter
 
     def __init__(self, phase, epochs, steps_per_epoch, data, trainees, test_every, runs_ahead,
-                 device, log):
+                 device, log, quick_run=None):
         self.phase, self.epochs, self.steps_per_epoch = phase, epochs, steps_per_epoch
         self.data, self.trainees, self.test_every = data, trainees, test_every
         self.runs_ahead, self.device, self.log = runs_ahead, device, log
+        self.quick_run = quick_run or []
         self.t0, self.steps, self.images, self.estimate = None, 0, 0, None
 
     def on_step(self, batch_images, out):
@@ -45,10 +47,11 @@ class DurationEstimate:
         runs = f' x {self.runs_ahead} seeds' if self.runs_ahead > 1 else ''
         line = (f'{self.phase}: {images_per_s:.0f} images/s; {self.epochs} epochs{runs} should '
                 f'take about {format_duration(total)} (training and evaluation)')
-        if self.device.type == 'cpu' and total > 3600:
-            quick = 'python main.py' + (' --train-teacher' if self.phase == 'teacher' else '')
-            line += f'. On a CPU, try a quick run first: {quick} --epochs 3 --subset 2000'
         self.log(line)
+        if self.device.type == 'cpu' and total > 3600 and self.quick_run:
+            self.log('On a CPU, try the pipeline on part of the data first, in its own folder:')
+            for command in self.quick_run:
+                self.log(f'  {command}')
 
 
 def _sync(out):

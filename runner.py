@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from recipe import STUDENT_ARCH as DEFAULT_STUDENT_ARCH
+from recipe import TEACHER_ARCH, default_lr
 
 # Configuration keys that change what a run computes: a resumed run must agree on all of them.
 RUN_KEYS = {
@@ -66,11 +67,67 @@ def run_info(args, device):
     return {'data_dir': args.data_dir, 'subset': args.subset, 'device': device_name(device)}
 
 
+def program():
+    """How this program was started (`main.py`, or the path the user typed to it)."""
+    argv0 = sys.argv[0] if sys.argv else ''
+    return shlex.quote(argv0) if os.path.basename(argv0) == 'main.py' else 'main.py'
+
+
+def _is_resume_or_restart(arg):
+    # argparse also accepts an unambiguous prefix (--resu, --rest)
+    return arg.startswith('--re') and ('--resume'.startswith(arg) or '--restart'.startswith(arg))
+
+
 def resume_command():
-    argv = [a for a in sys.argv[1:] if a not in ('--resume', '--restart')]
+    argv = [a for a in sys.argv[1:] if not _is_resume_or_restart(a)]
     nproc = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', '1')))
     launcher = f'torchrun --nproc_per_node={nproc}' if 'RANK' in os.environ else 'python'
-    return launcher + ' ' + ' '.join(shlex.quote(a) for a in [sys.argv[0]] + argv + ['--resume'])
+    return ' '.join([launcher, program()] + [shlex.quote(a) for a in argv + ['--resume']])
+
+
+def flag_args(args, dests):
+    """The command-line arguments that give `args`' values of `dests` (argparse names) where
+    they differ from main.py's defaults: what a printed command keeps of this run's flags.
+
+    Raises nothing; a dest args lacks, or one set to None, is left out."""
+    from main import build_parser  # main imports this module
+    parser = build_parser()
+    out = []
+    for dest in dests:
+        value = getattr(args, dest, None)
+        default = default_lr(args.batch_size) if dest == 'lr' else parser.get_default(dest)
+        if value is None or value == default:
+            continue
+        flag = '--' + dest.replace('_', '-')
+        if value is True:
+            out.append(flag)
+        elif value is False:  # a BooleanOptionalAction (--amp / --no-amp)
+            out.append('--no-' + dest.replace('_', '-'))
+        else:
+            out += [flag] + [str(v) for v in (value if isinstance(value, list) else [value])]
+    return out
+
+
+QUICK_RUN = ['--epochs', '3', '--subset', '2000']
+# what a run's data and precision depend on, kept by every printed command
+DATA_FLAGS = ('dataset', 'data_dir', 'val_fraction', 'split_seed', 'device', 'amp')
+
+
+def quick_run_commands(phase, args, teacher_arch):
+    """The commands of a quick run (3 epochs, 2,000 images) suggested on a CPU: into their own
+    folder OUT_DIR/quick, so they run when pasted even with this run's unfinished state in
+    OUT_DIR, with this run's data, dataset, split, device, precision and architectures. The
+    students' phase gets the quick teacher's command first: its students need a teacher of the
+    same data. Returns command lines (str)."""
+    folder = os.path.normpath(os.path.join(args.out_dir, 'quick'))
+    common = flag_args(args, DATA_FLAGS + ('batch_size',))
+    arch = ['--teacher-arch', teacher_arch] if teacher_arch != TEACHER_ARCH else []
+    commands = [['--train-teacher', *QUICK_RUN, *arch, *common, '--out-dir', folder]]
+    if phase == 'students':
+        commands.append([*QUICK_RUN, *flag_args(args, ('student_arch', 'loss', 'temperature',
+                                                        'alpha', 'no_baseline')),
+                         *common, '--out-dir', folder])
+    return [' '.join(['python', program()] + [shlex.quote(a) for a in c]) for c in commands]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +198,9 @@ def load_states(phase, dirs):
 def find_states(phase, saved, args, config_by_seed):
     """The saved state of each seed for --resume, or a refusal to overwrite an unfinished run.
 
-    saved: load_states's result."""
+    saved: load_states's result. Needs no timing, so it runs before any: the precision is
+    compared only when config_by_seed has one (--amp / --no-amp); in auto mode a resumed run
+    takes its saved precision (saved_precisions)."""
     from train import STATE_FORMAT
     states = {}
     for seed, (path, state) in saved.items():
@@ -155,7 +214,8 @@ def find_states(phase, saved, args, config_by_seed):
                 raise UsageError(f'{path} was saved by an older version of this program and '
                                  f'cannot be resumed; start over with --restart')
             new = config_by_seed[seed]
-            changed = [k for k in RUN_KEYS[phase] if state['config'].get(k) != new.get(k)]
+            changed = [k for k in RUN_KEYS[phase] if (k != 'precision' or k in new)
+                       and state['config'].get(k) != new.get(k)]
             if changed:
                 details = ', '.join(f"{k}: {state['config'].get(k)!r} -> {new.get(k)!r}"
                                     for k in changed)
@@ -190,12 +250,18 @@ def check_resume_data(saved, arrays, log):
 
 
 def saved_precisions(saved, args):
-    """The precisions a run to be resumed used (measured ones are not measured again)."""
+    """(precisions, teacher precision, record) of a run to be resumed, by name: a resumed run
+    keeps its own, whatever was stored or measured since. None when not resuming."""
     if not args.resume:
         return None
     for _, state in saved.values():
-        if 'precision' in state['config']:
-            return state['config']['precision'], state['config'].get('teacher_precision')
+        config = state['config']
+        if 'precision' in config:
+            source = config.get('precision_source') or 'unrecorded'
+            if not source.startswith('resumed'):
+                source = f'resumed ({source})'
+            return (config['precision'], config.get('teacher_precision'),
+                    {'source': source, 'decisions': config.get('precision_decisions')})
     return None
 
 
@@ -264,6 +330,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     """Train one phase once per seed; return {seed: summary}, the run folders and the config.
 
     configuration: resolved_configuration's view, recorded in the config as printed."""
+    import torch
     from checkpoint import record_path
     from memory import GridTooLarge, check_memory, peak_memory_mb
     from outdir import planned_files, set_aside, write_manifest
@@ -271,7 +338,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     from teacher import (logits_key, logits_path, save_test_logits, store_test_logits,
                          teacher_test_logits)
     from train import Recipe, precision_name, train_phase
-    from tuning import decide_precisions, decide_stacking, fastest_teacher
+    from tuning import (PrecisionDecisions, decide_precisions, decide_stacking, decisions_path,
+                        fastest_teacher, machine_key)
     from utils import make_loaders
 
     seeds = args.seeds if args.seeds is not None else [args.seed]
@@ -292,21 +360,16 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         memory_estimate = check_memory(specs, device, args.num_classes, batch_shape, main_log)
     except GridTooLarge as e:
         raise UsageError(str(e)) from None
+    # every refusal that needs no timing comes before any timing
     saved = load_states(phase, dirs)
     if args.resume:
         check_resume_data(saved, data.arrays, main_log)
     amp = resumed_amp(saved, args.amp) if args.resume else args.amp
-    precisions, teacher_precision, measured = decide_precisions(
-        specs, device, args, dist, batch_shape, teacher, saved_precisions(saved, args),
-        main_log)
-
     base_config = {k: getattr(args, k) for k in (
         'dataset', 'num_classes', 'epochs', 'batch_size', 'lr', 'weight_decay', 'val_fraction',
         'split_seed', 'subset', 'test_every', 'data_dir', 'out_dir', 'compile')}
     base_config.update(amp=amp, configuration=configuration, device=str(device),
-                       world_size=dist.world_size,
-                       precision={n: precision_name(p) for n, p in precisions.items()},
-                       precision_measured=measured, val_images_sha256=data.val_fingerprint(),
+                       world_size=dist.world_size, val_images_sha256=data.val_fingerprint(),
                        # what the images are, whichever folder they were read from
                        train_images_sha256=data.arrays.train_sha256,
                        test_images_sha256=data.arrays.test_sha256,
@@ -323,8 +386,32 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             no_baseline=args.no_baseline,
             students=[{'name': s.name, 'loss': s.loss, 'params': s.params} for s in specs],
             teacher_checkpoint=args.teacher_checkpoint, teacher_arch=teacher_info['arch'],
-            teacher_sha256=teacher_info['sha256'],
-            teacher_precision=precision_name(teacher_precision))
+            teacher_sha256=teacher_info['sha256'])
+    states = find_states(phase, saved, args, {s: dict(base_config, seed=s) for s in seeds})
+    if args.resume and not states:
+        main_log(f'--resume: no saved {phase} state in {args.out_dir}; starting from the '
+                 f'beginning')
+
+    resumed = saved_precisions(saved, args)
+    if resumed is not None:
+        by_name = {precision_name(d): d for d in (None, torch.bfloat16, torch.float16)}
+        precisions = {n: by_name[p] for n, p in resumed[0].items()}
+        teacher_precision = by_name[resumed[1]] if resumed[1] else None
+        precision_record = resumed[2]
+        main_log(f"precision: {', '.join(sorted(set(resumed[0].values())))}, as the run being "
+                 f"resumed")
+    else:
+        store = PrecisionDecisions(decisions_path(), machine_key(dist.world_size), main_log) \
+            if device.type == 'cpu' and args.amp is None else None
+        precisions, teacher_precision, precision_record = decide_precisions(
+            specs, device, args.amp, dist, batch_shape, args.num_classes, teacher=teacher,
+            teacher_arch=teacher_info['arch'] if teacher_info else None, store=store,
+            log=main_log)
+    base_config.update(precision={n: precision_name(p) for n, p in precisions.items()},
+                       precision_source=precision_record['source'],
+                       precision_decisions=precision_record['decisions'])
+    if phase == 'students':
+        base_config['teacher_precision'] = precision_name(teacher_precision)
         teacher_key = logits_key(teacher_info['sha256'], args.dataset,
                                  data.arrays.test_sha256, data.num_test)
         teacher_logits, logits_reused = teacher_test_logits(
@@ -338,10 +425,6 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                  f"({', '.join(f'{k} {v:.3f}s' for k, v in teacher_form['seconds_per_batch'].items())}"
                  f" per batch)")
     configs = {s: dict(base_config, seed=s) for s in seeds}
-    states = find_states(phase, saved, args, configs)
-    if args.resume and not states:
-        main_log(f'--resume: no saved {phase} state in {args.out_dir}; starting from the '
-                 f'beginning')
     folders = [os.path.relpath(dirs[s], args.out_dir) for s in seeds]
     names = [s.name for s in specs] + (['student_kd'] if len(distilled_names(specs)) > 1
                                        else [])
@@ -362,6 +445,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         writers.extend(w for w in [open_tensorboard(args, phase, log)] if w is not None)
     if not logits_reused and dist.is_main:  # stored only now that the run is going ahead
         store_test_logits(args.teacher_checkpoint, teacher_logits, teacher_key, main_log)
+    quick_run = quick_run_commands(
+        phase, args, specs[0].arch if phase == 'teacher' else teacher_info['arch'])
 
     writers = []  # opened by claim_folder, once an earlier run's event files are set aside
     summaries = {}
@@ -388,13 +473,16 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                                                  for w in writers]) \
             if args.tensorboard and dist.is_main else None
         seed_start = time.time()
+        if stop is not None:  # from here a signal stops at the next batch and saves the state
+            stop.immediate = False
         summaries[seed] = train_phase(
             phase, trainees, data, recipe, dirs[seed], device, teacher=teacher,
             teacher_precision=teacher_precision, config=configs[seed],
             resume_state=states.get(seed), stop=stop, dist=dist, log=main_log,
             epoch_callback=callback, test_every=args.test_every,
             teacher_test_logits=teacher_logits, runs_ahead=len(seeds) if index == 0 else 0,
-            stacked=stacked, before_write=claim_folder if index == 0 else None)
+            stacked=stacked, before_write=claim_folder if index == 0 else None,
+            quick_run=quick_run)
         summaries[seed]['wall_seconds'] = round(time.time() - seed_start, 2)
         summaries[seed]['peak_memory_mb'] = peak_memory_mb(device)
         test_logits = summaries[seed].pop('test_logits')
@@ -759,14 +847,14 @@ def rerun_command(models, args):
     lines += warmup_notes({n: models[n] for n in distilled}, args.epochs)
     params = best.get('loss_params') or {}
     flags = ['--loss', best['loss']] + [x for k in ('temperature', 'alpha') if k in params
-                                        for x in (f'--{k}', f'{params[k]:g}')]
-    keep = ['--dataset', args.dataset, '--epochs', str(args.epochs)] + \
-        (['--subset', str(args.subset)] if args.subset else []) + \
-        (['--student-arch', args.student_arch] if args.student_arch else []) + \
-        (['--data-dir', args.data_dir] if args.data_dir != './data' else []) + \
+                                        for x in (f'--{k}', str(params[k]))]
+    # everything else that made this run's numbers, so the seeds confirm this very setting
+    keep = ['--epochs', str(args.epochs)] + flag_args(
+        args, DATA_FLAGS + ('subset', 'student_arch', 'batch_size', 'lr', 'weight_decay',
+                            'test_every', 'stack_students', 'compile')) + \
         ['--teacher-checkpoint', args.teacher_checkpoint,
-         '--out-dir', os.path.join(args.out_dir, distilled[0])]
-    lines.append('Confirm it over seeds, paired with the baseline: python main.py '
+         '--out-dir', os.path.normpath(os.path.join(args.out_dir, distilled[0]))]
+    lines.append(f'Confirm it over seeds, paired with the baseline: python {program()} '
                  + ' '.join(shlex.quote(a) for a in flags + keep + ['--seeds', '0', '1', '2', '3',
                                                                      '4']))
     return '\n'.join(lines)
@@ -796,12 +884,26 @@ def check_split(args, num_train_images):
 
 
 def run(args, log=print):
-    """Run what args ask for (main.py's parsed and validated flags); returns the exit code."""
+    """Run what args ask for (main.py's parsed and validated flags); returns the exit code.
+
+    Until training starts (loading, timing, the teacher's logits) SIGINT / SIGTERM raise
+    train.StartupInterrupted at once: there is nothing to save. From the first batch on they
+    stop at the next batch boundary and save the state (train.TrainingInterrupted)."""
+    from train import StopSignal
+    stop = StopSignal(immediate=True)
+    stop.install()
+    try:
+        return _run(args, log, stop)
+    finally:
+        stop.uninstall()
+
+
+def _run(args, log, stop):
     from datasets import effective_subset, get_dataset, load_dataset
     from distributed import barrier, init_distributed
     from report import describe_gains, print_table, write_results
     from teacher import SPLIT_KEYS, TeacherMismatch, check_data, load_teacher
-    from train import StopSignal, configure_backends
+    from train import configure_backends
 
     device = resolve_device(args.device)
     dist, device = init_distributed(device)
@@ -811,7 +913,7 @@ def run(args, log=print):
     spec = get_dataset(args.dataset)
     args.num_classes = spec.num_classes
     if args.lr is None:
-        args.lr = 0.1 * args.batch_size / 128
+        args.lr = default_lr(args.batch_size)
     if args.teacher_checkpoint is None:
         args.teacher_checkpoint = os.path.join(args.out_dir, 'best_teacher.pth')
     phase = 'evaluate' if args.evaluate else 'teacher' if args.train_teacher else 'students'
@@ -862,14 +964,12 @@ def run(args, log=print):
         barrier()
         return 0
     start = time.time()
-    stop = StopSignal()  # SIGINT/SIGTERM: finish the batch, save, exit 130/143
-    stop.install()
     try:
         summaries, dirs, config = train_phase_for_seeds(phase, args, device, dist, arrays, log,
                                                         stop, teacher, teacher_info,
                                                         configuration)
     finally:
-        stop.uninstall()
+        stop.uninstall()  # writing the results: Ctrl-C raises KeyboardInterrupt as usual
     if dist.is_main:
         results = write_results(args.out_dir, phase, summaries, config, run_info(args, device),
                                 {phase: list(dirs.values())}, log)

@@ -50,16 +50,29 @@ class StopNow(KeyboardInterrupt):
         self.signum, self.kept = signum, kept
 
 
+class StartupInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM before training began (while measuring, loading, ...): nothing to save.
+
+    A KeyboardInterrupt, so that no `except Exception` of the start-up swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(f'stopped by signal {signum} before training')
+        self.signum = signum
+
+
 class StopSignal:
     """SIGINT/SIGTERM set a flag that the loop reads at the next batch boundary.
 
     A second signal interrupts at once with StopNow, which says what is on disk: train_phase
-    records every state it starts from or saves in `saved`.
+    records every state it starts from or saves in `saved`. While `immediate` is True (the
+    start-up: timings, loading, the teacher's logits) there is nothing to save, and a signal
+    raises StartupInterrupted at once instead.
     """
 
-    def __init__(self):
+    def __init__(self, immediate=False):
         self.signum = None
         self.saved = {}  # state path -> (epochs finished, batches of the next, finished) or None
+        self.immediate = immediate
 
     @property
     def requested(self):
@@ -74,6 +87,8 @@ class StopSignal:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame):
+        if self.immediate:
+            raise StartupInterrupted(signum)
         if self.signum is not None:
             raise StopNow(signum, self.describe_saved())
         self.signum = signum
@@ -120,8 +135,9 @@ def choose_precision(model_name, device, amp=None):
     """The autocast dtype for a model, or None for float32, by rule (no measurement).
 
     CUDA: bf16 where the GPU has it in hardware, else fp16 (with a GradScaler), unless amp is
-    False. CPU: float32 unless amp is True (bf16). In auto mode a training run measures both on
-    the CPU instead (runner.decide_precisions); this rule serves --evaluate and forced modes.
+    False. CPU: float32 unless amp is True (bf16). In auto mode a training run on a CPU uses the
+    per-machine decision instead (tuning.decide_precisions); this rule serves --evaluate and
+    forced modes.
     """
     if device.type == 'cuda':
         if amp is False:
@@ -511,7 +527,8 @@ def evaluate_epoch(trainees, data, epoch, epochs, progress, run_dir, *, test_eve
 def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
                 teacher_precision=None, config=None, resume_state=None, stop=None, dist=None,
                 log=print, progress=True, epoch_callback=None, test_every=1,
-                teacher_test_logits=None, runs_ahead=1, stacked=False, before_write=None):
+                teacher_test_logits=None, runs_ahead=1, stacked=False, before_write=None,
+                quick_run=None):
     """Train `trainees` for recipe.epochs; write best_<name>.pth, log_<name>.csv, last_<phase>.pt.
 
     Selection: the epoch with the best validation accuracy (data.val), or the last epoch when
@@ -521,8 +538,11 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     covers them; 0: no estimate, as for the seeds after the first); stacked: train the students
     as one vmapped computation (stacked.StudentStack); before_write: called once, on the main
     process, before the run writes its first file (a run that fails before that, on a NaN in
-    its first epoch say, leaves the folder as it found it). Returns a summary per model.
+    its first epoch say, leaves the folder as it found it); quick_run: the commands of a quick
+    run that the estimate suggests on a CPU past an hour. Lines go to `log` above the progress
+    bar. Returns a summary per model.
     """
+    log = above_bars(log)
     is_main = dist is None or dist.is_main
     multi_process = dist is not None and dist.enabled
     world_size = dist.world_size if dist else 1
@@ -540,7 +560,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
         from stacked import StudentStack
         stack = StudentStack(trainees, recipe)  # after the resume: it starts from its state
     timer = DurationEstimate(phase, recipe.epochs, steps_per_epoch, data, trainees, test_every,
-                       runs_ahead, device, log) if prog.estimate is None and runs_ahead else None
+                             runs_ahead, device, log, quick_run) \
+        if prog.estimate is None and runs_ahead else None
 
     def claim_folder():  # the run's first file: the folder becomes this run's only now
         nonlocal before_write
@@ -574,7 +595,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
                                           stop=stop, multi_process=multi_process, bar=bar,
                                           on_step=on_step, stack=stack)
         except _StopAt as s:
-            bar.close()
+            bar.close()  # leave=False: it clears its line
             if stack is not None:
                 stack.write_back()
             prog.elapsed += time.time() - t0
@@ -583,7 +604,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
             prog.estimate = timer.estimate if timer is not None else prog.estimate
             save()
             raise TrainingInterrupted(stop.signum or signal.SIGTERM, state_path) from None
-        bar.close()
+        finally:  # also on an error: its message must not land on the bar's line
+            bar.close()
         if stack is not None:  # evaluation and checkpoints read the trainees' modules
             stack.write_back()
         if timer is not None and timer.estimate is not None:
@@ -616,6 +638,15 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     summary = finish_phase(trainees, data, prog, teacher_test_logits)
     save(finished=True)
     return summary
+
+
+def above_bars(log):
+    """`log` with the open progress bars cleared before each line and redrawn after it (tqdm's
+    own way of writing while a bar is shown, as tqdm.write), so no line starts on a bar's."""
+    def write(line):
+        with tqdm.external_write_mode():
+            log(line)
+    return write
 
 
 def kept_files(progress, run_dir, state_path, resumed):

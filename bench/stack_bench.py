@@ -37,7 +37,7 @@ def main(argv=None):
     from stacked import StudentStack, seconds_per_step
     from train import (Recipe, Trainee, choose_precision, precision_name, train_step,
                        train_step_stacked)
-    from tuning import faster_precision, fold_batchnorm, measure_precisions
+    from tuning import fold_batchnorm, measure_precisions, precision_from_rates
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
                           if args.device == 'auto' else args.device)
     shape = (args.batch_size, 3, 32, 32)
@@ -46,9 +46,9 @@ def main(argv=None):
         precision = choose_precision('student', device)
         teacher_precision = precision
     else:
-        precision = faster_precision(measure_precisions(StudentNet(), shape, device, True))
-        teacher_precision = faster_precision(measure_precisions(TeacherNet().eval(), shape,
-                                                                device, False))
+        precision = precision_from_rates(measure_precisions(StudentNet(), shape, device, True))
+        teacher_precision = precision_from_rates(
+            measure_precisions(TeacherNet().eval(), shape, device, False))
     recipe = Recipe(epochs=1)
     torch.manual_seed(0)
     teacher = fold_batchnorm(TeacherNet().eval()).to(device, memory_format=torch.channels_last)

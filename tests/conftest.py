@@ -38,6 +38,20 @@ def write_cifar(folder, train_per_batch=40, test_size=100, seed=0):
     return folder
 
 
+@pytest.fixture(scope='session', autouse=True)
+def precision_cache(tmp_path_factory):
+    """The stored CPU precision decisions go to a folder of the test session, never the user's
+    cache; every run of the session shares it (measured once, as on a user's machine)."""
+    folder = str(tmp_path_factory.mktemp('cache'))
+    previous = os.environ.get('KD_CIFAR_CACHE_DIR')
+    os.environ['KD_CIFAR_CACHE_DIR'] = folder
+    yield folder
+    if previous is None:
+        del os.environ['KD_CIFAR_CACHE_DIR']
+    else:
+        os.environ['KD_CIFAR_CACHE_DIR'] = previous
+
+
 @pytest.fixture(scope='session')
 def cifar_dir(tmp_path_factory):
     """A data root with 200 training and 100 test images (read-only for tests: copy to change)."""

@@ -2,6 +2,7 @@
 best_student_kd.pth, --evaluate, and torchrun, on the tiny data."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -119,3 +120,36 @@ def test_the_stacked_grid_equals_the_loop(grid_run, tmp_path):
         b = torch.load(out / f'best_{name}.pth', weights_only=True)
         worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
         assert worst < 1e-3, (name, worst)   # float32 rounding, amplified by training
+
+
+def test_the_printed_confirm_command_runs_as_printed_with_the_runs_flags(grid_run):
+    said = [line for line in grid_run['run'].stdout.splitlines() if 'Confirm it over seeds' in line]
+    command = shlex.split(said[0].split('paired with the baseline: ', 1)[1])
+    # this run's precision, batch, device, data and teacher: the seeds confirm what ran here
+    for flags in (['--no-amp'], ['--batch-size', '32'], ['--device', 'cpu'], ['--subset', '100'],
+                  ['--data-dir', grid_run['common'][7]], ['--seeds', '0', '1', '2', '3', '4']):
+        assert any(command[i:i + len(flags)] == flags for i in range(len(command))), flags
+    r = subprocess.run([sys.executable] + command[1:], capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_the_confirm_command_keeps_the_split_and_the_recipe():
+    import main
+    from runner import rerun_command
+    args = main.build_parser().parse_args([
+        '--loss', 'kd', '--temperature', '2', '4', '--val-fraction', '0.2', '--split-seed', '3',
+        '--batch-size', '64', '--lr', '0.3', '--out-dir', 'runs', '--teacher-checkpoint', 't.pth'])
+    models = {'kd_T2_a0.1': {'best_val_acc': 50.0, 'loss': 'kd',
+                             'loss_params': {'temperature': 2.0, 'alpha': 0.1234567}},
+              'kd_T4_a0.1': {'best_val_acc': 40.0, 'loss': 'kd',
+                             'loss_params': {'temperature': 4.0, 'alpha': 0.1}},
+              'student_base': {'best_val_acc': 45.0, 'loss': 'ce'}}
+    line = rerun_command(models, args)
+    command = shlex.split(line.split('paired with the baseline: ', 1)[1])
+    assert command[2:] == [
+        '--loss', 'kd', '--temperature', '2.0', '--alpha', '0.1234567', '--epochs', '200',
+        '--val-fraction', '0.2', '--split-seed', '3', '--batch-size', '64', '--lr', '0.3',
+        '--teacher-checkpoint', 't.pth', '--out-dir', 'runs/kd_T2_a0.1',
+        '--seeds', '0', '1', '2', '3', '4']
+    main.validate(main.build_parser().parse_args(command[2:]))

@@ -1,4 +1,4 @@
-"""Issue-10 behaviour: the teacher's test logits computed once, the precision measured, a frozen
+"""Issue-10 behaviour: the teacher's test logits computed once, the precision decided, a frozen
 (BatchNorm-folded) teacher equal to the eager one, the time estimate, and --test-every."""
 import csv
 import json
@@ -118,23 +118,26 @@ def test_evaluate_reuses_the_logits_and_recomputes_for_another_subset(trained_ru
     assert other.returncode == 0 and 'computing its test-set logits (50 images' in other.stdout
 
 
-def test_measured_precision_is_recorded_in_results(trained_run):
+def test_the_precision_decision_is_recorded_in_results(trained_run):
     with open(os.path.join(trained_run['out'], 'results.json')) as f:
         results = json.load(f)
     for phase in ('teacher', 'students'):
         config = results['phases'][phase]['config']
-        measured = config['precision_measured']
-        assert measured, phase
-        for figures in measured.values():
+        decisions = config['precision_decisions']
+        assert decisions, phase
+        for figures in decisions.values():
             assert figures['fp32'] > 0 and figures['bf16'] > 0
-            faster = 'bf16' if figures['bf16'] > figures['fp32'] else 'fp32'
+            faster = 'bf16' if figures['bf16'] >= 1.2 * figures['fp32'] else 'fp32'
             assert figures['chosen'] == faster
+            assert figures['source'] in ('measured', 'stored') and figures['decided']
+        assert config['precision_source'] in ('measured', 'stored', 'stored and measured')
         arch = 'resnet18' if phase == 'teacher' else 'cnn'
-        chosen = measured[f'{arch} (training)']['chosen']
+        chosen = decisions[f'{arch} (training), batch 32x3x32x32']['chosen']
         assert set(config['precision'].values()) == {chosen}
-    assert 'teacher (teacher inference)' in results['phases']['students']['config'][
-        'precision_measured']
-    assert results['phases']['students']['config']['teacher_form']['chosen'] == 'folded'
+    students = results['phases']['students']['config']
+    assert students['precision_decisions']['resnet18 (inference), batch 32x3x32x32'][
+        'chosen'] == students['teacher_precision']
+    assert students['teacher_form']['chosen'] == 'folded'
 
 
 def test_selected_students_report_the_selected_epochs_test_accuracy(trained_run):
@@ -198,15 +201,16 @@ def test_a_long_cpu_estimate_suggests_the_quick_run(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(progress.time, 'time', lambda: now[0])
     lines = []
+    quick = ['python main.py --train-teacher --epochs 3 --subset 2000 --out-dir quick']
     timer = DurationEstimate('teacher', 200, 352, _FakeData(), [object()], 1, 1,
-                       torch.device('cpu'), lines.append)
+                             torch.device('cpu'), lines.append, quick)
     out = [type('R', (), {'loss': torch.zeros(())})()]
     for _ in range(2 + 20):
         now[0] += 5.0   # each step takes 5 s, as a teacher step on a laptop CPU
         timer.on_step(128, out)
-    assert len(lines) == 1
-    assert 'teacher: ' in lines[0] and '200 epochs should take about' in lines[0]
-    assert 'python main.py --train-teacher --epochs 3 --subset 2000' in lines[0]
+    assert len(lines) == 3
+    assert lines[0].startswith('teacher: ') and '200 epochs should take about' in lines[0]
+    assert lines[2] == '  ' + quick[0]
     assert timer.estimate['images_per_s'] == pytest.approx(128 / 5)
     assert timer.estimate['estimated_seconds'] > 200 * 352 * 5
     assert format_duration(30) == '30 s' and format_duration(3 * 86400) == '3.0 days'

@@ -1,10 +1,18 @@
 """Checkpoints: atomic writes, weights-only loading with clear refusals, and RNG state capture."""
+import argparse
+import hashlib
+import io
 import os
+import pickletools
 import random
+import re
 import tempfile
+import warnings
+import zipfile
 
 import numpy as np
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 
@@ -61,7 +69,6 @@ def _atomic_write(path, write):
 
 
 def file_sha256(path):
-    import hashlib
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -95,46 +102,255 @@ def plain_state_dict(model):
 
 
 def strip_prefixes(state_dict):
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
+    """A copy of state_dict without the module. (DataParallel, DDP) and _orig_mod.
+    (torch.compile) prefixes, however nested, that other tools leave on parameter names."""
+    out = dict(state_dict)
+    while any(k.startswith(WRAPPER_PREFIXES) for k in out if isinstance(k, str)):
+        for prefix in WRAPPER_PREFIXES:
+            consume_prefix_in_state_dict_if_present(out, prefix)
     return out
 
 
-def load_file(path, what='checkpoint'):
-    """torch.load(path, weights_only=True) onto the CPU, with every failure as CheckpointError."""
+# Keys under which training scripts store the weights beside other things: RepDistiller and
+# mdistiller save {'epoch', 'model', 'best_acc', 'optimizer'}, others 'state_dict' or 'net'.
+WEIGHT_KEYS = ('model', 'state_dict', 'model_state_dict', 'net', 'weights', 'params')
+
+_PICKLE_OPCODES = {op.code: op.name for op in pickletools.opcodes}
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and bool(obj) and \
+        all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def _describe(obj):
+    """What a loaded object is, in a few words: its top-level keys for a dict."""
+    if isinstance(obj, dict):
+        if not obj:
+            return 'an empty dict'
+        keys = [repr(k) for k in list(obj)[:8]]
+        return f"a dict with the keys {', '.join(keys)}" + (', ...' if len(obj) > 8 else '')
+    if torch.is_tensor(obj):
+        return f'a single tensor of shape {list(obj.shape)}'
+    return f'a {type(obj).__name__}'
+
+
+def find_state_dict(obj):
+    """(state_dict, key) in a loaded checkpoint: obj itself when it is a state_dict (key None),
+    else the first of WEIGHT_KEYS (then any other entry) that holds one. None when there is
+    none."""
+    if _is_state_dict(obj):
+        return obj, None
+    if isinstance(obj, dict):
+        keys = [k for k in WEIGHT_KEYS if k in obj] + [k for k in obj if k not in WEIGHT_KEYS]
+        for key in keys:
+            if _is_state_dict(obj[key]):
+                return obj[key], key
+    return None
+
+
+def _pickle_globals(path):
+    """The module.name of every global the first pickle in path would import, read with
+    pickletools (which decodes opcodes and never imports or calls anything)."""
+    names, strings = [], []
+    try:
+        with open(path, 'rb') as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ('GLOBAL', 'INST'):
+                    names.append(arg.replace(' ', '.'))
+                elif op.name == 'STACK_GLOBAL' and len(strings) >= 2:
+                    names.append(f'{strings[-2]}.{strings[-1]}')
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                if op.name == 'STOP':
+                    break
+    except Exception:  # damaged or not a pickle: what was read so far
+        pass
+    return names
+
+
+def _load_failure_reason(path, error):
+    """Why torch.load(weights_only=True) could not read path: one full sentence for a person,
+    from the file's first bytes and the unpickler's message (never its weights_only advice)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, 'rb') as f:
+            head = f.read(512)
+    except OSError as e:
+        return f'it cannot be read ({e.strerror or e})'
+    if size == 0:
+        return 'it is empty (0 bytes)'
+    message = str(error)
+    if head.startswith(b'PK\x03\x04'):  # torch.save's zip format, or another zip archive
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return ('it is a truncated or damaged zip archive (an interrupted write, copy or '
+                    'download?): PyTorch cannot find its table of contents')
+        if not any(n.endswith('data.pkl') for n in names):
+            shown = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
+            return f'it is a zip archive of something else, not a PyTorch file (it holds {shown})'
+        if 'PytorchStreamReader' in message or 'CRC' in message or 'zip archive' in message:
+            return 'it is a damaged PyTorch file: a part of its zip archive cannot be read'
+    elif head[:1] != b'\x80':  # neither zip nor pickle (whose first opcode is PROTO)
+        try:
+            text = head.decode('utf-8')
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and '\x00' not in text:
+            first = text.strip().splitlines()[0][:40] if text.strip() else ''
+            return f'it is a text file, not a PyTorch file (it begins {first!r})'
+        return 'it is not a PyTorch file (its first bytes are not those of torch.save\'s format)'
+    found = re.search(r'GLOBAL (\S+) (?:was not an allowed global|whose module)', message)
+    if found:
+        name = re.sub(r'^(posix|nt)\.', 'os.', found.group(1))
+        return f'it would need to import {name}, which a weights-only load refuses'
+    found = re.search(r'call reduce for unrecognized function (.+?)(?: which belongs|\n|$)',
+                      message)
+    if found:
+        return f'it would call {found.group(1).strip()}, which a weights-only load refuses'
+    found = re.search(r"(?:create new object|build) .*but got (?:<class )?'?([\w.]+)", message)
+    if found:
+        return f'it would build a {found.group(1)} object, which a weights-only load refuses'
+    found = re.search(r'Unsupported operand (\d+)', message)
+    if found:  # a plain pickle of protocol 4 or later: name what it would import, if anything
+        imported = [g for g in _pickle_globals(path)
+                    if g.split('.')[0] not in ('torch', 'collections')]
+        if imported:
+            name = re.sub(r'^(posix|nt)\.', 'os.', imported[0])
+            return f'it would need to import {name}, which a weights-only load refuses'
+        code = int(found.group(1))
+        opcode = _PICKLE_OPCODES.get(chr(code), f'byte {code}')
+        return (f'it is not a file written by torch.save: its pickle stream uses the opcode '
+                f'{opcode}, which a weights-only load does not read')
+    if 'Invalid magic number' in message:
+        return 'it is a plain pickle, not a file written by torch.save'
+    if isinstance(error, EOFError) or 'Ran out of input' in message:
+        return 'it ends early: the file is truncated'
+    if 'PytorchStreamReader' in message or 'zip archive' in message:
+        return 'it is a damaged PyTorch file: its zip archive cannot be read'
+    # anything else: the unpickler's own reason, without PyTorch's advice around it
+    detail = message.split('WeightsUnpickler error:')[-1]
+    sentences = [s.strip() for s in re.split(r'(?<=\.)\s+', ' '.join(detail.split()))
+                 if s.strip() and 'weights_only' not in s and 'pytorch.org' not in s
+                 and 'Weights only load failed' not in s]
+    return (f'PyTorch cannot read it ({type(error).__name__}'
+            + (f': {" ".join(sentences).rstrip(".")}' if sentences else '') + ')')
+
+
+def _check_path(path, what):
     if not os.path.exists(path):
         raise CheckpointError(f'{path} does not exist')
     if os.path.isdir(path):
         raise CheckpointError(f'{path} is a directory, not a {what}')
+
+
+def _torch_load(source, path, what):
+    """torch.load(source, weights_only=True) onto the CPU; every failure a CheckpointError."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():
+            # "Detected pickle protocol N": the refusal below says what matters, once
+            warnings.simplefilter('ignore', UserWarning)
+            # RepDistiller's checkpoints also hold its argparse options: plain attributes
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(source, map_location='cpu', weights_only=True)
     except Exception as e:  # garbage, truncated, or a pickle that would run code
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'{path} is not a {what} that can be loaded safely '
-                              f'({type(e).__name__}: {reason[:200]})') from None
+        raise CheckpointError(f'cannot load {path} as a {what}: '
+                              f'{_load_failure_reason(path, e)}') from None
 
 
-def load_weights(model, path):
-    """Load a plain state_dict from path into model, or refuse naming the file and the model."""
-    expected = type(unwrap(model)).__name__
-    state = load_file(path, f'{expected} checkpoint')
-    if not isinstance(state, dict) or not state or \
-            not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise CheckpointError(f'{path} is not a {expected} checkpoint (expected a state_dict '
-                              f'of tensors, found {type(state).__name__})')
+def load_file(path, what='checkpoint'):
+    """torch.load(path, weights_only=True) onto the CPU, with every failure as CheckpointError
+    naming the file and the reason (an empty, text, truncated or foreign file; the global a
+    pickle would import)."""
+    _check_path(path, what)
+    return _torch_load(path, path, what)
+
+
+def read_checkpoint(path, what='checkpoint'):
+    """(object, sha256 hex digest) of the file at path from one read of its bytes, so the hash
+    is that of exactly what was loaded. Refusals as load_file's."""
+    _check_path(path, what)
     try:
-        unwrap(model).load_state_dict(strip_prefixes(state), strict=True)
-    except RuntimeError as e:
-        detail = str(e).splitlines()[0]
-        raise CheckpointError(f'{path} is not a {expected} checkpoint: its weights do not fit '
-                              f'{expected} ({detail[:200]})') from None
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(f'{path} cannot be read: {e.strerror or e}') from None
+    return _torch_load(io.BytesIO(data), path, what), hashlib.sha256(data).hexdigest()
+
+
+class WeightsMismatch(CheckpointError):
+    """A state_dict whose names or shapes do not fit the model. detail: the differences in
+    words; state: the file's state_dict (prefixes stripped); missing and unexpected keys
+    (sorted lists of str) and shape mismatches [(key, file shape, model shape)]."""
+
+    def __init__(self, message, detail, state, missing, unexpected, mismatched):
+        super().__init__(message)
+        self.detail, self.state = detail, state
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+
+def _examples(keys, n=2):
+    return ', '.join(keys[:n]) + (', ...' if len(keys) > n else '')
+
+
+def describe_mismatch(model_state, file_state, expected):
+    """(text, missing, unexpected, mismatched): how a state_dict differs from a model's."""
+    missing = sorted(set(model_state) - set(file_state))
+    unexpected = sorted(set(file_state) - set(model_state))
+    mismatched = [(k, list(file_state[k].shape), list(model_state[k].shape))
+                  for k in model_state if k in file_state
+                  and file_state[k].shape != model_state[k].shape]
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} of {expected}\'s {len(model_state)} keys are missing '
+                     f'(e.g. {_examples(missing)})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} keys are not {expected}\'s (e.g. '
+                     f'{_examples(unexpected)})')
+    if mismatched:
+        key, in_file, in_model = mismatched[0]
+        parts.append(f'{len(mismatched)} tensor{"s differ" if len(mismatched) > 1 else " differs"}'
+                     f' in shape (e.g. {key}: {"x".join(map(str, in_file)) or "scalar"} in the '
+                     f'file, {"x".join(map(str, in_model)) or "scalar"} in {expected})')
+    return '; '.join(parts), missing, unexpected, mismatched
+
+
+def load_weights(model, path, log=None, loaded=None):
+    """Load the weights in path into model, or refuse naming the file and the model.
+
+    The file may hold a plain state_dict or a training checkpoint that wraps one (RepDistiller,
+    mdistiller: {'epoch', 'model', 'best_acc', ...}; others 'state_dict', 'net'), with or
+    without module./_orig_mod. prefixes; log (a print-like callable) is told which key was used.
+    loaded: the file's object when the caller has read it already (read_checkpoint).
+    Raises CheckpointError when the file holds no state_dict (naming its top-level keys), and
+    WeightsMismatch when the weights do not fit (key counts and examples, shapes)."""
+    expected = type(unwrap(model)).__name__
+    obj = load_file(path, f'{expected} checkpoint') if loaded is None else loaded
+    found = find_state_dict(obj)
+    if found is None:
+        raise CheckpointError(f'{path} holds no weights to load into {expected}: it is '
+                              f'{_describe(obj)}, and none of its entries is a state_dict of '
+                              f'tensors')
+    state, key = found
+    if key is not None and log is not None:
+        others = [k for k in obj if k != key]
+        log(f'{path}: the weights are its {key!r} entry (it also holds '
+            f'{", ".join(map(repr, others[:6]))}{", ..." if len(others) > 6 else ""})'
+            if others else f'{path}: the weights are its {key!r} entry')
+    state = strip_prefixes(state)
+    target = unwrap(model)
+    model_state = target.state_dict()
+    text, missing, unexpected, mismatched = describe_mismatch(model_state, state, expected)
+    if text:
+        raise WeightsMismatch(f'{path} does not hold {expected} weights: {text}', text, state,
+                              missing, unexpected, mismatched)
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # names and shapes fit, yet loading failed (dtype, extra state)
+        detail = ' '.join(str(e).split())
+        raise CheckpointError(f'{path} does not load into {expected}: {detail}') from None
     return model
 
 

@@ -111,6 +111,8 @@ def aggregate_models(per_seed):
         for key in ('arch', 'loss', 'loss_params'):
             if key in entries[0]:
                 out[key] = entries[0][key]
+        if all('sha256' in e for e in entries):  # each seed's checkpoint
+            out['sha256_per_seed'] = [e['sha256'] for e in entries]
         for key in AGGREGATED:
             values = [e[key] for e in entries if e.get(key) is not None]
             if len(values) == len(entries):
@@ -702,6 +704,16 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
         results['teacher_in_use'] = {'checkpoint': config.get('teacher_checkpoint'),
                                      'sha256': config.get('teacher_sha256'),
                                      'test_acc': teacher_accs[0]}
+        # the teacher row describes the weights these students distilled from, measured on
+        # their test images: the teacher phase's entry only when it is of the same weights
+        used = summaries[next(iter(summaries))]['models']['teacher_in_use']
+        earlier = models.get('teacher') or {}
+        same = earlier.get('sha256_per_seed') == [used.get('sha256')]
+        teacher = dict(earlier if same else {}, **used)
+        for key in ('test_acc', 'ece'):  # measured now, once
+            teacher.update({key + '_std': None, key + '_per_seed': [used.get(key)]})
+        models = {'teacher': teacher, **{n: e for n, e in models.items() if n != 'teacher'}}
+    results['models'] = models
     seeds = list(summaries)
     results['seeds'] = seeds
     results['phases'][phase] = {

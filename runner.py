@@ -488,9 +488,14 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         test_logits = summaries[seed].pop('test_logits')
         for spec in specs:
             summaries[seed]['models'][spec.name]['arch'] = spec.arch
+        if teacher_info is not None:  # the teacher as it ran, not as an earlier run reported it
+            summaries[seed]['models'].setdefault('teacher_in_use', {}).update(
+                teacher_in_use(args, teacher_info))
         if dist.is_main:
             hashes = write_model_records(dirs[seed], specs, summaries[seed]['models'],
                                          configs[seed])
+            for name, sha256 in hashes.items():  # which weights the results describe
+                summaries[seed]['models'][name]['sha256'] = sha256
             if phase == 'teacher':  # the students' phase and --evaluate reuse them
                 save_test_logits(os.path.join(dirs[seed], 'best_teacher.pth'),
                                  test_logits['teacher'], logits_key(
@@ -515,6 +520,17 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     if dist.is_main:
         write_manifest(args.out_dir, phase, files=files, finished=True, **manifest)
     return summaries, dirs, base_config
+
+
+def teacher_in_use(args, teacher_info):
+    """What describes the students' teacher besides its accuracy on this run's test images:
+    its checkpoint, hash, architecture and size, and the selection its record (whose hash was
+    checked against the weights loaded) reports."""
+    record = teacher_info.get('record') or {}
+    return {'checkpoint': args.teacher_checkpoint, 'sha256': teacher_info['sha256'],
+            'arch': teacher_info['arch'], 'params': teacher_info['params'],
+            'seeds': [record['seed']] if 'seed' in record else [],
+            **{k: record[k] for k in ('best_epoch', 'best_val_acc') if k in record}}
 
 
 def write_model_records(run_dir, specs, models, config):
@@ -637,10 +653,10 @@ def evaluate_checkpoints(args, device, arrays, log):
     """--evaluate: test accuracy of the checkpoints of the last run of each phase in --out-dir,
     each rebuilt from its record, on the test images its run used (its record's --subset),
     unless --subset is given (then said to differ from results.md where it does)."""
-    from checkpoint import file_sha256, read_record
+    from checkpoint import read_checkpoint, read_record
     from report import print_table
-    from teacher import (DEFAULT_TEACHER_ARCH, load_for_inference, logits_key, rebuild,
-                         store_test_logits, teacher_test_logits)
+    from teacher import (DEFAULT_TEACHER_ARCH, load_for_inference, logits_key,
+                         provenance_problems, rebuild, store_test_logits, teacher_test_logits)
     from train import accuracy, choose_precision, predict
     from utils import make_loaders
     listed, notes = last_run_models(args.out_dir)
@@ -681,14 +697,24 @@ def evaluate_checkpoints(args, device, arrays, log):
                                   args.teacher_arch if is_teacher else args.student_arch,
                                   DEFAULT_TEACHER_ARCH if is_teacher else DEFAULT_STUDENT_ARCH,
                                   args.num_classes,
-                                  '--teacher-arch' if is_teacher else '--student-arch')
-            model = load_for_inference(model, path, device)
+                                  '--teacher-arch' if is_teacher else '--student-arch',
+                                  dataset=args.dataset)
+            loaded, sha256 = read_checkpoint(path, f'{type(model).__name__} checkpoint')
+            # the accuracy below is that of these weights, whatever their record or folder
+            # say (a manifest has said already whether its run is unfinished)
+            manifest = isinstance(listed[name], dict) and 'finished' in listed[name]
+            for problem in provenance_problems(path, records[name], sha256,
+                                               'teacher' if is_teacher else 'students',
+                                               check_unfinished=not manifest):
+                log(f'note: {problem}')
+            model = load_for_inference(model, path, device, arch=arch,
+                                       num_classes=args.num_classes, record=records[name],
+                                       log=log, loaded=loaded)
             precision = choose_precision('teacher' if is_teacher else 'student', device,
                                          args.amp)
             bar = f'evaluate {name}'
             if is_teacher:
-                key = logits_key(file_sha256(path), args.dataset, data.arrays.test_sha256,
-                                 data.num_test)
+                key = logits_key(sha256, args.dataset, data.arrays.test_sha256, data.num_test)
                 logits, reused = teacher_test_logits(model, path, key, data.test, precision,
                                                      log, bar)
                 if not reused:
@@ -922,10 +948,13 @@ def _run(args, log, stop):
     teacher, teacher_info, record = None, None, None
     if phase == 'students':  # refuse a missing or wrong teacher before reading data
         try:
-            teacher, arch, sha, record = load_teacher(args, device, spec.num_classes)
+            teacher, arch, sha, record = load_teacher(args, device, spec.num_classes,
+                                                      log if dist.is_main else (lambda *_: None))
         except TeacherMismatch as e:
             raise UsageError(str(e)) from None
-        teacher_info = {'arch': arch, 'sha256': sha}
+        teacher_info = {'arch': arch, 'sha256': sha,
+                        'params': sum(p.numel() for p in teacher.parameters()),
+                        'record': record}
     configuration = resolved_configuration(
         phase, args, device, dist.world_size,
         phase_specs(phase, args) if phase != 'evaluate' else None,

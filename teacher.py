@@ -11,32 +11,85 @@ import os
 
 import torch
 
+from datasets import effective_subset, get_dataset
+from models import build_model, model_names
 from recipe import TEACHER_ARCH
-from checkpoint import (CheckpointError, atomic_save, file_sha256, load_file, load_weights,
-                        read_record, record_path)
-from datasets import effective_subset
+from checkpoint import (CheckpointError, WeightsMismatch, atomic_save, load_file,
+                        load_weights, read_checkpoint, read_record, record_path)
 
 SPLIT_KEYS = ('dataset', 'split_seed', 'val_fraction', 'subset')  # which images are held out
 DEFAULT_TEACHER_ARCH = TEACHER_ARCH
 
 
 class TeacherMismatch(Exception):
-    """The teacher does not fit this run (another split, architecture or class count): exit 2."""
+    """The teacher does not fit this run (another split, architecture or class count), or is not
+    the finished, recorded teacher it looks like: exit 2."""
 
 
-def load_for_inference(model, path, device):
-    """Weights from path (refused with a clear message if wrong) in eval mode, no gradients."""
-    model = load_weights(model, path).to(device, memory_format=torch.channels_last).eval()
+def shown(key, value):
+    """A configuration value as a person reads it: no --subset means all images."""
+    return 'all' if key == 'subset' and value is None else value
+
+
+def recognise(state, num_classes):
+    """(architecture, class count) of the registered model whose parameter names a state_dict
+    has, or None; its class count when only the classifier's rows differ from num_classes."""
+    for name in model_names():
+        try:
+            with torch.device('meta'):  # names and shapes only: nothing allocated or initialised
+                reference = build_model(name, num_classes=num_classes).state_dict()
+        except Exception:  # a model whose construction needs real tensors: not a candidate
+            continue
+        if set(reference) != set(state):
+            continue
+        differ = [k for k in reference if reference[k].shape != state[k].shape]
+        if not differ:
+            return name, num_classes
+        rows = {state[k].shape[0] for k in differ if state[k].dim() >= 1}
+        if len(rows) == 1 and all(reference[k].shape[0] == num_classes
+                                  and reference[k].shape[1:] == state[k].shape[1:]
+                                  for k in differ):
+            return name, rows.pop()
+    return None
+
+
+def load_for_inference(model, path, device, arch=None, num_classes=None, record=None, log=None,
+                       loaded=None):
+    """Weights from path in eval mode, no gradients, on device (channels_last).
+
+    arch, num_classes: what model is (registered name, classes); record: path's run record (or
+    None); log: told which entry of a training checkpoint held the weights; loaded: the file's
+    object when already read. Weights that do not fit are refused (CheckpointError) naming what
+    the file holds: the architecture its record names, or the one its parameter names fit."""
+    try:
+        model = load_weights(model, path, log=log, loaded=loaded)
+    except WeightsMismatch as e:
+        expected = arch or type(model).__name__
+        guess = recognise(e.state, num_classes) if num_classes else None
+        recorded = (record or {}).get('arch')
+        if recorded and recorded != expected:
+            lead = f'{path} holds a {recorded} (its record says so), not a {expected}'
+        elif recorded:
+            lead = (f'{path} does not hold the {recorded} its record {record_path(path)} '
+                    f'names (the record belongs to other weights)')
+        elif guess and guess[0] != expected:
+            lead = f'{path} holds the weights of a {guess[0]}, not of a {expected}'
+        elif guess:
+            lead = (f'{path} holds a {guess[0]} for {guess[1]} classes, but this run\'s '
+                    f'dataset has {num_classes}')
+        else:
+            lead = f'{path} does not hold {expected} weights'
+        raise CheckpointError(f'{lead}: {e.detail}') from None
+    model = model.to(device, memory_format=torch.channels_last).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
-def rebuild(path, record, requested_arch, default_arch, num_classes, what):
+def rebuild(path, record, requested_arch, default_arch, num_classes, what, dataset=None):
     """The empty model a checkpoint's weights go into: the architecture and class count its
     record names (or the requested / default ones when it has no record). A requested
     architecture or a class count that differs from the record is refused, naming both."""
-    from models import build_model
     arch = requested_arch or default_arch
     if record is not None:
         recorded = record.get('arch', default_arch)
@@ -45,28 +98,90 @@ def rebuild(path, record, requested_arch, default_arch, num_classes, what):
                                   f'so), not the {requested_arch} that {what} asks for')
         arch = recorded
         if record.get('num_classes', num_classes) != num_classes:
-            raise TeacherMismatch(f'{path} has {record["num_classes"]} classes, but this run\'s '
-                                  f'dataset has {num_classes}')
+            trained_on = f' of {record["dataset"]}' if record.get('dataset') else ''
+            here = f'{dataset} has' if dataset else 'this run\'s dataset has'
+            raise TeacherMismatch(f'{path} predicts the {record["num_classes"]} classes'
+                                  f'{trained_on} (its record says so), but {here} '
+                                  f'{num_classes}')
     return build_model(arch, num_classes=num_classes), arch
 
 
-def load_teacher(args, device, num_classes):
+def unfinished_run(checkpoint_path, phase):
+    """The saved state of an unfinished `phase` run in checkpoint_path's folder, as
+    (state file, epochs done, epochs planned), or None: while such a run exists, the best_*.pth
+    beside it are that run's best so far, not finished weights. A state that cannot be read
+    counts as unfinished (epochs None)."""
+    state_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)),
+                              f'last_{phase}.pt')
+    if not os.path.exists(state_path):
+        return None
+    try:
+        # mmap: the flag is read without reading the model and optimizer states
+        state = torch.load(state_path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        return state_path, None, None
+    if not isinstance(state, dict) or 'finished' not in state:
+        return state_path, None, None
+    if state['finished']:
+        return None
+    return state_path, state.get('epoch'), (state.get('config') or {}).get('epochs')
+
+
+def provenance_problems(path, record, sha256, phase, check_unfinished=True):
+    """Why the weights in path may not be the finished ones their record describes: a list of
+    sentences (empty when there is no doubt). sha256: the hash of the bytes loaded;
+    check_unfinished: look for an unfinished `phase` run beside path."""
+    problems = []
+    unfinished = unfinished_run(path, phase) if check_unfinished else None
+    if unfinished:
+        state_path, done, planned = unfinished
+        progress = f'epoch {done} of {planned}' if done is not None else 'unreadable'
+        problems.append(f'{path} belongs to an unfinished {phase} run ({state_path}: {progress}), '
+                        f'so it holds that run\'s best epoch so far, not finished weights')
+    if record is not None and record.get('sha256') and record['sha256'] != sha256:
+        problems.append(f'{path} is not the checkpoint its record {record_path(path)} '
+                        f'describes (sha256 {sha256[:12]} on disk, {record["sha256"][:12]} '
+                        f'recorded), so the file was replaced or the record comes from other '
+                        f'weights')
+    return problems
+
+
+def load_teacher(args, device, num_classes, log=lambda *_: None):
     """(teacher module in eval mode, its architecture, sha256, record) for the students.
 
-    Checks what needs no data (the file, its split flags but --subset, its architecture and
-    class count); check_data checks the rest once the images are read. Raises CheckpointError,
-    TeacherMismatch."""
+    The sha256 is that of the bytes the weights were loaded from. Checks what needs no data:
+    the file, that it is a finished teacher (no unfinished teacher run beside it) and the one
+    its record describes (its hash), its split flags but --subset, its architecture and class
+    count; check_data checks the rest once the images are read. log: told which entry of a
+    training checkpoint held the weights. Raises CheckpointError, TeacherMismatch."""
     path = args.teacher_checkpoint
     if not os.path.exists(path):
         raise CheckpointError(f'no teacher checkpoint at {path}: run `python main.py '
                               f'--train-teacher` first, or pass --teacher-checkpoint')
     record = read_record(path)
+    loaded, sha256 = read_checkpoint(path, 'teacher checkpoint')
+    problems = provenance_problems(path, record, sha256, 'teacher')
+    if problems:  # the first is the cause: an unfinished run also leaves its record stale
+        if unfinished_run(path, 'teacher'):
+            advice = ('finish that run first (its --train-teacher command with --resume), or '
+                      'point --teacher-checkpoint at a finished teacher')
+        else:
+            advice = (f'its record\'s split and accuracy are another teacher\'s. Train the '
+                      f'teacher again, or, to use these weights without a record, remove '
+                      f'{record_path(path)} (their split then goes unchecked)')
+        raise TeacherMismatch(f'{problems[0]}: {advice}.')
+    if record is not None and not record.get('sha256'):
+        log(f'note: {record_path(path)} names no sha256, so it cannot be checked that it '
+            f'describes {path}')
     if record is not None:  # --subset is judged by check_data, as it acts on the data
         refuse_other_split(path, recorded_split(record),
-                           {k: getattr(args, k) for k in SPLIT_KEYS if k != 'subset'})
+                           {k: getattr(args, k) for k in SPLIT_KEYS if k != 'subset'},
+                           record.get('num_classes'))
     model, arch = rebuild(path, record, args.teacher_arch, DEFAULT_TEACHER_ARCH, num_classes,
-                          '--teacher-arch')
-    return load_for_inference(model, path, device), arch, file_sha256(path), record
+                          '--teacher-arch', dataset=args.dataset)
+    model = load_for_inference(model, path, device, arch=arch, num_classes=num_classes,
+                               record=record, log=log, loaded=loaded)
+    return model, arch, sha256, record
 
 
 def recorded_split(record):
@@ -75,12 +190,22 @@ def recorded_split(record):
     return {k: record.get(k, 'cifar10' if k == 'dataset' else None) for k in SPLIT_KEYS}
 
 
-def refuse_other_split(path, recorded, split):
-    """TeacherMismatch naming each flag of split ({key: value}) that recorded differs in."""
+def refuse_other_split(path, recorded, split, num_classes=None):
+    """TeacherMismatch naming each flag of split ({key: value}) that recorded differs in; for
+    another dataset, both datasets and their class counts (num_classes: the teacher's, from its
+    record) instead, as that is the whole story."""
+    if 'dataset' in split and recorded['dataset'] != split['dataset']:
+        theirs, ours = recorded['dataset'], split['dataset']
+        classes = num_classes or get_dataset(theirs).num_classes
+        raise TeacherMismatch(
+            f'the teacher {path} was trained on {theirs} ({classes} classes), these students '
+            f'are for {ours} ({get_dataset(ours).num_classes} classes): a teacher\'s soft '
+            f'targets are over its own classes. Train a teacher with --dataset {ours}, or run '
+            f'the students with --dataset {theirs}.')
     differ = [k for k in split if recorded[k] != split[k]]
     if differ:
-        details = ', '.join(f'--{k.replace("_", "-")} {recorded[k]} for the teacher but '
-                            f'{split[k]} here' for k in differ)
+        details = ', '.join(f'--{k.replace("_", "-")} {shown(k, recorded[k])} for the teacher '
+                            f'but {shown(k, split[k])} here' for k in differ)
         raise TeacherMismatch(f'the teacher {path} was trained on another split of the data '
                               f'({details}): the students would select on images the teacher '
                               f'trained on. Use the teacher\'s values, or train a teacher with '
@@ -105,12 +230,12 @@ def check_data(path, record, split, full, arrays, log):
     if record is None:
         log(f'note: {record_path(path)} does not exist, so it cannot be checked that the '
             f'teacher trained on these images and held out the same validation images as '
-            f'these students ({", ".join(f"{k}={v}" for k, v in split.items())})')
+            f'these students ({", ".join(f"{k}={shown(k, v)}" for k, v in split.items())})')
         return
     recorded = recorded_split(record)
     if isinstance(recorded['subset'], int):  # older records kept a --subset >= the data as given
         recorded['subset'] = effective_subset(recorded['subset'], len(full[1]), len(full[3]))
-    refuse_other_split(path, recorded, split)
+    refuse_other_split(path, recorded, split, record.get('num_classes'))
     trained_on = record.get('train_images_sha256')
     if trained_on is None:
         log(f'note: {record_path(path)} was written by an older version and does not record '

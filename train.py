@@ -753,7 +753,9 @@ def finish_phase(trainees, data, progress, teacher_test_logits=None):
             entry.update(agreement(teacher_test_logits, logits))
         summary[t.name] = entry
     if teacher_test_logits is not None:
-        summary['teacher_in_use'] = {'test_acc': accuracy(teacher_test_logits, labels)}
+        summary['teacher_in_use'] = {
+            'test_acc': accuracy(teacher_test_logits, labels),
+            'ece': expected_calibration_error(teacher_test_logits, labels)}
     return {'models': summary, 'elapsed_seconds': round(progress.elapsed, 2),
             'epochs_run': progress.epoch, 'estimate': progress.estimate,
             'test_logits': dict(progress.best_logits)}

@@ -66,7 +66,8 @@ def test_evaluate_rebuilds_every_model_from_its_record(c100_run):
 
 @pytest.mark.parametrize('extra, needle', [
     (['--teacher-arch', 'resnet18'], 'is a resnet32x4'),
-    (['--dataset', 'cifar10'], '--dataset cifar100 for the teacher but cifar10 here'),
+    (['--dataset', 'cifar10'], 'trained on cifar100 (100 classes), these students are for cifar10 '
+                               '(10 classes)'),
 ])
 def test_a_teacher_that_does_not_fit_is_refused(c100_run, tmp_path, extra, needle):
     args = [a for a in c100_run['common'] if a != c100_run['out']]

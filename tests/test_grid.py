@@ -32,7 +32,9 @@ def grid_run(trained_run, tmp_path_factory):
 
 def test_every_setting_is_a_named_student_with_its_files(grid_run):
     out, models = grid_run['out'], grid_run['results']['models']
-    assert set(models) == set(NAMES)   # the teacher was trained in another folder
+    # and the teacher they distilled from, trained in another folder, as it ran here
+    assert set(models) == set(NAMES) | {'teacher'}
+    assert models['teacher']['checkpoint'] == grid_run['common'][-1]
     for seed in (0, 1):
         for name in NAMES:
             for ext in ('.pth', '.json'):
@@ -100,7 +102,7 @@ def test_torchrun_trains_a_grid(grid_run, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     with open(os.path.join(out, 'results.json')) as f:
         results = json.load(f)
-    assert set(results['models']) == set(NAMES)
+    assert set(results['models']) == set(NAMES) | {'teacher'}
     assert results['config']['stacking']['stacked'] is False   # DDP wraps each student
 
 

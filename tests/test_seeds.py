@@ -107,7 +107,13 @@ def test_results_json_aggregates_seeds(seeds_run):
     results = seeds_run['results']
     assert results['seeds'] == [0, 1]
     assert set(results['models']) == set(MODELS)
-    for name in MODELS:
+    # both seeds' students distilled from the top-level best_teacher.pth, seed 0's teacher:
+    # the teacher row is that one, measured on the students' test images
+    teacher = results['models']['teacher']
+    assert teacher['seeds'] == [0] and teacher['test_acc'] == results['teacher_in_use']['test_acc']
+    with open(os.path.join(seeds_run['out'], 'seed0', 'results.json')) as f:
+        assert json.load(f)['models']['teacher']['test_acc'] == teacher['test_acc']
+    for name in MODELS[1:]:
         entry = results['models'][name]
         assert entry['seeds'] == [0, 1]
         for key in ('test_acc', 'last_test_acc', 'ece'):

@@ -157,8 +157,11 @@ def test_changed_test_pixels_are_not_served_the_stored_logits(runs):
     for described in (results['config'], read_json(os.path.join(out, 'best_student_kd.json'))):
         assert described['train_images_sha256'] == arrays.train_sha256
         assert described['test_images_sha256'] == arrays.test_sha256
-    # the teacher phase's results (of the original test images) are not merged with these
-    assert set(results['phases']) == {'students'} and 'teacher' not in results['models']
+    # the teacher phase's results (of the original test images) are not merged with these:
+    # the teacher row is the teacher these students used, measured on their test images
+    assert set(results['phases']) == {'students'}
+    assert results['models']['teacher']['test_acc'] == pytest.approx(accuracy(teacher, labels))
+    assert 'last_test_acc' not in results['models']['teacher']
     assert 'held the teacher phase of a run on other test images' in stdout
     # a teacher record without the training images' digest (older file): a note, no refusal
     assert 'does not record which training images the teacher used' in stdout
@@ -244,5 +247,5 @@ def test_teacher_check_reads_records_as_the_data_they_name(cifar_dir):
     with pytest.raises(TeacherMismatch, match='other training images'):
         check_data('t.pth', dict(record, train_images_sha256='0' * 64), split, full, full,
                    notes.append)
-    with pytest.raises(TeacherMismatch, match='--subset 150 for the teacher but None here'):
+    with pytest.raises(TeacherMismatch, match='--subset 150 for the teacher but all here'):
         check_data('t.pth', dict(record, subset=150), split, full, full, notes.append)

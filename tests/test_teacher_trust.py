@@ -15,6 +15,7 @@ import main
 from checkpoint import CheckpointError, file_sha256, load_file, load_weights
 from conftest import run_cli, snapshot
 from models import StudentNet, TeacherNet
+from teacher import TeacherMismatch, check_data, refuse_other_split
 from test_reliability import start_cli, wait_for_epoch
 from train import accuracy, predict
 from utils import get_cifar10_loaders
@@ -146,7 +147,7 @@ def test_students_distil_from_a_wrapped_teacher_and_report_it(wrapped_teacher):
     r = wrapped_teacher['students']
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     assert "the weights are its 'model' entry" in r.stdout
-    assert 'cannot be checked that the teacher held out the same validation images' in r.stdout
+    assert 'best_teacher.json does not exist, so it cannot be checked that the teacher' in r.stdout
     with open(os.path.join(wrapped_teacher['folder'], 'results.json')) as f:
         results = json.load(f)
     teacher = results['models']['teacher']
@@ -259,10 +260,11 @@ def test_a_teacher_of_another_dataset_is_named_as_such(trained_run, tmp_path, ca
     assert 'split' not in err and 'None' not in err and '--dataset cifar100' in err
 
 
-def test_a_teacher_without_record_shows_all_for_no_subset(trained_run, tmp_path, capsys):
-    path = tmp_path / 'teacher.pth'
-    shutil.copy(os.path.join(trained_run['out'], 'best_teacher.pth'), path)
-    main.main(['--teacher-checkpoint', str(path), '--out-dir', str(tmp_path / 'o'),
-               '--data-dir', str(tmp_path / 'no-data')])   # stops at the missing data
-    out = capsys.readouterr().out
-    assert 'subset=all' in out and 'subset=None' not in out
+def test_no_subset_is_shown_as_all():
+    split = {'dataset': 'cifar10', 'split_seed': 0, 'val_fraction': 0.1, 'subset': None}
+    said = []
+    check_data('t.pth', None, split, None, None, said.append)   # no record: a note
+    assert 'subset=all' in said[0] and 'None' not in said[0]
+    with pytest.raises(TeacherMismatch) as e:
+        refuse_other_split('t.pth', dict(split, subset=100), split)
+    assert '--subset 100 for the teacher but all here' in str(e.value)

@@ -615,11 +615,30 @@ def git_state():
         return {'commit': None, 'dirty': None}
 
 
+def cpu_identity():
+    """(model name, instruction-set flags) of this CPU, from /proc/cpuinfo where there is one."""
+    model, flags = None, ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                key = key.strip()
+                if key == 'model name' and model is None:
+                    model = value.strip()
+                elif key in ('flags', 'Features') and not flags:
+                    flags = ' '.join(sorted(value.split()))
+    except OSError:
+        pass
+    return model or platform.processor() or platform.machine(), flags
+
+
 def device_name(device):
-    import torch
+    """The device as results and bench figures name it: the GPU's name, or the CPU's model and
+    the threads torch uses on it."""
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
-    return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+    threads = torch.get_num_threads()
+    return f'cpu ({cpu_identity()[0]}, {threads} thread{"s" if threads != 1 else ""})'
 
 
 def read_results(out_dir):

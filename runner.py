@@ -43,7 +43,9 @@ def resolve_device(name):
             raise UsageError(f'--device {name}: CUDA is not available on this machine '
                              f'(use --device cpu)')
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f'--device {name}: this machine has {torch.cuda.device_count()} GPU(s)')
+            count = torch.cuda.device_count()
+            raise UsageError(f'--device {name}: this machine has {count} GPU'
+                             f'{"s" if count != 1 else ""} (cuda:0 to cuda:{count - 1})')
     elif device.type != 'cpu':
         raise UsageError(f'--device {name!r} is not supported (use auto, cpu, cuda or cuda:N)')
     return device
@@ -463,7 +465,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                 config['stacking'] = base_config['stacking']
         main_log(f'[{phase}, seed {seed}] {data.num_train} training, {data.num_val} validation, '
                  f'{data.num_test} test images; {len(data.train)} steps per epoch; '
-                 f'{len(trainees)} model(s), precision '
+                 f'{len(trainees)} model{"s" if len(trainees) != 1 else ""}, precision '
                  + ', '.join(sorted({precision_name(p) for p in precisions.values()}))
                  + (f', teacher {precision_name(teacher_precision)}' if teacher is not None
                     else ''))

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import time
 
@@ -29,6 +28,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from checkpoint import atomic_write_text
 from distributed import all_reduce_sum
 from models import build_model
+from report import cpu_identity
 from train import autocast, choose_precision, precision_name
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
@@ -122,27 +122,10 @@ def decisions_path():
     return os.path.join(folder, 'precision.json')
 
 
-def _cpu_identity():
-    """(model name, instruction-set flags) of this CPU, from /proc/cpuinfo where there is one."""
-    model, flags = None, ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                key, _, value = line.partition(':')
-                key = key.strip()
-                if key == 'model name' and model is None:
-                    model = value.strip()
-                elif key in ('flags', 'Features') and not flags:
-                    flags = ' '.join(sorted(value.split()))
-    except OSError:
-        pass
-    return model or platform.processor() or platform.machine(), flags
-
-
 def machine_key(processes=1):
     """What a precision decision holds for: CPU model and flags, torch version, thread count and
     the number of processes sharing the CPU (one readable line)."""
-    model, flags = _cpu_identity()
+    model, flags = cpu_identity()
     digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
     key = (f'{model}; flags {digest}; torch {torch.__version__}; '
            f'{torch.get_num_threads()} threads')

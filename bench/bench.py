@@ -60,14 +60,9 @@ def parse_args(argv=None):
 # Machine and timing
 
 def cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    sys.path.insert(0, ROOT)
+    from report import cpu_identity
+    return cpu_identity()[0]
 
 
 def machine_info(device):

@@ -9,6 +9,7 @@ import pytest
 from losses import LOSSES, expand_grid, get_loss, setting_name
 from report import (aggregate_models, curves_figure, describe_gains, gains, grid_figure,
                     plot_curves, plot_grid, print_table, results_table)
+from main import build_parser
 from runner import rerun_command
 from train import EPOCH_LINE_WIDTH, csv_fields, format_epoch_line
 
@@ -127,9 +128,10 @@ def test_a_grid_on_one_seed_says_once_why_there_is_no_interval():
 
 
 def _args(epochs):
-    return SimpleNamespace(dataset='cifar10', epochs=epochs, subset=None, student_arch='cnn',
-                           data_dir='./data', teacher_checkpoint='best_teacher.pth',
-                           out_dir='out')
+    args = build_parser().parse_args(['--epochs', str(epochs), '--student-arch', 'cnn',
+                                      '--out-dir', 'out'])
+    args.teacher_checkpoint = 'best_teacher.pth'  # as runner.run resolves it
+    return args
 
 
 def test_the_recommendation_says_when_the_best_does_not_beat_the_baseline():
@@ -137,7 +139,7 @@ def test_the_recommendation_says_when_the_best_does_not_beat_the_baseline():
     assert text.startswith('Best on validation: kd_T2_a0.1 (39.00%)')
     assert "does not beat the baseline on validation (39.00% against the baseline's 40.00%)" \
         in text
-    assert 'python main.py --loss kd --temperature 2 --alpha 0.1' in text
+    assert 'python main.py --loss kd --temperature 2.0 --alpha 0.1' in text
     better = rerun_command(_grid_models(base_val=38.0, best_val=39.0), _args(200))
     assert 'does not beat' not in better and 'Best on validation: kd_T2_a0.1' in better
 

@@ -2,9 +2,11 @@
 
 Every loss is a pure function
 
-    fn(student_logits, teacher_logits, labels, *, epoch=1, **hyper) -> (loss, parts)
+    fn(student_logits, teacher_logits, labels, *, epoch=1, **hyper, **options) -> (loss, parts)
 
-with its formula in its docstring. `epoch` is the 1-based current epoch (a float is fine);
+with its formula in its docstring. CE(s, y) in the formulas is the cross-entropy on the labels
+(`hard_label_ce`); `options` are the recipe's settings of it: `label_smoothing` (0 in the
+standard recipe, 0.2 in fast). Any other option is refused (TypeError). `epoch` is the 1-based current epoch (a float is fine);
 `hyper` are the loss's keyword hyper-parameters among `temperature` and `alpha`, whose defaults
 (the authors' CIFAR configuration) are in `LOSSES[name].defaults`. `parts` maps names to scalar
 tensors for logging: always 'ce' (plain cross-entropy on the labels, unweighted) and the
@@ -101,6 +103,13 @@ def _kl_logits(teacher_logits, student_logits):
                     reduction='batchmean', log_target=True)
 
 
+def hard_label_ce(logits, labels, label_smoothing=0.0):
+    """CE(s, y): cross-entropy on the labels, batch mean, with the recipe's label smoothing
+    (the target puts 1 - label_smoothing + label_smoothing / C on the label and
+    label_smoothing / C on every class). logits: B x C; labels: B int64."""
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
 def _non_target(logits, labels):
     """B x (C-1): each row's logits without its label's column, in class order.
 
@@ -126,13 +135,13 @@ def _zscore(logits):
 @register_loss('ce', defaults={}, uses_teacher=False,
                help='Cross-entropy on the labels only (no teacher); '
                     '--alpha and --temperature do not apply.')
-def ce_loss(student_logits, teacher_logits, labels, *, epoch=1):
+def ce_loss(student_logits, teacher_logits, labels, *, epoch=1, **options):
     """The baseline: loss = CE(student, labels). teacher_logits is ignored (may be None).
 
     parts: {'ce'}.
     """
     del teacher_logits, epoch
-    ce = F.cross_entropy(_as_float(student_logits), labels)
+    ce = hard_label_ce(_as_float(student_logits), labels, **options)
     return ce, {'ce': ce}
 
 
@@ -140,7 +149,8 @@ def ce_loss(student_logits, teacher_logits, labels, *, epoch=1):
                help='loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student) (Hinton et al.): '
                     '--alpha weights the hard labels (0.1 puts 0.9 on the teacher) and '
                     '--temperature is T.')
-def kd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0, alpha=0.1):
+def kd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0, alpha=0.1,
+            **options):
     """Hinton et al.'s knowledge distillation.
 
         loss = alpha * CE(s, y) + (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T))
@@ -151,7 +161,7 @@ def kd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0,
     t = float(temperature)
     s = _as_float(student_logits)
     te = _as_float(teacher_logits.detach())
-    ce = F.cross_entropy(s, labels)
+    ce = hard_label_ce(s, labels, **options)
     kd = _kl_logits(te / t, s / t) * t * t
     return alpha * ce + (1 - alpha) * kd, {'ce': ce, 'kd': kd}
 
@@ -159,7 +169,7 @@ def kd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0,
 @register_loss('dkd', defaults={'temperature': 4.0}, warmup_epochs=DKD_WARMUP_EPOCHS,
                help='loss = CE + min(epoch/20, 1)*(1*TCKD + 8*NCKD) (Zhao et al., authors\' CIFAR '
                     'weights): --temperature is T in both terms and --alpha does not apply.')
-def dkd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0):
+def dkd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0, **options):
     """Decoupled knowledge distillation (Zhao et al., CVPR 2022), as in the authors' code.
 
         loss = CE(s, y) + min(epoch / 20, 1) * (1 * TCKD + 8 * NCKD)
@@ -175,7 +185,7 @@ def dkd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0
     t = float(temperature)
     s = _as_float(student_logits)
     te = _as_float(teacher_logits.detach())
-    ce = F.cross_entropy(s, labels)
+    ce = hard_label_ce(s, labels, **options)
 
     def binary_and_rest(logits):
         z = logits / t
@@ -198,7 +208,8 @@ def dkd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0
                help='loss = alpha*CE + 10*(1-alpha)*T^2*KL on z-scored logits (Sun et al.): the '
                     'default --alpha 0.1 gives the authors\' weights 0.1 and 9, --temperature '
                     'is T.')
-def ls_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=2.0, alpha=0.1):
+def ls_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=2.0, alpha=0.1,
+            **options):
     """KD with logit standardisation (Sun et al., CVPR 2024).
 
         zs(z) = (z - mean(z)) / (std(z) + 1e-7)      per sample, std with the n - 1 estimator
@@ -211,7 +222,7 @@ def ls_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=2.0,
     t = float(temperature)
     s = _as_float(student_logits)
     te = _as_float(teacher_logits.detach())
-    ce = F.cross_entropy(s, labels)
+    ce = hard_label_ce(s, labels, **options)
     kd = _kl_logits(_zscore(te) / t, _zscore(s) / t) * t * t
     return alpha * ce + 10 * (1 - alpha) * kd, {'ce': ce, 'kd': kd}
 

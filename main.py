@@ -46,41 +46,54 @@ def finite_float(text):
 def build_parser():
     import recipe as r
     from losses import LOSSES
-    defaults = r.Recipe()
+    defaults, fast = r.get_recipe('standard'), r.get_recipe('fast')
     p = ArgumentParser(
         description='Knowledge distillation on CIFAR: a teacher (ResNet-18 by default), then '
                     'distilled students and a baseline student trained in lockstep on identical '
                     'batches, so their differences are paired.',
         epilog='alpha weights the HARD LABELS: alpha=0.1 puts 0.9 on the teacher. Losses '
                '(--loss): ' + ' '.join(f'{n}: {spec.help}' for n, spec in LOSSES.items()
-                                       if n != 'ce'))
+                                       if n != 'ce')
+               + ' CE is the cross-entropy on the labels with the recipe\'s label smoothing: '
+               + ', '.join(f'{n} {r.get_recipe(n).label_smoothing:g}' for n in r.recipe_names())
+               + ' (the baseline student and the teacher train on it too).')
     a = p.add_argument
     a('--train-teacher', action='store_true',
       help='train the teacher and write best_teacher.pth (default: train the students)')
     a('--evaluate', action='store_true',
       help='evaluate the checkpoints of the last run of each phase in --out-dir on the test '
            'images their runs used (their --subset) and print the table (default: off)')
+    a('--recipe', default=r.RECIPE, choices=r.recipe_names(),
+      help='training recipe: standard (SGD, warm-up then cosine, 200 epochs of batch 128, crop '
+           'and flip) or fast (airbench94\'s techniques: 10 epochs of batch 1024, patch '
+           'whitening, triangular schedule, label smoothing 0.2, lookahead averaging, '
+           'test-time augmentation; default models airbench94 and airbench94_small). Flags given '
+           f'explicitly override its values (default: {r.RECIPE})')
     a('--dataset', default=r.DATASET, choices=dataset_names(),
       help=f'cifar10 (10 classes) or cifar100 (100 classes) (default: {r.DATASET})')
     a('--teacher-arch', default=None, choices=model_names(),
       help=f'teacher architecture; the students\' phase and --evaluate read it from the '
-           f'checkpoint\'s record (default: {r.TEACHER_ARCH})')
+           f'checkpoint\'s record (default: the recipe\'s, {defaults.teacher_arch} / '
+           f'{fast.teacher_arch})')
     a('--student-arch', default=None, choices=model_names(),
-      help=f'student architecture (default: {r.STUDENT_ARCH})')
+      help=f'student architecture (default: the recipe\'s, {defaults.student_arch} / '
+           f'{fast.student_arch})')
     a('--loss', nargs='+', default=[r.LOSS], choices=[n for n in LOSSES if n != 'ce'],
       metavar='NAME',
       help='distillation loss(es): ' + ', '.join(n for n in LOSSES if n != 'ce')
            + '; several train one student per loss and setting, in lockstep '
            f'(default: {r.LOSS})')
-    a('--epochs', type=positive_int, default=defaults.epochs,
-      help=f'epochs per model (default: {defaults.epochs})')
-    a('--batch-size', type=positive_int, default=r.BATCH_SIZE,
-      help='global batch size, the same whatever the number of torchrun processes '
-           f'(default: {r.BATCH_SIZE})')
+    a('--epochs', type=positive_int, default=None,
+      help=f'epochs per model; --recipe fast: {fast.epochs} (default: {defaults.epochs})')
+    a('--batch-size', type=positive_int, default=None,
+      help='global batch size, the same whatever the number of torchrun processes; '
+           f'--recipe fast: {fast.batch_size} (default: {defaults.batch_size})')
     a('--lr', type=finite_float, default=None,
-      help=f'peak learning rate (default: {r.BASE_LR} * batch-size / {r.BATCH_SIZE})')
-    a('--weight-decay', type=finite_float, default=defaults.weight_decay,
-      help=f'weight decay (default: {defaults.weight_decay:g})')
+      help=f'peak learning rate; standard: of SGD (default: {r.BASE_LR} * batch-size / '
+           f'{r.BATCH_SIZE}); fast: per 1,024 images, airbench\'s unit (default: {fast.lr:g})')
+    a('--weight-decay', type=finite_float, default=None,
+      help=f'weight decay; standard: of SGD (default: {defaults.weight_decay:g}); fast: per '
+           f'1,024 images (default: {fast.weight_decay:g})')
     a('--temperature', type=finite_float, nargs='+', default=None, metavar='T',
       help='distillation temperature(s) T > 0; several values make a grid (default: 4.0; '
            'for ls its authors\' 2.0)')
@@ -110,9 +123,9 @@ def build_parser():
     a('--split-seed', type=int, default=r.SPLIT_SEED,
       help='which images are held out: the same for the teacher and every student seed, so the '
            f'students select on images the teacher never trained on (default: {r.SPLIT_SEED})')
-    a('--test-every', type=positive_int, default=1, metavar='N',
+    a('--test-every', type=positive_int, default=None, metavar='N',
       help='report test accuracy every N epochs (and at the last and every selected epoch); '
-           'validation runs every epoch (default: 1)')
+           'validation runs every epoch (default: standard 1; fast: the last epoch only)')
     a('--no-baseline', action='store_true',
       help='train only the distilled students, not the baseline student (default: train it)')
     a('--teacher-checkpoint', default=None,
@@ -157,7 +170,7 @@ def validate(args):
             raise UsageError(f'--{flag} must not repeat a value')
     if args.lr is not None and args.lr < 0:
         raise UsageError(f'--lr must be >= 0, got {args.lr}')
-    if args.weight_decay < 0:
+    if args.weight_decay is not None and args.weight_decay < 0:
         raise UsageError(f'--weight-decay must be >= 0, got {args.weight_decay}')
     if not 0.0 <= args.val_fraction < 1.0:
         raise UsageError(f'--val-fraction must be in [0, 1), got {args.val_fraction}')

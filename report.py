@@ -95,7 +95,8 @@ def agreement(teacher_logits, student_logits):
 # ---------------------------------------------------------------------------------------------
 # Aggregating seeds
 
-AGGREGATED = ('test_acc', 'last_test_acc', 'best_val_acc', 'ece', 'agreement', 'kl_to_teacher')
+AGGREGATED = ('test_acc', 'last_test_acc', 'best_val_acc', 'ece', 'agreement', 'kl_to_teacher',
+              'test_acc_tta', 'val_acc_tta')
 
 
 def aggregate_models(per_seed):
@@ -123,22 +124,24 @@ def aggregate_models(per_seed):
     return models
 
 
-def kd_gain(per_seed, name='student_kd'):
-    """The paired `name` - baseline test-accuracy difference over the seeds that trained both."""
-    seeds = [s for s in per_seed if name in per_seed[s] and 'student_base' in per_seed[s]]
+def kd_gain(per_seed, name='student_kd', key='test_acc'):
+    """The paired `name` - baseline difference in `key` (test accuracy, or test_acc_tta) over
+    the seeds that trained both."""
+    seeds = [s for s in per_seed if name in per_seed[s] and 'student_base' in per_seed[s]
+             and per_seed[s][name].get(key) is not None]
     if not seeds:
         return None
-    gain = paired_difference([per_seed[s][name]['test_acc'] for s in seeds],
-                             [per_seed[s]['student_base']['test_acc'] for s in seeds])
+    gain = paired_difference([per_seed[s][name][key] for s in seeds],
+                             [per_seed[s]['student_base'][key] for s in seeds])
     gain['seeds'] = seeds
     return gain
 
 
-def gains(per_seed):
-    """{student: its paired difference to the baseline} for every distilled student."""
+def gains(per_seed, key='test_acc'):
+    """{student: its paired difference to the baseline in `key`} for every distilled student."""
     names = [n for n in per_seed[next(iter(per_seed))]
              if n not in ('teacher', 'student_base', 'teacher_in_use')]
-    out = {n: kd_gain(per_seed, n) for n in names}
+    out = {n: kd_gain(per_seed, n, key) for n in names}
     return {n: g for n, g in out.items() if g is not None}
 
 
@@ -193,7 +196,31 @@ def results_table(results):
             lines += [NO_INTERVAL, '']
     if len(all_gains) <= 1:
         lines.append(describe_gain(results.get('kd_gain')))
+    lines += tta_lines(results)
     return '\n'.join(lines)
+
+
+def tta_lines(results):
+    """Under a recipe with test-time augmentation: each model's test accuracy with it beside the
+    single view, and the students' paired differences with it (Markdown lines; none without)."""
+    models = results.get('models', {})
+    names = [n for n in (['teacher'] if 'teacher' in models else []) + ranked_students(models)
+             if models[n].get('test_acc_tta') is not None]
+    if not names:
+        return []
+    lines = ['', '| Model | Test acc., TTA (%) | Test acc., single view (%) | '
+                 'Val. acc., TTA (%) |', '|---|---:|---:|---:|']
+    for name in names:
+        e = models[name]
+        lines.append(f"| {model_label(name, e)} | {_pm(e, 'test_acc_tta')} | "
+                     f"{_pm(e, 'test_acc')} | {_pm(e, 'val_acc_tta')} |")
+    lines.append('')
+    lines += [describe_gain(g, ('KD' if n == 'student_kd' else n) + ' with TTA')
+              for n, g in (results.get('gains_tta') or {}).items()]
+    lines.append('TTA: the mean of the logits of 6 views (the image and its mirror, each also '
+                 'shifted by one pixel up-left and down-right; weights 1/4, 1/4, 1/8 x 4), '
+                 'evaluated for the kept (last-epoch) weights.')
+    return lines
 
 
 NO_INTERVAL = 'n is too small for a confidence interval (run at least 2 seeds).'
@@ -243,7 +270,10 @@ def results_markdown(results):
     run = results.get('run', {})
     git = results.get('git') or {}
     commit = (git.get('commit') or 'unknown')[:12]  # None outside a git checkout
-    if cfg.get('val_fraction'):
+    if (cfg.get('recipe_values') or {}).get('select') == 'last':
+        selection = (f"the recipe ({cfg.get('recipe')}) keeps the last epoch's weights; the "
+                     f"validation split ({cfg.get('val_fraction')}) and the test set only report.")
+    elif cfg.get('val_fraction'):
         selection = (f"validation split {cfg.get('val_fraction')} of the training images selects "
                      f"the checkpoints, the test set only reports.")
     else:
@@ -254,8 +284,8 @@ def results_markdown(results):
              + '; ' + selection,
              f"Device: {run.get('device', '?')}; torch {results.get('versions', {}).get('torch')}; "
              f"git {commit}" + (' (dirty tree)' if git.get('dirty') else '') + '.',
-             f"Recipe: {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, lr "
-             f"{cfg.get('lr')}, weight decay {cfg.get('weight_decay')}; students ranked by "
+             f"Recipe: {cfg.get('recipe', 'standard')}, {cfg.get('epochs')} epochs, batch "
+             f"{cfg.get('batch_size')}, lr {cfg.get('lr')}, weight decay {cfg.get('weight_decay')}; students ranked by "
              f"validation accuracy; for kd and ls, α weights the hard labels.", '']
     return '\n'.join(lines)
 
@@ -274,12 +304,14 @@ def print_table(models, log=print):
     ranked = _ranked_on_validation(models)
     if ranked:
         log('Students ranked by validation accuracy (↓); the test set only reports.')
+    tta = any(e.get('test_acc_tta') is not None for e in models.values())
     log(f"{'Model':<{width}} {'Val. acc. ↓' if ranked else 'Val. acc.':>16} {'Test acc.':>16} "
-        f"{'Params':>8}")
+        f"{'Params':>8}" + (f" {'Test acc. TTA':>16}" if tta else ''))
     for name in (['teacher'] if 'teacher' in models else []) + ranked_students(models):
         e = models[name]
         log(f"{model_label(name, e):<{width}} {_pm(e, 'best_val_acc'):>16} "
-            f"{_pm(e, 'test_acc'):>16} {e['params'] / 1e6:>7.2f}M")
+            f"{_pm(e, 'test_acc'):>16} {e['params'] / 1e6:>7.2f}M"
+            + (f" {_pm(e, 'test_acc_tta'):>16}" if tta else ''))
     if 'student_kd' in models and 'student_base' in models:
         diff = models['student_kd']['test_acc'] - models['student_base']['test_acc']
         log(f"{'KD − baseline':<{width}} {'':>16} {diff:>+16.2f}")
@@ -664,7 +696,7 @@ def drop_phase(results, phase):
     phases = {p: v for p, v in results.get('phases', {}).items() if p != phase}
     results['phases'] = phases
     if phase == 'students':
-        for key in ('kd_gain', 'gains', 'teacher_in_use'):
+        for key in ('kd_gain', 'gains', 'gains_tta', 'teacher_in_use'):
             results.pop(key, None)
     if phases:
         rest = phases[next(iter(phases))]
@@ -719,6 +751,7 @@ def write_results(out_dir, phase, summaries, config, run_info, curve_dirs, log=p
     if phase == 'students':
         results['gains'] = gains(per_seed)
         results['kd_gain'] = results['gains'].get('student_kd')
+        results['gains_tta'] = gains(per_seed, 'test_acc_tta')
         teacher_accs = [v['models']['teacher_in_use']['test_acc'] for v in summaries.values()]
         results['teacher_in_use'] = {'checkpoint': config.get('teacher_checkpoint'),
                                      'sha256': config.get('teacher_sha256'),

@@ -12,16 +12,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from recipe import STUDENT_ARCH as DEFAULT_STUDENT_ARCH
-from recipe import TEACHER_ARCH, default_lr
+from recipe import STUDENT_ARCH as DEFAULT_STUDENT_ARCH  # noqa: F401  (runner's name, as before)
+from recipe import (RECIPE, get_recipe, loader_options, prepare_model, recipe_names,
+                    resolve_recipe)
 
 # Configuration keys that change what a run computes: a resumed run must agree on all of them.
 RUN_KEYS = {
     'teacher': ('dataset', 'teacher_arch', 'epochs', 'batch_size', 'lr', 'weight_decay', 'seed',
-                'val_fraction', 'split_seed', 'subset', 'precision'),
+                'val_fraction', 'split_seed', 'subset', 'precision', 'recipe'),
     'students': ('dataset', 'student_arch', 'students', 'epochs', 'batch_size', 'lr',
                  'weight_decay', 'seed', 'val_fraction', 'split_seed', 'subset', 'precision',
-                 'teacher_sha256'),
+                 'teacher_sha256', 'recipe'),
 }
 
 
@@ -91,13 +92,22 @@ def flag_args(args, dests):
     """The command-line arguments that give `args`' values of `dests` (argparse names) where
     they differ from main.py's defaults: what a printed command keeps of this run's flags.
 
-    Raises nothing; a dest args lacks, or one set to None, is left out."""
+    Raises nothing; a dest args lacks, or one set to None, is left out. The recipe's values
+    (epochs, batch size, lr at this batch size, weight decay, test interval) count as defaults.
+    """
     from main import build_parser  # main imports this module
     parser = build_parser()
+    name = getattr(args, 'recipe', None) or RECIPE
+    recipe = get_recipe(name)
+    epochs = getattr(args, 'epochs', None) or recipe.epochs
+    by_recipe = {'epochs': recipe.epochs, 'batch_size': recipe.batch_size,
+                 'lr': resolve_recipe(name, batch_size=getattr(args, 'batch_size', None)).lr,
+                 'weight_decay': recipe.weight_decay,
+                 'test_every': recipe.test_every or epochs}
     out = []
     for dest in dests:
         value = getattr(args, dest, None)
-        default = default_lr(args.batch_size) if dest == 'lr' else parser.get_default(dest)
+        default = by_recipe[dest] if dest in by_recipe else parser.get_default(dest)
         if value is None or value == default:
             continue
         flag = '--' + dest.replace('_', '-')
@@ -112,7 +122,7 @@ def flag_args(args, dests):
 
 QUICK_RUN = ['--epochs', '3', '--subset', '2000']
 # what a run's data and precision depend on, kept by every printed command
-DATA_FLAGS = ('dataset', 'data_dir', 'val_fraction', 'split_seed', 'device', 'amp')
+DATA_FLAGS = ('recipe', 'dataset', 'data_dir', 'val_fraction', 'split_seed', 'device', 'amp')
 
 
 def quick_run_commands(phase, args, teacher_arch):
@@ -123,7 +133,8 @@ def quick_run_commands(phase, args, teacher_arch):
     same data. Returns command lines (str)."""
     folder = os.path.normpath(os.path.join(args.out_dir, 'quick'))
     common = flag_args(args, DATA_FLAGS + ('batch_size',))
-    arch = ['--teacher-arch', teacher_arch] if teacher_arch != TEACHER_ARCH else []
+    recipe_arch = get_recipe(getattr(args, 'recipe', None) or RECIPE).teacher_arch
+    arch = ['--teacher-arch', teacher_arch] if teacher_arch != recipe_arch else []
     commands = [['--train-teacher', *QUICK_RUN, *arch, *common, '--out-dir', folder]]
     if phase == 'students':
         commands.append([*QUICK_RUN, *flag_args(args, ('student_arch', 'loss', 'temperature',
@@ -152,7 +163,7 @@ def student_specs(args):
     """
     from losses import expand_grid, setting_name
     grid = expand_grid(args.loss, args.temperature, args.alpha)
-    arch = args.student_arch or DEFAULT_STUDENT_ARCH
+    arch = args.student_arch or get_recipe(args.recipe).student_arch
     if len(grid) == 1:
         specs = [ModelSpec('student_kd', arch, *grid[0])]
     else:
@@ -165,8 +176,8 @@ def student_specs(args):
 
 def phase_specs(phase, args):
     if phase == 'teacher':
-        from teacher import DEFAULT_TEACHER_ARCH
-        return [ModelSpec('teacher', args.teacher_arch or DEFAULT_TEACHER_ARCH, 'ce', {})]
+        return [ModelSpec('teacher', args.teacher_arch or get_recipe(args.recipe).teacher_arch,
+                          'ce', {})]
     return student_specs(args)
 
 
@@ -216,8 +227,10 @@ def find_states(phase, saved, args, config_by_seed):
                 raise UsageError(f'{path} was saved by an older version of this program and '
                                  f'cannot be resumed; start over with --restart')
             new = config_by_seed[seed]
+            # states saved before recipes existed ran the standard one
             changed = [k for k in RUN_KEYS[phase] if (k != 'precision' or k in new)
-                       and state['config'].get(k) != new.get(k)]
+                       and state['config'].get(k, 'standard' if k == 'recipe' else None)
+                       != new.get(k)]
             if changed:
                 details = ', '.join(f"{k}: {state['config'].get(k)!r} -> {new.get(k)!r}"
                                     for k in changed)
@@ -303,21 +316,23 @@ def describe_resume(seed, path, state, steps_per_epoch):
             f"{state['batch'] + 1} of {steps_per_epoch} (state saved {saved} in {path})")
 
 
-def make_trainees(specs, recipe, device, precisions, args, dist, seed):
+def make_trainees(specs, recipe, device, precisions, args, dist, seed, train_loader=None):
     """The trainees of one seed. Students start from identical weights: differences between
-    them come from their losses alone."""
+    them come from their losses alone. train_loader: the images the recipe initialises from
+    (recipe.prepare_model: the whitening layer)."""
     import torch
     from models import build_model
     from train import Trainee
     torch.manual_seed(seed)
-    first = build_model(specs[0].arch, num_classes=args.num_classes)
-    initial = first.state_dict()
+    first = prepare_model(build_model(specs[0].arch, num_classes=args.num_classes), recipe,
+                          train_loader)
     trainees = []
     for spec in specs:
         module = first if spec is specs[0] else build_model(spec.arch,
                                                             num_classes=args.num_classes)
-        if module is not first and spec.arch == specs[0].arch:
-            module.load_state_dict(initial)
+        if module is not first:
+            prepare_model(module, recipe, train_loader,
+                          like=first if spec.arch == specs[0].arch else None)
         trainees.append(Trainee(spec.name, module, spec.loss, recipe, device,
                                 precisions[spec.name], ddp=dist.enabled,
                                 compile_model=args.compile, loss_params=spec.params))
@@ -339,7 +354,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     from report import write_results
     from teacher import (logits_key, logits_path, save_test_logits, store_test_logits,
                          teacher_test_logits)
-    from train import Recipe, precision_name, train_phase
+    from train import precision_name, train_phase
     from tuning import (PrecisionDecisions, decide_precisions, decide_stacking, decisions_path,
                         fastest_teacher, machine_key)
     from utils import make_loaders
@@ -347,14 +362,16 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     seeds = args.seeds if args.seeds is not None else [args.seed]
     dirs = run_dirs(args.out_dir, seeds, args.seeds is not None)
     specs = phase_specs(phase, args)
-    recipe = Recipe(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay)
+    recipe = resolve_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size,
+                            lr=args.lr, weight_decay=args.weight_decay)
     main_log = log if dist.is_main else (lambda *_: None)
 
     def loaders(seed):
         return make_loaders(args.data_dir, args.batch_size, device, args.val_fraction, seed,
                             args.subset, eval_batch_size=5000 if device.type == 'cuda' else 1000,
                             channels_last=True, rank=dist.rank, world_size=dist.world_size,
-                            arrays=arrays, split_seed=args.split_seed, dataset=args.dataset)
+                            arrays=arrays, split_seed=args.split_seed, dataset=args.dataset,
+                            **loader_options(recipe))
 
     data = loaders(seeds[0])
     batch_shape = (args.batch_size // dist.world_size, 3, 32, 32)
@@ -375,7 +392,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                        # what the images are, whichever folder they were read from
                        train_images_sha256=data.arrays.train_sha256,
                        test_images_sha256=data.arrays.test_sha256,
-                       memory_estimate_mb=round(memory_estimate / 2**20, 1))
+                       memory_estimate_mb=round(memory_estimate / 2**20, 1),
+                       recipe=recipe.name, recipe_values=recipe.to_dict())
     teacher_logits, teacher_form, logits_reused = None, None, True
     if phase == 'teacher':
         base_config['teacher_arch'] = specs[0].arch
@@ -456,7 +474,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         if dist.is_main and index > 0:  # the first seed's is made by claim_folder
             os.makedirs(dirs[seed], exist_ok=True)
         data = data if index == 0 else loaders(seed)
-        trainees = make_trainees(specs, recipe, device, precisions, args, dist, seed)
+        trainees = make_trainees(specs, recipe, device, precisions, args, dist, seed,
+                                 data.train)
         if index == 0:
             stacked, base_config['stacking'] = decide_stacking(
                 trainees, args, device, dist, teacher, teacher_precision, recipe, batch_shape,
@@ -552,7 +571,7 @@ def write_model_records(run_dir, specs, models, config):
             'loss': spec.loss, 'loss_params': spec.params, 'seed': config['seed'],
             **{k: config.get(k) for k in ('dataset', 'split_seed', 'val_fraction', 'subset',
                                           'val_images_sha256', 'train_images_sha256',
-                                          'test_images_sha256', 'epochs')},
+                                          'test_images_sha256', 'epochs', 'recipe')},
             'best_epoch': entry.get('best_epoch'), 'best_val_acc': entry.get('best_val_acc'),
             'test_acc': entry.get('test_acc'), 'sha256': hashes[spec.name],
             **({'teacher_sha256': config['teacher_sha256']} if 'teacher_sha256' in config else {}),
@@ -657,9 +676,9 @@ def evaluate_checkpoints(args, device, arrays, log):
     unless --subset is given (then said to differ from results.md where it does)."""
     from checkpoint import read_checkpoint, read_record
     from report import print_table
-    from teacher import (DEFAULT_TEACHER_ARCH, load_for_inference, logits_key,
-                         provenance_problems, rebuild, store_test_logits, teacher_test_logits)
-    from train import accuracy, choose_precision, predict
+    from teacher import (load_for_inference, logits_key, provenance_problems, rebuild,
+                         store_test_logits, teacher_test_logits)
+    from train import accuracy, choose_precision, predict, predict_views
     from utils import make_loaders
     listed, notes = last_run_models(args.out_dir)
     if not listed:
@@ -695,9 +714,12 @@ def evaluate_checkpoints(args, device, arrays, log):
         for name in names:
             path = os.path.join(args.out_dir, f'best_{name}.pth')
             is_teacher = name == 'teacher'
+            # the recipe that trained it decides its evaluation (test-time augmentation)
+            recorded = (records[name] or {}).get('recipe')
+            recipe = get_recipe(recorded if recorded in recipe_names() else args.recipe)
             model, arch = rebuild(path, records[name],
                                   args.teacher_arch if is_teacher else args.student_arch,
-                                  DEFAULT_TEACHER_ARCH if is_teacher else DEFAULT_STUDENT_ARCH,
+                                  recipe.teacher_arch if is_teacher else recipe.student_arch,
                                   args.num_classes,
                                   '--teacher-arch' if is_teacher else '--student-arch',
                                   dataset=args.dataset)
@@ -725,6 +747,9 @@ def evaluate_checkpoints(args, device, arrays, log):
                 logits = predict(model, data.test, precision, bar)[0]
             models[name] = {'test_acc': accuracy(logits, data.test.labels), 'arch': arch,
                             'params': sum(p.numel() for p in model.parameters())}
+            if recipe.tta != 'none':
+                tta = predict_views(model, data.test, precision, progress=f'{bar} (TTA)')[1]
+                models[name]['test_acc_tta'] = accuracy(tta, data.test.labels)
     print_table(models, log)
     return models
 
@@ -806,11 +831,15 @@ def resolved_configuration(phase, args, device, world_size=1, specs=None, teache
         view['amp'] = amp()
         view['device'] = device_name(device)
         return view
-    from teacher import DEFAULT_TEACHER_ARCH
+    # the recipe's values where a flag left one open (run() resolves them the same way)
+    recipe = resolve_recipe(getattr(args, 'recipe', RECIPE), epochs=args.epochs,
+                            batch_size=args.batch_size, lr=args.lr,
+                            weight_decay=args.weight_decay)
+    view['recipe'] = recipe.name + (' (the default)' if recipe.name == RECIPE else '')
     if phase == 'teacher':
-        view['teacher arch'] = architecture(specs[0].arch, DEFAULT_TEACHER_ARCH)
+        view['teacher arch'] = architecture(specs[0].arch, recipe.teacher_arch)
     else:
-        view['student arch'] = architecture(specs[0].arch, DEFAULT_STUDENT_ARCH)
+        view['student arch'] = architecture(specs[0].arch, recipe.student_arch)
         view['teacher checkpoint'] = args.teacher_checkpoint
         view['teacher arch'] = teacher_arch
         view['losses'] = describe_loss_settings(loss_settings(specs), args.alpha is not None)
@@ -818,11 +847,16 @@ def resolved_configuration(phase, args, device, world_size=1, specs=None, teache
         view['students'] = f'{len(distilled)}: ' + ', '.join(distilled)
         view['baseline'] = ('off (--no-baseline)' if args.no_baseline else
                             'student_base (cross-entropy on the labels only)')
-    view['epochs'] = args.epochs
-    view['batch size'] = args.batch_size
-    view['lr'] = f'{args.lr:g}' + (f' ({BASE_LR:g} x batch size {args.batch_size} / {BATCH_SIZE})'
-                                   if args.lr == default_lr(args.batch_size) else '')
-    view['weight decay'] = f'{args.weight_decay:g}'
+    view['epochs'] = recipe.epochs
+    view['batch size'] = recipe.batch_size
+    if recipe.lr_unit == 'per_1024':  # the fast recipe's unit
+        view['lr'] = f'{recipe.lr:g} per 1,024 images'
+        view['weight decay'] = f'{recipe.weight_decay:g} per 1,024 images'
+    else:
+        view['lr'] = f'{recipe.lr:g}' + (
+            f' ({BASE_LR:g} x batch size {recipe.batch_size} / {BATCH_SIZE})'
+            if recipe.lr == default_lr(recipe.batch_size) else '')
+        view['weight decay'] = f'{recipe.weight_decay:g}'
     if args.seeds is None:
         view['seed'] = args.seed
     else:
@@ -830,7 +864,8 @@ def resolved_configuration(phase, args, device, world_size=1, specs=None, teache
     view['val fraction'] = f'{args.val_fraction:g}' + (
         ' (no validation: the last epoch is kept)' if args.val_fraction == 0 else '')
     view['split seed'] = args.split_seed
-    view['test every'] = f'{args.test_every} epoch(s)'
+    every = args.test_every or recipe.test_every or recipe.epochs
+    view['test every'] = f'{every} epoch(s)' if every < recipe.epochs else 'the last epoch only'
     view['amp'] = amp()
     if phase == 'students':
         view['stack students'] = args.stack_students
@@ -933,6 +968,15 @@ def _run(args, log, stop):
     from teacher import SPLIT_KEYS, TeacherMismatch, check_data, load_teacher
     from train import configure_backends
 
+    try:  # the recipe's values fill what the command line leaves open
+        recipe = resolve_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size,
+                                lr=args.lr, weight_decay=args.weight_decay)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    args.epochs, args.batch_size = recipe.epochs, recipe.batch_size
+    args.lr, args.weight_decay = recipe.lr, recipe.weight_decay
+    if args.test_every is None:
+        args.test_every = recipe.test_every or recipe.epochs  # 0: the last epoch only
     device = resolve_device(args.device)
     dist, device = init_distributed(device)
     if dist.enabled and args.batch_size % dist.world_size:
@@ -940,8 +984,6 @@ def _run(args, log, stop):
                          f'{dist.world_size} processes')
     spec = get_dataset(args.dataset)
     args.num_classes = spec.num_classes
-    if args.lr is None:
-        args.lr = default_lr(args.batch_size)
     if args.teacher_checkpoint is None:
         args.teacher_checkpoint = os.path.join(args.out_dir, 'best_teacher.pth')
     phase = 'evaluate' if args.evaluate else 'teacher' if args.train_teacher else 'students'

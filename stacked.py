@@ -17,6 +17,8 @@ import time
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
+from recipe import param_groups
+
 
 class StudentStack:
     def __init__(self, trainees, recipe):
@@ -25,9 +27,11 @@ class StudentStack:
         # the architecture without storage: functional_call supplies the stacked tensors
         self.skeleton = copy.deepcopy(modules[0]).to('meta')
         self.params, self.buffers = stack_module_state(modules)
-        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=recipe.lr,
-                                         momentum=recipe.momentum, nesterov=True,
-                                         weight_decay=recipe.weight_decay)
+        # the recipe's one parameter group (stacking_problem refuses recipes with several),
+        # over the stacked tensors
+        group, = param_groups(modules[0], recipe)
+        self.optimizer = torch.optim.SGD([dict(group, params=list(self.params.values()))],
+                                         momentum=recipe.momentum, nesterov=True)
         self._load_momentum()
 
     def _load_momentum(self):
@@ -78,6 +82,10 @@ def stacking_problem(trainees, multi_process, compiled):
         return 'students in different precisions'
     if any(t.scaler is not None for t in trainees):
         return 'fp16 loss scaling (one scaler per student would skip steps separately)'
+    if any(t.lookahead is not None for t in trainees):
+        return 'the recipe\'s lookahead averaging (applied per student in the loop)'
+    if any(len(t.optimizer.param_groups) > 1 for t in trainees):
+        return 'the recipe\'s parameter groups'
     if multi_process:
         return 'torchrun (DDP wraps each student)'
     if compiled:

@@ -9,7 +9,6 @@ a run can resume where it stopped.
 """
 import csv
 import io
-import math
 import os
 import signal
 import time
@@ -25,7 +24,10 @@ from checkpoint import (atomic_save, atomic_write_text, capture_rng_state, plain
 from distributed import all_gather_cat, all_reduce_min, all_reduce_sum, any_rank, sync_batchnorm
 from losses import get_loss
 from progress import DurationEstimate
-from recipe import Recipe  # noqa: F401  (train.Recipe, as before)
+# the recipe builds the optimizer, its schedule, the weight averaging and the evaluation views;
+# train.Recipe, train.lr_at, train.warmup_steps and train.make_optimizer stay importable from here
+from recipe import (Lookahead, Recipe, lookahead_step, lr_at, make_optimizer,  # noqa: F401
+                    set_learning_rates, tta_logits, warmup_steps)
 
 STATE_FORMAT = 2  # 2: named loss parts, the selected epoch's test logits
 STOP_CHECK_EVERY = 10  # batches between the ranks' agreement on a stop request (torchrun)
@@ -165,29 +167,6 @@ def precision_name(dtype):
 # ---------------------------------------------------------------------------------------------
 # Optimisation
 
-def warmup_steps(recipe, steps_per_epoch):
-    """warmup_fraction of all steps, but at least one epoch (at most a fifth of the run).
-
-    Short runs would otherwise jump to the peak lr within a step or two, which made both
-    networks diverge in 3-epoch runs on 2,000 images.
-    """
-    total = recipe.epochs * steps_per_epoch
-    return max(1, round(max(recipe.warmup_fraction * total, min(steps_per_epoch, 0.2 * total))))
-
-
-def lr_at(step, total_steps, warmup_steps, peak_lr):
-    """Linear warm-up to peak_lr over warmup_steps, then cosine to zero at total_steps."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model, recipe):
-    return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                           nesterov=True, weight_decay=recipe.weight_decay)
-
-
 def no_buffer_sync_argument():
     """DDP's argument that skips broadcasting buffers before every forward: synchronised
     BatchNorm already keeps them equal on every rank. (Renamed in newer PyTorch.)"""
@@ -203,7 +182,9 @@ class Trainee:
 
     loss is a name from losses.LOSSES ('ce' for the baseline, 'kd', 'dkd', 'ls', ...);
     loss_params its hyper-parameters (default: the recipe's temperature / alpha for the ones the
-    loss takes, else the loss's own defaults).
+    loss takes, else the loss's own defaults). The recipe gives the optimizer
+    (recipe.make_optimizer), the label smoothing of the hard-label term and the lookahead
+    averaging (None without it).
     """
 
     def __init__(self, name, module, loss, recipe, device, precision=None, ddp=False,
@@ -222,11 +203,15 @@ class Trainee:
         self.train_model = torch.compile(model) if compile_model else model
         self.eval_model = torch.compile(self.module) if compile_model else self.module
         self.optimizer = make_optimizer(self.module, recipe)
+        self.label_smoothing = recipe.label_smoothing
+        self.lookahead = Lookahead(self.module) if recipe.lookahead_every else None
         # fp16 needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
 
     def compute_loss(self, logits, teacher_logits, labels, epoch):
-        return self.loss.fn(logits, teacher_logits, labels, epoch=epoch, **self.loss_params)
+        smoothing = {'label_smoothing': self.label_smoothing} if self.label_smoothing else {}
+        return self.loss.fn(logits, teacher_logits, labels, epoch=epoch, **smoothing,
+                            **self.loss_params)
 
 
 class StepResult(NamedTuple):
@@ -303,22 +288,40 @@ def predict(model, loader, precision=None, progress=None):
     result equals the single-process one. progress: a description for a progress bar over the
     batches (stderr, removed when done, shown on a terminal only), or None for no bar.
     """
+    logits, _, labels = predict_views(model, loader, precision, tta=False, progress=progress)
+    return logits, labels
+
+
+@torch.inference_mode()
+def predict_views(model, loader, precision=None, tta=True, progress=None):
+    """(single-view logits, test-time-augmented logits or None, labels), float32, for every
+    image of a non-augmenting loader in dataset order (as predict, progress as there). tta:
+    average the 6 views of recipe.tta_logits; the single view is one of them, so it costs
+    nothing more."""
     was_training = model.training
     model.eval()
-    logits, labels = [], []
+    outputs, labels = [], []
+
+    def forward(x):
+        with autocast(x.device, precision):
+            return model(x).float()
+
     batches = loader if progress is None else tqdm(loader, desc=progress, leave=False,
                                                    disable=None)
     for images, y in batches:
-        with autocast(images.device, precision):
-            logits.append(model(images).float())
+        outputs.append(tta_logits(forward, images) if tta else (forward(images), None))
         labels.append(y)
     model.train(was_training)
-    logits, labels = torch.cat(logits), torch.cat(labels)
+    logits, labels = torch.cat([o[0] for o in outputs]), torch.cat(labels)
+    averaged = torch.cat([o[1] for o in outputs]) if tta else None
     if getattr(loader, 'world_size', 1) > 1:
         order = all_gather_cat(loader.rank_indices())
         logits, labels = all_gather_cat(logits), all_gather_cat(labels)
         logits[order], labels[order] = logits.clone(), labels.clone()
-    return logits, labels
+        if averaged is not None:
+            averaged = all_gather_cat(averaged)
+            averaged[order] = averaged.clone()
+    return logits, averaged, labels
 
 
 def accuracy(logits, labels):
@@ -333,9 +336,11 @@ def evaluate(model, loader, precision=None):
 # ---------------------------------------------------------------------------------------------
 # Logs
 
-def csv_fields(part_names):
+def csv_fields(part_names, tta=False):
+    """The CSV columns; tta adds the test-time-augmented accuracies (filled at the last epoch)."""
     return (['epoch', 'lr', 'train_loss'] + [f'train_{p}' for p in part_names]
-            + ['train_acc', 'val_acc', 'test_acc', 'seconds', 'images_per_s'])
+            + ['train_acc', 'val_acc', 'test_acc']
+            + (['val_acc_tta', 'test_acc_tta'] if tta else []) + ['seconds', 'images_per_s'])
 
 
 def write_csv(path, rows, fields):
@@ -423,6 +428,7 @@ class PhaseProgress:
     history: dict = field(default_factory=dict)      # name -> [CSV row per epoch]
     best_logits: dict = field(default_factory=dict)  # name -> test logits of the selected epoch
     estimate: dict = None          # the time estimate printed early in the run
+    tta: dict = field(default_factory=dict)  # name -> {'val_acc_tta', 'test_acc_tta'}, kept weights
 
 
 def save_state(path, phase, trainees, progress, config, finished=False):
@@ -436,6 +442,9 @@ def save_state(path, phase, trainees, progress, config, finished=False):
         'models': {t.name: plain_state_dict(t.module) for t in trainees},
         'optimizers': {t.name: t.optimizer.state_dict() for t in trainees},
         'scalers': {t.name: t.scaler.state_dict() for t in trainees if t.scaler is not None},
+        'lookahead': {t.name: t.lookahead.state_dict() for t in trainees
+                      if t.lookahead is not None},
+        'tta': progress.tta,
         'rng': capture_rng_state(), 'config': config or {},
     }, path)
 
@@ -447,11 +456,13 @@ def restore_state(state, trainees, device):
         t.optimizer.load_state_dict(state['optimizers'][t.name])
         if t.scaler is not None and state.get('scalers', {}).get(t.name):
             t.scaler.load_state_dict(state['scalers'][t.name])
+        if t.lookahead is not None:
+            t.lookahead.load_state_dict(state['lookahead'][t.name])
     restore_rng_state(state['rng'])
     return PhaseProgress(state['epoch'], state['batch'], state.get('partial'), state['elapsed'],
                          state['best'], state['history'],
                          {n: v.to(device) for n, v in state.get('best_logits', {}).items()},
-                         state.get('estimate'))
+                         state.get('estimate'), state.get('tta', {}))
 
 
 def train_epoch(trainees, data, recipe, epoch, progress, sums, *, teacher, teacher_precision,
@@ -462,7 +473,6 @@ def train_epoch(trainees, data, recipe, epoch, progress, sums, *, teacher, teach
     """
     steps_per_epoch = len(data.train)
     total_steps = recipe.epochs * steps_per_epoch
-    n_warmup = warmup_steps(recipe, steps_per_epoch)
     data.train.set_epoch(epoch, progress.batch)
     lr, images_seen = recipe.lr, 0
     for batch_index, (images, labels) in enumerate(data.train, start=progress.batch):
@@ -470,17 +480,18 @@ def train_epoch(trainees, data, recipe, epoch, progress, sums, *, teacher, teach
         if stop is not None and (batch_index % STOP_CHECK_EVERY == 0 or not multi_process) \
                 and any_rank(stop.requested):
             raise _StopAt(batch_index)
-        lr = lr_at(epoch * steps_per_epoch + batch_index, total_steps, n_warmup, recipe.lr)
+        step = epoch * steps_per_epoch + batch_index
         if stack is not None:
-            stack.set_lr(lr)
+            lr = set_learning_rates(stack.optimizer, recipe, step, steps_per_epoch)
             out = train_step_stacked(stack, teacher, images, labels, teacher_precision,
                                      epoch=epoch + 1)
         else:
             for t in trainees:
-                for group in t.optimizer.param_groups:
-                    group['lr'] = lr
+                lr = set_learning_rates(t.optimizer, recipe, step, steps_per_epoch)
             out = train_step(trainees, teacher, images, labels, recipe, teacher_precision,
                              epoch=epoch + 1)
+            for t in trainees:  # stacks refuse recipes with lookahead (stacked.stacking_problem)
+                lookahead_step(t.lookahead, t.module, recipe, step + 1, total_steps)
         for t, result in zip(trainees, out):
             sums.add(t.name, batch_index, result, len(labels))
         images_seen += len(labels)
@@ -498,29 +509,46 @@ class _StopAt(Exception):
         self.batch_index = batch_index
 
 
-def evaluate_epoch(trainees, data, epoch, epochs, progress, run_dir, *, test_every, is_main):
-    """Validation (every epoch: it selects) and test (every test_every epochs, the last one,
-    and whenever a model reaches a new best, so the selected epoch always has test logits).
+def evaluate_epoch(trainees, data, epoch, epochs, progress, run_dir, *, test_every, is_main,
+                   recipe=None):
+    """Validation (every epoch: it selects) and test (every test_every epochs (0: none), the
+    last one, and whenever a model reaches a new best, so the selected epoch always has test
+    logits).
 
-    Updates progress.best / best_logits and writes best_<name>.pth. Returns {name: (val, test)}.
+    recipe.select 'last' keeps the last epoch's weights; recipe.tta adds, at the last epoch,
+    the test-time-augmented accuracies (progress.tta). Updates progress.best / best_logits and
+    writes best_<name>.pth. Returns {name: (val, test, {'val_acc_tta', 'test_acc_tta'} or {})}.
     """
     accs = {}
+    keep_last = recipe is not None and recipe.select == 'last'
+    tta = recipe is not None and recipe.tta != 'none' and epoch == epochs
     for t in trainees:
-        val_acc = evaluate(t.eval_model, data.val, t.precision) if data.val else None
+        views = {}
+        if data.val and tta:
+            val_logits, val_tta, val_labels = predict_views(t.eval_model, data.val, t.precision)
+            val_acc, views['val_acc_tta'] = (accuracy(val_logits, val_labels),
+                                             accuracy(val_tta, val_labels))
+        else:
+            val_acc = evaluate(t.eval_model, data.val, t.precision) if data.val else None
         best = progress.best.get(t.name, {'val_acc': -1.0, 'epoch': 0})
         # the first epoch with the best validation accuracy; the last one without a split
-        is_best = val_acc is None or val_acc > best['val_acc']
+        # (or when the recipe keeps the last epoch)
+        is_best = epoch == epochs if keep_last else val_acc is None or val_acc > best['val_acc']
         test_acc = None
-        if is_best or epoch % test_every == 0 or epoch == epochs:
-            logits, labels = predict(t.eval_model, data.test, t.precision)
+        if is_best or (test_every and epoch % test_every == 0) or epoch == epochs:
+            logits, test_tta, labels = predict_views(t.eval_model, data.test, t.precision, tta)
             test_acc = accuracy(logits, labels)
+            if tta:
+                views['test_acc_tta'] = accuracy(test_tta, labels)
+        if views:
+            progress.tta[t.name] = views
         if is_best:
             progress.best[t.name] = {'val_acc': -1.0 if val_acc is None else val_acc,
                                      'epoch': epoch}
             progress.best_logits[t.name] = logits
             if is_main:
                 atomic_save(plain_state_dict(t.module), os.path.join(run_dir, f'best_{t.name}.pth'))
-        accs[t.name] = (val_acc, test_acc)
+        accs[t.name] = (val_acc, test_acc, views)
     return accs
 
 
@@ -549,7 +577,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     state_path = os.path.join(run_dir, f'last_{phase}.pt')
     parts_of = {t.name: get_part_names(t) for t in trainees}
     part_names = phase_part_names(parts_of)
-    fields = csv_fields(part_names)
+    fields = csv_fields(part_names, tta=recipe.tta != 'none')
     prog = restore_state(resume_state, trainees, device) if resume_state is not None \
         else PhaseProgress()
     for t in trainees:
@@ -616,14 +644,14 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
         train_seconds = time.time() - t0
         claim_folder()
         accs = evaluate_epoch(trainees, data, epoch + 1, recipe.epochs, prog, run_dir,
-                              test_every=test_every, is_main=is_main)
+                              test_every=test_every, is_main=is_main, recipe=recipe)
         row_common = {'epoch': epoch + 1, 'lr': round(lr, 6), 'seconds': round(train_seconds, 3),
                       'images_per_s': round(images_seen * world_size / max(1e-9, train_seconds),
                                             1)}
         for t in trainees:
-            val_acc, test_acc = accs[t.name]
+            val_acc, test_acc, views = accs[t.name]
             prog.history[t.name].append(dict(row_common, **sums.row(t.name, parts_of[t.name]),
-                                             val_acc=val_acc, test_acc=test_acc))
+                                             val_acc=val_acc, test_acc=test_acc, **views))
             if is_main:
                 write_csv(os.path.join(run_dir, f'log_{t.name}.csv'), prog.history[t.name],
                           fields)
@@ -748,6 +776,8 @@ def finish_phase(trainees, data, progress, teacher_test_logits=None):
             'ece': expected_calibration_error(logits, labels),
             'precision': precision_name(t.precision),
             'loss': t.loss.name, 'loss_params': t.loss_params,
+            # test-time augmentation (recipe.tta) of the kept weights, beside the single view
+            **progress.tta.get(t.name, {}),
         }
         if teacher_test_logits is not None:
             entry.update(agreement(teacher_test_logits, logits))

@@ -51,8 +51,9 @@ def epoch_generator(seed, epoch):
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def crop_flip(images, dy, dx, flip, padding=4):
-    """Random-crop (zero padding) and horizontal-flip a whole batch with two gathers.
+def crop_flip(images, dy, dx, flip, padding=4, padding_mode='constant'):
+    """Random-crop (zero padding, or reflect-padded with padding_mode='reflect') and
+    horizontal-flip a whole batch with two gathers.
 
     images: B x C x H x W (any dtype); dy, dx: B offsets in [0, 2*padding]; flip: B bools.
     Output pixel (i, j) of image b is padded_b[dy_b + i, dx_b + j], with j mirrored when flipped,
@@ -60,7 +61,7 @@ def crop_flip(images, dy, dx, flip, padding=4):
     index tensors are expanded views, so the only real work is the two gathers.
     """
     b, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
+    padded = F.pad(images, (padding, padding, padding, padding), mode=padding_mode)
     ar_h = torch.arange(h, device=images.device)
     ar_w = torch.arange(w, device=images.device)
     rows = (dy[:, None] + ar_h)[:, None, :, None].expand(b, c, h, w + 2 * padding)
@@ -76,16 +77,24 @@ class CifarLoader:
     so epoch e is the same batches whatever happened before it: a resumed run sees what an
     uninterrupted one would. With world_size > 1 each global batch is split into contiguous
     per-rank slices, so N processes see together exactly what one process sees.
+
+    Augmentation: a random translation by up to `padding` pixels (crop of the image padded with
+    zeros, or reflected with padding_mode='reflect'), and a horizontal flip: flip='random' flips
+    each image with probability 1/2 each epoch; flip='alternate' flips each image at random in
+    epoch 0 and then in exactly every other epoch (a function of seed and epoch, so a resumed
+    run flips what an uninterrupted one would).
     """
 
     def __init__(self, images, labels, batch_size, train, device='cpu', seed=0,
-                 channels_last=False, rank=0, world_size=1, mean=CIFAR10.mean, std=CIFAR10.std):
+                 channels_last=False, rank=0, world_size=1, mean=CIFAR10.mean, std=CIFAR10.std,
+                 padding=4, padding_mode='constant', flip='random'):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size, self.train, self.seed = int(batch_size), train, seed
         self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
         self.epoch, self.start_batch = 0, 0
+        self.padding, self.padding_mode, self.flip = padding, padding_mode, flip
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(mean, device=self.device).view(shape) * 255
         self.inv_std = 1 / (torch.tensor(std, device=self.device).view(shape) * 255)
@@ -122,8 +131,11 @@ class CifarLoader:
             return torch.arange(n, device=self.device), None
         g = epoch_generator(self.seed, epoch)
         order = torch.randperm(n, generator=g)
-        offsets = torch.randint(0, 9, (n, 2), generator=g)
-        flips = torch.rand(n, generator=g) < 0.5
+        offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g)
+        if self.flip == 'alternate':
+            flips = self.first_epoch_flips() ^ bool(epoch % 2)
+        else:
+            flips = torch.rand(n, generator=g) < 0.5
         # offsets and flips are per image (not per position), as before: indexed by order below
         order, offsets, flips = (t.to(self.device, non_blocking=True)
                                  for t in (order, offsets, flips))
@@ -140,9 +152,17 @@ class CifarLoader:
             x = self.images[idx]
             if aug is not None:
                 offsets, flips = aug[0][idx], aug[1][idx]
-                x = crop_flip(x, offsets[:, 0], offsets[:, 1], flips)
+                x = crop_flip(x, offsets[:, 0], offsets[:, 1], flips, self.padding,
+                              self.padding_mode)
             yield self.normalize(x), self.labels[idx]
 
+
+    def first_epoch_flips(self):
+        """flip='alternate': which images epoch 0 flips (N bools, from the seed alone)."""
+        # a generator of its own: the per-epoch draws stay those of flip='random'
+        state = np.random.SeedSequence([int(self.seed)], spawn_key=(1,)).generate_state(2)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return torch.rand(len(self.labels), generator=g) < 0.5
 
     def _rank_slice(self, i):
         """Positions [lo, hi) in the epoch's order of this rank's part of global batch i."""
@@ -216,7 +236,8 @@ def split_train_val(num_images, val_fraction, split_seed=0):
 
 def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0.1, seed=0,
                  subset=None, eval_batch_size=1000, channels_last=False, rank=0, world_size=1,
-                 download=True, arrays=None, split_seed=0, dataset='cifar10'):
+                 download=True, arrays=None, split_seed=0, dataset='cifar10', padding=4,
+                 padding_mode='constant', flip='random'):
     """Train / validation / test loaders over a CIFAR dataset held on `device`.
 
     dataset: a name from datasets.DATASETS (or a DatasetSpec): which files, and its mean/std.
@@ -224,6 +245,7 @@ def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0
     subset: use only the first N training and the first N test images.
     arrays: already-loaded (train_x, train_y, test_x, test_y), to skip reading the disk again.
     The result's .arrays are the images used (after subset), with their content digests.
+    padding, padding_mode, flip: the training loader's augmentation (see CifarLoader).
     """
     spec = get_dataset(dataset)
     if arrays is None:
@@ -236,7 +258,7 @@ def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0
     common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size,
                   mean=spec.mean, std=spec.std)
     train = CifarLoader(train_x[train_idx], train_y[train_idx], batch_size, True, seed=seed,
-                        **common)
+                        padding=padding, padding_mode=padding_mode, flip=flip, **common)
     val = (CifarLoader(train_x[val_idx], train_y[val_idx], eval_batch_size, False, **common)
            if len(val_idx) else None)
     test = CifarLoader(test_x, test_y, eval_batch_size, False, **common)

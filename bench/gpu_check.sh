@@ -17,10 +17,14 @@
 #      each against the reference way.
 #   5. many students: bench/stack_bench.py on cuda: seconds per step of one KD student, of a grid
 #      of 7 students one after another, and of the same 7 stacked into one vmapped computation.
-#   6. a short real schedule on all of CIFAR-10: `main.py --train-teacher --epochs N`, then
+#   6. the fast recipe's workflow on all of CIFAR-10: bench/fast_bench.py on cuda, each step a
+#      timed process: the airbench94 teacher (all training images, then the default split), KD +
+#      baseline students over 5 seeds, and a T x alpha grid; test accuracies with and without
+#      test-time augmentation, and the paired KD - baseline differences.
+#   7. a short real schedule on all of CIFAR-10: `main.py --train-teacher --epochs N`, then
 #      `main.py --epochs N` (the KD and the baseline student), each followed by its per-epoch
 #      table (seconds, images/s, train / validation / test accuracy).
-#   7. a summary: each step ok / FAILED / TIMED OUT with its seconds, the benchmark's numbers,
+#   8. a summary: each step ok / FAILED / TIMED OUT with its seconds, the benchmark's numbers,
 #      the epoch times, the final accuracies and the files written.
 #
 # Deadline: the whole check ends within --deadline seconds (default 480). Every step runs under
@@ -32,6 +36,7 @@
 #   gpu_check.log                 everything printed
 #   bench.json                    the benchmark's results
 #   stack.json                    the many-students timings
+#   fast.json                     the fast recipe's workflow: times and accuracies
 #   results.json, results.md      the short runs' results, as main.py writes them
 #   log_teacher.csv, log_student_kd.csv, log_student_base.csv   one row per epoch
 #   curves.png                    accuracy and loss per epoch (needs matplotlib)
@@ -431,6 +436,13 @@ run_stack_benchmark() {
   run_step stacking 60 "$PY" bench/stack_bench.py --device cuda --json "$OUT/stack.json" || true
 }
 
+run_fast_workflow() {  # its runs write under OUT/run/fast (kept with the run's folders)
+  local limit=$(( $(time_left) / 3 < 180 ? $(time_left) / 3 : 180 ))
+  rm -rf "${RUN:?}/fast"  # an earlier check's runs
+  run_step fast "$limit" "$PY" bench/fast_bench.py --data-dir "$DATA_DIR" --device cuda \
+    --seeds 0 1 2 3 4 --work-dir "$RUN/fast" --json "$OUT/fast.json" || true
+}
+
 TEACHER_OK=0
 train_teacher() {
   # the teacher's epochs cost about 1.5 times the students' (both at once): 3/5 of the time left
@@ -462,7 +474,7 @@ COLLECTED=0
 
 clean_previous() {  # the files of an earlier check
   local f
-  for f in bench.json stack.json "${SMALL_FILES[@]}"; do rm -f "${OUT:?}/$f"; done
+  for f in bench.json stack.json fast.json "${SMALL_FILES[@]}"; do rm -f "${OUT:?}/$f"; done
   for f in "${SMALL_FILES[@]}"; do rm -f "${RUN:?}/$f"; done
   for f in "$RUN"/best_* "$RUN"/last_*; do
     [[ -f $f ]] && rm -f "$f"
@@ -547,6 +559,7 @@ main() {
   get_data
   run_benchmark
   run_stack_benchmark
+  run_fast_workflow
   train_teacher
   train_students
   finish 0

@@ -134,12 +134,23 @@ def _train_and_evaluate(inputs, ddp, rank, world):
     rounding flips a few max-pool and ReLU choices and single weights differ by a few per cent
     of their update, which would hide small errors.
     """
+    from dataclasses import replace
+
     from checkpoint import plain_state_dict
-    from models import StudentNet, TeacherNet
-    from train import Recipe, Trainee, evaluate, predict, train_step
+    from models import StudentNet, TeacherNet, build_model
+    from recipe import get_recipe, lookahead_step
+    from train import Recipe, Trainee, evaluate, predict, predict_views, train_step
     from utils import make_loaders
     device = torch.device('cpu')
     recipe = Recipe(lr=0.1)
+    # the fast recipe's student: parameter groups, label smoothing, frozen-scale BatchNorm,
+    # whitening, and a lookahead update after each of the two steps
+    fast = replace(get_recipe('fast'), batch_size=BATCH, epochs=1, lookahead_every=1)
+    torch.manual_seed(0)
+    fast_module = build_model('airbench94_small')
+    fast_module.freeze_norm_scales()
+    fast_module.init_whitening(inputs['images'][0])
+    fast_trainee = Trainee('student_fast', fast_module.double(), 'kd', fast, device, ddp=ddp)
     teacher = TeacherNet()
     teacher.load_state_dict(inputs['teacher'])
     teacher.double().eval()
@@ -155,6 +166,9 @@ def _train_and_evaluate(inputs, ddp, rank, world):
     for step in range(STEPS):
         out = train_step(trainees, teacher, inputs['images'][step, lo:hi].double(),
                          inputs['labels'][step, lo:hi], recipe)
+        out += train_step([fast_trainee], teacher, inputs['images'][step, lo:hi].double(),
+                          inputs['labels'][step, lo:hi], fast)
+        lookahead_step(fast_trainee.lookahead, fast_trainee.module, fast, step + 1, STEPS)
         losses.append([o[0].item() for o in out])
     # evaluation as main.py sets it up: loaders sharded per rank, every rank calling evaluate
     data = make_loaders(batch_size=BATCH, val_fraction=0.2, seed=0, eval_batch_size=10,
@@ -164,7 +178,9 @@ def _train_and_evaluate(inputs, ddp, rank, world):
     model = model.to(memory_format=torch.channels_last).eval()
     _, val_labels = predict(model, data.val)
     test_logits, test_labels = predict(model, data.test)
-    return {'models': {t.name: plain_state_dict(t.module) for t in trainees}, 'losses': losses,
+    tta_logits = predict_views(model, data.test)[1]
+    return {'models': {t.name: plain_state_dict(t.module) for t in trainees + [fast_trainee]},
+            'losses': losses, 'tta_logits': tta_logits,
             'eval': {'val_n': len(val_labels), 'test_n': len(test_labels),
                      'val_acc': evaluate(model, data.val), 'test_acc': evaluate(model, data.test),
                      'test_labels': test_labels, 'test_logits': test_logits}}
@@ -210,7 +226,7 @@ def equivalence(tmp_path_factory):
     return ranks, reference
 
 
-@pytest.mark.parametrize('name', ['student_kd', 'student_base'])
+@pytest.mark.parametrize('name', ['student_kd', 'student_base', 'student_fast'])
 def test_two_processes_equal_one_process(equivalence, name):
     ranks, reference = equivalence
     expected = reference['models'][name]
@@ -224,7 +240,7 @@ def test_two_processes_equal_one_process(equivalence, name):
                 torch.testing.assert_close(got[key], value, atol=1e-12, rtol=1e-10,
                                            msg=lambda m: f'rank {r} {name} {key}: {m}')
     # each rank's loss is the mean over its half; the mean over ranks is the global-batch loss
-    index = 0 if name == 'student_kd' else 1
+    index = ['student_kd', 'student_base', 'student_fast'].index(name)
     for step in range(STEPS):
         mean = sum(result['losses'][step][index] for result in ranks) / NPROC
         assert mean == pytest.approx(reference['losses'][step][index], rel=1e-6)
@@ -242,6 +258,7 @@ def test_sharded_evaluation_covers_every_image_on_every_rank(equivalence):
         # gathered back into dataset order: image i's logits are at row i on every rank
         assert torch.equal(got['test_labels'], ref['test_labels'])
         assert torch.allclose(got['test_logits'], ref['test_logits'], atol=1e-5)
+        assert torch.allclose(result['tta_logits'], reference['tta_logits'], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

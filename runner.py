@@ -907,12 +907,14 @@ def rerun_command(models, args):
     if base_val is not None and best_val <= base_val:
         lines.append(f'It does not beat the baseline on validation ({best_val:.2f}% against the '
                      f"baseline's {base_val:.2f}%).")
-    lines += warmup_notes({n: models[n] for n in distilled}, args.epochs)
+    # the epochs that ran: the recipe's where --epochs left them open
+    epochs = args.epochs or get_recipe(getattr(args, 'recipe', None) or RECIPE).epochs
+    lines += warmup_notes({n: models[n] for n in distilled}, epochs)
     params = best.get('loss_params') or {}
     flags = ['--loss', best['loss']] + [x for k in ('temperature', 'alpha') if k in params
                                         for x in (f'--{k}', str(params[k]))]
     # everything else that made this run's numbers, so the seeds confirm this very setting
-    keep = ['--epochs', str(args.epochs)] + flag_args(
+    keep = ['--epochs', str(epochs)] + flag_args(
         args, DATA_FLAGS + ('subset', 'student_arch', 'batch_size', 'lr', 'weight_decay',
                             'test_every', 'stack_students', 'compile')) + \
         ['--teacher-checkpoint', args.teacher_checkpoint,

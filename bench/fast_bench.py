@@ -153,8 +153,9 @@ def markdown(results):
              '',
              f"- Machine: {machine['cpu']} ({machine['cpu_count']} logical cores), GPU "
              f"{machine.get('gpu') or 'none'}, torch {machine['torch']}, torch threads "
-             f"{machine['torch_threads']}, OMP_NUM_THREADS {machine['omp_num_threads']}; "
-             f"load average {machine.get('load_average')} at the start",
+             f"{machine['torch_threads']}, OMP_NUM_THREADS "
+             f"{machine['omp_num_threads'] or 'unset'}; load average "
+             f"{' '.join(f'{x:.2f}' for x in machine.get('load_average') or [])} at the start",
              f"- Command (repository root), {results['total_seconds']:.0f} s in all: "
              f"`{results['command']}`",
              f"- Data: {results['data']}", '']

@@ -11,6 +11,8 @@ import torch
 
 from conftest import ROOT, run_cli, write_cifar100
 
+pytestmark = pytest.mark.slow  # long end-to-end runs: python -m pytest -m slow
+
 SUBSET = '100'
 COMMON = ['--dataset', 'cifar100', '--subset', SUBSET, '--batch-size', '32', '--device', 'cpu']
 

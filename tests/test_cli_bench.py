@@ -10,6 +10,8 @@ import torch
 from conftest import ROOT
 from models import StudentNet, TeacherNet
 
+pytestmark = pytest.mark.slow  # long end-to-end runs: python -m pytest -m slow
+
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 

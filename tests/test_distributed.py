@@ -330,6 +330,7 @@ def test_failure_on_one_rank_ends_the_job(ddp_run, cifar_dir, wrapper, tmp_path,
     assert not os.path.exists(os.path.join(out, 'results.json'))
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_ranks_together_and_resume_finishes(ddp_run, cifar_dir,
                                                                        wrapper, tmp_path):
     from checkpoint import load_file

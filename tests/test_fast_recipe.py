@@ -351,6 +351,7 @@ def test_students_under_the_fast_recipe_are_not_stacked_and_say_why():
     assert "lookahead" in stacking_problem(trainees, multi_process=False, compiled=False)
 
 
+@pytest.mark.slow
 def test_the_fast_workflow_through_its_benchmark_and_the_command_line(cifar_dir, tmp_path):
     work, out_json = tmp_path / 'work', tmp_path / 'fast.json'
     bench = subprocess.run(

@@ -92,6 +92,7 @@ def test_evaluate_lists_every_student_of_the_grid(grid_run):
         assert any(line.startswith(name) for line in r.stdout.splitlines()), name
 
 
+@pytest.mark.slow
 def test_torchrun_trains_a_grid(grid_run, tmp_path):
     out = str(tmp_path / 'ddp')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',

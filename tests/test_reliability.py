@@ -337,6 +337,7 @@ def test_a_state_listing_more_gpus_than_the_machine_has_resumes(monkeypatch):
     restore_rng_state(dict(state, cuda_device=eight[5]))
 
 
+@pytest.mark.slow
 def test_resume_from_a_state_saved_with_eight_gpus_finishes(trained_run, tmp_path):
     """A run killed on an 8-GPU machine (its state lists 8 CUDA generators) resumes here."""
     args = student_args(trained_run, tmp_path)

@@ -328,6 +328,11 @@ def load_weights(model, path, log=None, loaded=None):
     WeightsMismatch when the weights do not fit (key counts and examples, shapes)."""
     expected = type(unwrap(model)).__name__
     obj = load_file(path, f'{expected} checkpoint') if loaded is None else loaded
+    if isinstance(obj, dict) and {'config', 'finished', 'format'} <= set(obj):
+        # it holds model states among others, but which and when is the resume's business
+        raise CheckpointError(f'{path} is a training state of this program (what --resume '
+                              f'continues from), not a checkpoint of weights: use the '
+                              f'best_<model>.pth beside it')
     found = find_state_dict(obj)
     if found is None:
         raise CheckpointError(f'{path} holds no weights to load into {expected}: it is '

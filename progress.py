@@ -45,7 +45,7 @@ class DurationEstimate:
         self.estimate = {'images_per_s': round(images_per_s, 1),
                          'estimated_seconds': round(total, 1)}
         runs = f' x {self.runs_ahead} seeds' if self.runs_ahead > 1 else ''
-        line = (f'{self.phase}: {images_per_s:.0f} images/s; {self.epochs} epochs{runs} should '
+        line = (f'{self.phase}: {images_per_s:.0f} images/s; {self.epochs} epoch{"s" if self.epochs != 1 else ""}{runs} should '
                 f'take about {format_duration(total)} (training and evaluation)')
         self.log(line)
         if self.device.type == 'cpu' and total > 3600 and self.quick_run:

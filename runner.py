@@ -125,6 +125,18 @@ QUICK_RUN = ['--epochs', '3', '--subset', '2000']
 DATA_FLAGS = ('recipe', 'dataset', 'data_dir', 'val_fraction', 'split_seed', 'device', 'amp')
 
 
+def missing_teacher_message(args, given):
+    """What to do when the students' teacher checkpoint does not exist: check the path given
+    to --teacher-checkpoint, or train the teacher into --out-dir with this run's data flags."""
+    if given:
+        return (f'no teacher checkpoint at {args.teacher_checkpoint}: check the path given to '
+                f'--teacher-checkpoint')
+    flags = flag_args(args, DATA_FLAGS + ('subset', 'recipe', 'teacher_arch', 'out_dir'))
+    return (f'no teacher checkpoint at {args.teacher_checkpoint}: train one first with '
+            + ' '.join(['python', program(), '--train-teacher'] + [shlex.quote(f) for f in flags])
+            + ', or give one with --teacher-checkpoint')
+
+
 def quick_run_commands(phase, args, teacher_arch):
     """The commands of a quick run (3 epochs, 2,000 images) suggested on a CPU: into their own
     folder OUT_DIR/quick, so they run when pasted even with this run's unfinished state in
@@ -483,7 +495,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             for config in configs.values():
                 config['stacking'] = base_config['stacking']
         main_log(f'[{phase}, seed {seed}] {data.num_train} training, {data.num_val} validation, '
-                 f'{data.num_test} test images; {len(data.train)} steps per epoch; '
+                 f'{data.num_test} test images; {len(data.train)} step{"s" if len(data.train) != 1 else ""}'
+                 f' per epoch; '
                  f'{len(trainees)} model{"s" if len(trainees) != 1 else ""}, precision '
                  + ', '.join(sorted({precision_name(p) for p in precisions.values()}))
                  + (f', teacher {precision_name(teacher_precision)}' if teacher is not None
@@ -700,6 +713,9 @@ def evaluate_checkpoints(args, device, arrays, log):
         runs = ' and '.join(test_images(s, total) for s in differ)
         log(f'note: --subset {args.subset}: these accuracies are on other test images than '
             f'results.md\'s (the runs that trained these checkpoints used {runs})')
+    teacher_path = os.path.join(args.out_dir, 'best_teacher.pth')
+    teacher_sha256 = (read_checkpoint(teacher_path, 'teacher checkpoint')[1]
+                      if 'teacher' in listed else None)
     groups = {}
     for name in listed:
         groups.setdefault(args.subset if explicit else trained_on[name], []).append(name)
@@ -731,6 +747,9 @@ def evaluate_checkpoints(args, device, arrays, log):
                                                'teacher' if is_teacher else 'students',
                                                check_unfinished=not manifest):
                 log(f'note: {problem}')
+            for problem in evaluation_differences(name, records[name], data.arrays.test_sha256,
+                                                  teacher_sha256):
+                log(f'note: {problem}')
             model = load_for_inference(model, path, device, arch=arch,
                                        num_classes=args.num_classes, record=records[name],
                                        log=log, loaded=loaded)
@@ -752,6 +771,26 @@ def evaluate_checkpoints(args, device, arrays, log):
                 models[name]['test_acc_tta'] = accuracy(tta, data.test.labels)
     print_table(models, log)
     return models
+
+
+def evaluation_differences(name, record, test_sha256, teacher_sha256):
+    """What makes --evaluate's numbers for best_<name>.pth differ in meaning from its run's
+    (sentences): test images other than those its run was tested on (by content digest), or,
+    for a student, a best_teacher.pth beside it other than the teacher it was distilled from."""
+    if not record:
+        return []
+    out = []
+    tested = record.get('test_images_sha256')
+    if tested and tested != test_sha256:
+        out.append(f'best_{name}.pth: these test images differ from those its run was tested on '
+                   f'(test digest {tested[:12]} recorded, {test_sha256[:12]} here), so its '
+                   f'accuracy here is not comparable with results.md')
+    taught = record.get('teacher_sha256')
+    if name != 'teacher' and teacher_sha256 and taught and taught != teacher_sha256:
+        out.append(f'best_{name}.pth was distilled from another teacher (sha256 {taught[:12]}) '
+                   f'than the best_teacher.pth here ({teacher_sha256[:12]}): a teacher retrained '
+                   f'in this folder sets the earlier one aside under previous/')
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -964,6 +1003,7 @@ def run(args, log=print):
 
 
 def _run(args, log, stop):
+    from checkpoint import CheckpointError
     from datasets import effective_subset, get_dataset, load_dataset
     from distributed import barrier, init_distributed
     from report import describe_gains, print_table, write_results
@@ -986,13 +1026,16 @@ def _run(args, log, stop):
                          f'{dist.world_size} processes')
     spec = get_dataset(args.dataset)
     args.num_classes = spec.num_classes
-    if args.teacher_checkpoint is None:
+    given_teacher = args.teacher_checkpoint is not None
+    if not given_teacher:
         args.teacher_checkpoint = os.path.join(args.out_dir, 'best_teacher.pth')
     phase = 'evaluate' if args.evaluate else 'teacher' if args.train_teacher else 'students'
     check_out_dir(args.out_dir)
 
     teacher, teacher_info, record = None, None, None
     if phase == 'students':  # refuse a missing or wrong teacher before reading data
+        if not os.path.exists(args.teacher_checkpoint):
+            raise CheckpointError(missing_teacher_message(args, given_teacher))
         try:
             teacher, arch, sha, record = load_teacher(args, device, spec.num_classes,
                                                       log if dist.is_main else (lambda *_: None))

@@ -13,7 +13,7 @@ from conftest import run_cli, snapshot
 from datasets import DatasetArrays, content_sha256, effective_subset, load_dataset
 from models import build_model
 from report import agreement
-from runner import describe_subset
+from runner import describe_subset, evaluation_differences
 from teacher import TeacherMismatch, check_data, load_for_inference, logits_path
 from train import accuracy, predict
 from utils import make_loaders
@@ -179,6 +179,23 @@ def test_evaluate_stores_the_teacher_logits_it_computes(runs, cifar_dir, tmp_pat
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
     assert 'test-set logits reused from' in second.stdout
+    assert 'differ from those its run was tested on' not in second.stdout
+    # on other test images than its run's, --evaluate says that its numbers are not results.md's
+    other = run_cli('--evaluate', '--data-dir', runs['test_edited'], '--out-dir', tmp_path, *FAST)
+    assert other.returncode == 0, other.stderr
+    assert ('note: best_teacher.pth: these test images differ from those its run was tested on'
+            in other.stdout) and 'not comparable with results.md' in other.stdout
+
+
+def test_evaluate_says_when_students_were_distilled_from_another_teacher():
+    record = {'test_images_sha256': 'a' * 64, 'teacher_sha256': 'b' * 64}
+    assert evaluation_differences('student_kd', record, 'a' * 64, 'b' * 64) == []
+    assert evaluation_differences('student_kd', None, 'c' * 64, 'd' * 64) == []
+    notes = evaluation_differences('student_kd', record, 'c' * 64, 'd' * 64)
+    assert len(notes) == 2 and 'test digest aaaaaaaaaaaa recorded, cccccccccccc here' in notes[0]
+    assert notes[1].startswith('best_student_kd.pth was distilled from another teacher '
+                               '(sha256 bbbbbbbbbbbb) than the best_teacher.pth here '
+                               '(dddddddddddd)')
 
 
 # ---------------------------------------------------------------------------------------------

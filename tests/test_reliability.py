@@ -230,7 +230,11 @@ def bad_input_cases(trained_run, tmp_path):
     a_file.write_text('not a folder')
     fast = ['--epochs', '1', '--batch-size', '32']
     return {
-        'no teacher checkpoint': (fast + ['--data-dir', data], 1, '--train-teacher'),
+        # the command it suggests keeps the flags that say which data and folder
+        'no teacher checkpoint': (fast + ['--data-dir', data], 1,
+                                  f'train one first with python main.py --train-teacher '
+                                  f'--data-dir {data} --out-dir {tmp_path / "out"}, or give one '
+                                  f'with --teacher-checkpoint'),
         'garbage teacher': (fast + ['--data-dir', data, '--teacher-checkpoint', str(garbage)],
                             1, 'garbage.pth'),
         'student state_dict as teacher': (
@@ -238,7 +242,8 @@ def bad_input_cases(trained_run, tmp_path):
             1, 'TeacherNet'),
         'missing teacher path': (
             fast + ['--data-dir', data, '--teacher-checkpoint', str(tmp_path / 'nope.pth')],
-            1, 'nope.pth'),
+            1, f'no teacher checkpoint at {tmp_path / "nope.pth"}: check the path given to '
+               f'--teacher-checkpoint'),
         'no data and no network': (fast + ['--train-teacher', '--data-dir',
                                            str(tmp_path / 'empty')], 1, '--data-dir'),
         'truncated data batch': (fast + ['--teacher-checkpoint', teacher, '--data-dir',

@@ -268,3 +268,15 @@ def test_no_subset_is_shown_as_all():
     with pytest.raises(TeacherMismatch) as e:
         refuse_other_split('t.pth', dict(split, subset=100), split)
     assert '--subset 100 for the teacher but all here' in str(e.value)
+
+
+def test_a_training_state_as_teacher_says_to_use_the_best_checkpoint(trained_run, tmp_path,
+                                                                     capsys):
+    state = os.path.join(trained_run['out'], 'last_students.pt')
+    assert os.path.exists(state)
+    assert main.main(['--teacher-checkpoint', state, '--out-dir', str(tmp_path / 'o'),
+                      '--data-dir', str(tmp_path / 'no-data')]) == 1
+    err = capsys.readouterr().err
+    assert (f'{state} is a training state of this program (what --resume continues from), not '
+            f'a checkpoint of weights: use the best_<model>.pth beside it') in err
+    assert 'the weights are its' not in err and err.count('\n') == 1

@@ -9,16 +9,18 @@ import time
 class DurationEstimate:
     """Times the first steps of a run and prints one line: images/s and the whole phase's
     expected duration, evaluation included; on a CPU, past an hour, the commands of a quick run
-    (quick_run: command lines, each printed on its own line, ready to paste)."""
+    and of the fast recipe (quick_run, fast_run: command lines, each printed on its own line,
+    ready to paste)."""
 
     STEPS = 20  # steps timed (after 2 of warm-up), or the whole first epoch when shorter
 
     def __init__(self, phase, epochs, steps_per_epoch, data, trainees, test_every, runs_ahead,
-                 device, log, quick_run=None):
+                 device, log, quick_run=None, final_views=1, fast_run=None):
         self.phase, self.epochs, self.steps_per_epoch = phase, epochs, steps_per_epoch
+        self.final_views = final_views  # views per image of the last epoch's evaluation (TTA)
         self.data, self.trainees, self.test_every = data, trainees, test_every
         self.runs_ahead, self.device, self.log = runs_ahead, device, log
-        self.quick_run = quick_run or []
+        self.quick_run, self.fast_run = quick_run or [], fast_run or []
         self.t0, self.steps, self.images, self.estimate = None, 0, 0, None
 
     def on_step(self, batch_images, out):
@@ -40,8 +42,12 @@ class DurationEstimate:
         per_image_forward = per_step / max(1, self.data.train.batch_size) / 3 / len(self.trainees)
         eval_images = (self.data.num_val + self.data.num_test / self.test_every) \
             * len(self.trainees)
+        # test-time augmentation evaluates the last epoch's validation and test images in
+        # final_views views, the single view among them
+        final_extra = (self.final_views - 1) * (self.data.num_val + self.data.num_test) \
+            * len(self.trainees)
         per_epoch = per_step * self.steps_per_epoch + per_image_forward * eval_images
-        total = per_epoch * self.epochs * self.runs_ahead
+        total = (per_epoch * self.epochs + per_image_forward * final_extra) * self.runs_ahead
         self.estimate = {'images_per_s': round(images_per_s, 1),
                          'estimated_seconds': round(total, 1)}
         runs = f' x {self.runs_ahead} seeds' if self.runs_ahead > 1 else ''
@@ -52,6 +58,11 @@ class DurationEstimate:
             self.log('On a CPU, try the pipeline on part of the data first, in its own folder:')
             for command in self.quick_run:
                 self.log(f'  {command}')
+            if self.fast_run:
+                self.log('Or all of it with the fast recipe (airbench94\'s techniques, 10 '
+                         'epochs), in its own folder:')
+                for command in self.fast_run:
+                    self.log(f'  {command}')
 
 
 def _sync(out):

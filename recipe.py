@@ -341,6 +341,11 @@ def tta_views(images):
     return views
 
 
+def tta_view_count(recipe):
+    """Forward passes per image of the recipe's test-time augmentation (1 without it)."""
+    return 6 if recipe.tta == 'flip_shift' else 1
+
+
 def tta_logits(forward, images):
     """(single-view logits, flip_shift logits): forward(x) -> logits; the TTA logits are the
     weighted mean of the 6 views' logits (tta_views), the single view is the first view."""

@@ -373,18 +373,20 @@ def _save(plt, make_figure, path, log):
         return None
 
 
-def plot_curves(run_dirs, path, log=print, teacher_acc=None):
+def plot_curves(run_dirs, path, log=print, teacher_acc=None, keeps_last=False):
     """curves.png: accuracy and the hard-label loss per epoch (see curves_figure).
 
     run_dirs: {model: [folders holding log_<model>.csv]}; teacher_acc: the test accuracy (%) of
-    the teacher that taught the students, drawn as a reference line. Returns the path, or None
+    the teacher that taught the students, drawn as a reference line; keeps_last: the recipe
+    keeps the last epoch's weights (the legend then gives the last validation accuracy, not the
+    best). Returns the path, or None
     when matplotlib cannot be imported (said through `log`; the caller silences the per-seed
     calls so a run says it once) or there is nothing to plot. A plot never fails the run.
     """
     plt = _pyplot(log, 'curves.png')
     if plt is None:
         return None
-    return _save(plt, lambda: curves_figure(run_dirs, teacher_acc), path, log)
+    return _save(plt, lambda: curves_figure(run_dirs, teacher_acc, keeps_last), path, log)
 
 
 CURVE_HIGHLIGHTS = 5   # distilled students drawn in colour; the others are thin grey lines
@@ -417,18 +419,20 @@ def _mean_curve(runs, key):
     return out
 
 
-def _selection_score(runs):
+def _selection_score(runs, keeps_last=False):
     """(score, what it is): the mean over runs of each run's best validation accuracy (what
-    selects the checkpoints), or without a validation split the last epoch's test accuracy."""
-    best = [max(v) for r in runs if (v := [row['val_acc'] for row in r
-                                           if row.get('val_acc') is not None])]
+    selects the checkpoints), or its last epoch's when the recipe keeps the last epoch
+    (keeps_last), or without a validation split the last epoch's test accuracy."""
+    pick = (lambda v: v[-1]) if keeps_last else max
+    best = [pick(v) for r in runs if (v := [row['val_acc'] for row in r
+                                            if row.get('val_acc') is not None])]
     if len(best) == len(runs):
-        return mean(best), 'val'
+        return mean(best), 'last_val' if keeps_last else 'val'
     last = [r[-1].get('test_acc') for r in runs]
     return (mean(last), 'test') if all(v is not None for v in last) else (None, None)
 
 
-def curves_figure(run_dirs, teacher_acc=None):
+def curves_figure(run_dirs, teacher_acc=None, keeps_last=False):
     """The figure of curves.png, or None when no CSV holds a row.
 
     Panels, per epoch: validation accuracy (%; it selects the checkpoints, absent without a
@@ -437,8 +441,8 @@ def curves_figure(run_dirs, teacher_acc=None):
     runs (seeds), with a min-max band for the highlighted models when there are several.
     With students, the teacher is not plotted as a curve (its run is usually longer) but as a
     dashed line at teacher_acc in the test panel; the baseline (black) and the
-    CURVE_HIGHLIGHTS distilled students best on validation are in colour, any others thin grey.
-    The legend sits below the panels; epochs are integers; with few epochs every point has a
+    CURVE_HIGHLIGHTS distilled students best on validation are in colour, any others thin grey
+    (keeps_last: by the last epoch's validation accuracy, the weights kept). The legend sits below the panels; epochs are integers; with few epochs every point has a
     marker, so a 1-epoch run shows its points.
     """
     import matplotlib.pyplot as plt
@@ -451,7 +455,7 @@ def curves_figure(run_dirs, teacher_acc=None):
     students = [m for m in series if phase_of(m) == 'students']
     if students:
         series = {m: series[m] for m in students}
-    scores = {m: _selection_score(runs) for m, runs in series.items()}
+    scores = {m: _selection_score(runs, keeps_last) for m, runs in series.items()}
     distilled = sorted((m for m in series if m != 'student_base'),
                        key=lambda m: -(scores[m][0] if scores[m][0] is not None else -1.0))
     shown = distilled[:CURVE_HIGHLIGHTS]
@@ -502,7 +506,7 @@ def curves_figure(run_dirs, teacher_acc=None):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
 
-    score_name = {'val': 'best val.', 'test': 'last test'}
+    score_name = {'val': 'best val.', 'last_val': 'last val.', 'test': 'last test'}
     dots = {'marker': 'o', 'markersize': marker_size} if marker_size else {}
     handles = []
     if 'student_base' in series:
@@ -513,7 +517,8 @@ def curves_figure(run_dirs, teacher_acc=None):
         handles.append(Line2D([], [], color=style[m][0], lw=1.8, **dots, label=model_label(m) + (
             f' ({score_name[what]} {score:.2f}%)' if score is not None else '')))
     if others:
-        what = 'validation' if scores[others[0]][1] == 'val' else 'last test accuracy'
+        what = {'val': 'validation', 'last_val': 'last validation'}.get(
+            scores[others[0]][1], 'last test accuracy')
         handles.append(Line2D([], [], color='0.72', lw=0.8, label=(
             f'{len(others)} other student{"s" if len(others) != 1 else ""}, below the '
             f'{len(shown)} best on {what} (all in results.md)')))
@@ -720,7 +725,11 @@ def write_results_files(out_dir, results, log=print):
     # the reference line is the teacher that taught the students, wherever its checkpoint lives
     teacher_acc = (results.get('teacher_in_use') or {}).get('test_acc',
                                                             models.get('teacher', {}).get('test_acc'))
-    plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log, teacher_acc=teacher_acc)
+    # a recipe that keeps the last epoch (fast) is scored by it in the legend, not by its best
+    keeps_last = any(((info.get('config') or {}).get('recipe_values') or {}).get('select')
+                     == 'last' for info in phases.values())
+    plot_curves(folders, os.path.join(out_dir, 'curves.png'), log=log, teacher_acc=teacher_acc,
+                keeps_last=keeps_last)
 
 
 # The configuration's content digests of the data (see datasets.content_sha256), and their names

@@ -155,6 +155,23 @@ def quick_run_commands(phase, args, teacher_arch):
     return [' '.join(['python', program()] + [shlex.quote(a) for a in c]) for c in commands]
 
 
+def fast_run_commands(phase, args):
+    """The commands of the same phase under the fast recipe (its own networks, 10 epochs), into
+    OUT_DIR/fast, with this run's data, dataset, split, device, precision and, for the students,
+    loss settings; the students' phase gets the fast teacher's command first. [] when the run
+    already uses the fast recipe. Returns command lines (str)."""
+    if (getattr(args, 'recipe', None) or RECIPE) == 'fast':
+        return []
+    folder = os.path.normpath(os.path.join(args.out_dir, 'fast'))
+    common = ['--recipe', 'fast', *flag_args(args, tuple(f for f in DATA_FLAGS if f != 'recipe')
+                                                   + ('subset',)), '--out-dir', folder]
+    commands = [['--train-teacher', *common]]
+    if phase == 'students':
+        commands.append([*flag_args(args, ('loss', 'temperature', 'alpha', 'no_baseline')),
+                         *common])
+    return [' '.join(['python', program()] + [shlex.quote(a) for a in c]) for c in commands]
+
+
 # ---------------------------------------------------------------------------------------------
 # The models of a phase
 
@@ -451,7 +468,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             main_log)
         forwards = args.epochs * len(data.train) * len(seeds)
         teacher, teacher_form = fastest_teacher(teacher, batch_shape, device, teacher_precision,
-                                                forwards, main_log)
+                                                forwards, main_log,
+                                                compile_model=bool(args.compile))
         base_config['teacher_form'] = teacher_form
         main_log(f"teacher: {teacher_form['chosen']} form for the training forwards "
                  f"({', '.join(f'{k} {v:.3f}s' for k, v in teacher_form['seconds_per_batch'].items())}"
@@ -479,6 +497,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         store_test_logits(args.teacher_checkpoint, teacher_logits, teacher_key, main_log)
     quick_run = quick_run_commands(
         phase, args, specs[0].arch if phase == 'teacher' else teacher_info['arch'])
+    fast_run = fast_run_commands(phase, args)
 
     writers = []  # opened by claim_folder, once an earlier run's event files are set aside
     summaries = {}
@@ -516,7 +535,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             epoch_callback=callback, test_every=args.test_every,
             teacher_test_logits=teacher_logits, runs_ahead=len(seeds) if index == 0 else 0,
             stacked=stacked, before_write=claim_folder if index == 0 else None,
-            quick_run=quick_run)
+            quick_run=quick_run, fast_run=fast_run)
         summaries[seed]['wall_seconds'] = round(time.time() - seed_start, 2)
         summaries[seed]['peak_memory_mb'] = peak_memory_mb(device)
         test_logits = summaries[seed].pop('test_logits')

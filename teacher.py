@@ -13,12 +13,11 @@ import torch
 
 from datasets import effective_subset, get_dataset
 from models import build_model, model_names
-from recipe import TEACHER_ARCH
+from recipe import RECIPE, get_recipe
 from checkpoint import (CheckpointError, WeightsMismatch, atomic_save, load_file,
                         load_weights, read_checkpoint, read_record, record_path)
 
 SPLIT_KEYS = ('dataset', 'split_seed', 'val_fraction', 'subset')  # which images are held out
-DEFAULT_TEACHER_ARCH = TEACHER_ARCH
 
 
 class TeacherMismatch(Exception):
@@ -177,7 +176,9 @@ def load_teacher(args, device, num_classes, log=lambda *_: None):
         refuse_other_split(path, recorded_split(record),
                            {k: getattr(args, k) for k in SPLIT_KEYS if k != 'subset'},
                            record.get('num_classes'))
-    model, arch = rebuild(path, record, args.teacher_arch, DEFAULT_TEACHER_ARCH, num_classes,
+    # a teacher without a record is taken to be the recipe's teacher unless --teacher-arch says
+    default_arch = get_recipe(getattr(args, 'recipe', None) or RECIPE).teacher_arch
+    model, arch = rebuild(path, record, args.teacher_arch, default_arch, num_classes,
                           '--teacher-arch', dataset=args.dataset)
     model = load_for_inference(model, path, device, arch=arch, num_classes=num_classes,
                                record=record, log=log, loaded=loaded)

@@ -27,7 +27,7 @@ from progress import DurationEstimate
 # the recipe builds the optimizer, its schedule, the weight averaging and the evaluation views;
 # train.Recipe, train.lr_at, train.warmup_steps and train.make_optimizer stay importable from here
 from recipe import (Lookahead, Recipe, lookahead_step, lr_at, make_optimizer,  # noqa: F401
-                    set_learning_rates, tta_logits, warmup_steps)
+                    set_learning_rates, tta_logits, tta_view_count, warmup_steps)
 
 STATE_FORMAT = 2  # 2: named loss parts, the selected epoch's test logits
 STOP_CHECK_EVERY = 10  # batches between the ranks' agreement on a stop request (torchrun)
@@ -556,7 +556,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
                 teacher_precision=None, config=None, resume_state=None, stop=None, dist=None,
                 log=print, progress=True, epoch_callback=None, test_every=1,
                 teacher_test_logits=None, runs_ahead=1, stacked=False, before_write=None,
-                quick_run=None):
+                quick_run=None, fast_run=None):
     """Train `trainees` for recipe.epochs; write best_<name>.pth, log_<name>.csv, last_<phase>.pt.
 
     Selection: the epoch with the best validation accuracy (data.val), or the last epoch when
@@ -566,8 +566,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     covers them; 0: no estimate, as for the seeds after the first); stacked: train the students
     as one vmapped computation (stacked.StudentStack); before_write: called once, on the main
     process, before the run writes its first file (a run that fails before that, on a NaN in
-    its first epoch say, leaves the folder as it found it); quick_run: the commands of a quick
-    run that the estimate suggests on a CPU past an hour. Lines go to `log` above the progress
+    its first epoch say, leaves the folder as it found it); quick_run, fast_run: the commands of
+    a quick run and of the fast recipe that the estimate suggests on a CPU past an hour. Lines go to `log` above the progress
     bar. Returns a summary per model.
     """
     log = above_bars(log)
@@ -588,7 +588,8 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
         from stacked import StudentStack
         stack = StudentStack(trainees, recipe)  # after the resume: it starts from its state
     timer = DurationEstimate(phase, recipe.epochs, steps_per_epoch, data, trainees, test_every,
-                             runs_ahead, device, log, quick_run) \
+                             runs_ahead, device, log, quick_run, fast_run=fast_run,
+                             final_views=tta_view_count(recipe)) \
         if prog.estimate is None and runs_ahead else None
 
     def claim_folder():  # the run's first file: the folder becomes this run's only now

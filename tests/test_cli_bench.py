@@ -74,3 +74,32 @@ def test_stack_bench_times_single_loop_and_stacked(tmp_path):
     assert set(seconds) == {'single student', '3 students, loop', '3 students, stacked'}
     assert all(v > 0 for v in seconds.values())
     assert '3 students, stacked' in proc.stdout and 'vs single' in proc.stdout
+
+
+def test_roofline_reports_rates_against_the_peak_and_the_floors_they_imply(tmp_path):
+    out = tmp_path / 'roofline.json'
+    proc = run_script('roofline.py', '--batch-size', 32, '--matrix', 256, '--repeats', 1,
+                      '--json', out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(out) as f:
+        r = json.load(f)
+    peak = r['peak_flops']['bfloat16']
+    assert peak > 0 and r['peak_flops']['float32'] > 0
+    teacher, student = r['models']['airbench94'], r['models']['airbench94_small']
+    assert teacher['macs'] > 100e6 > 20e6 > student['macs'] > 10e6
+    for m in (teacher, student):   # a training step counts as 3 forwards of 2 FLOP per MAC
+        assert m['train_fraction_of_peak'] == pytest.approx(
+            m['train_images_per_s'] * 6 * m['macs'] / peak, abs=2e-3)
+    images = 50_000 * 10
+    floors = r['floors']
+    assert floors['teacher_seconds'] == pytest.approx(images / teacher['train_images_per_s'],
+                                                      abs=0.1)
+    assert floors['students_seconds_per_seed'] == pytest.approx(
+        images * (1 / teacher['inference_images_per_s'] + 2 / student['train_images_per_s']),
+        abs=0.1)
+    assert floors['teacher_seconds_at_peak'] == pytest.approx(
+        images * 6 * teacher['macs'] / peak, abs=0.1)
+    lines = proc.stdout.splitlines()
+    assert lines[1].startswith('(a) matrix-multiply peak: bf16 ')
+    assert any(line.strip().startswith('airbench94_small') for line in lines)
+    assert lines[-1].strip().startswith('KD + baseline, a seed')

@@ -23,7 +23,7 @@ import main
 import tuning
 from conftest import ROOT, run_cli, snapshot
 from distributed import DistInfo
-from runner import ModelSpec, quick_run_commands, resume_command
+from runner import ModelSpec, fast_run_commands, quick_run_commands, resume_command
 from train import STATE_FORMAT
 from tuning import PrecisionDecisions, decide_precisions, precision_from_rates
 
@@ -279,6 +279,11 @@ def test_estimate_and_advice_on_their_own_lines_and_every_printed_command_runs(
     assert advice == (f'  python {os.path.join(ROOT, "main.py")} --train-teacher --epochs 3 '
                       f'--subset 2000 --teacher-arch cnn --data-dir {cifar_dir} --device cpu '
                       f'--batch-size 32 --out-dir quick')
+    assert lines[at + 3:at + 5] == [
+        'Or all of it with the fast recipe (airbench94\'s techniques, 10 epochs), in its own '
+        'folder:',
+        f'  python {os.path.join(ROOT, "main.py")} --train-teacher --recipe fast --data-dir '
+        f'{cifar_dir} --device cpu --subset 100 --out-dir fast']
     assert any(line.startswith('precision: cnn (training): ') and 'measured now' in line
                for line in lines)
     resume = [line for line in lines if line.startswith('Resume with: ')]
@@ -324,6 +329,23 @@ def test_quick_run_advice_keeps_the_runs_data_and_models(tmp_path):
         '--split-seed', '3', '--no-amp', '--out-dir', 'runs/a/quick']
     for command in (teacher, students):   # each parses as the program's own command line
         main.validate(main.build_parser().parse_args(shlex.split(command)[2:]))
+
+
+def test_the_fast_recipe_advice_keeps_the_runs_data_and_losses_and_parses(tmp_path):
+    args = main.build_parser().parse_args([
+        '--data-dir', 'my data', '--student-arch', 'resnet8x4', '--loss', 'kd', 'dkd',
+        '--temperature', '2', '4', '--split-seed', '3', '--no-amp', '--out-dir', 'runs/a'])
+    teacher, students = fast_run_commands('students', args)
+    assert shlex.split(teacher)[2:] == [
+        '--train-teacher', '--recipe', 'fast', '--data-dir', 'my data', '--split-seed', '3',
+        '--no-amp', '--out-dir', 'runs/a/fast']
+    assert shlex.split(students)[2:] == [
+        '--loss', 'kd', 'dkd', '--temperature', '2.0', '4.0', '--recipe', 'fast', '--data-dir',
+        'my data', '--split-seed', '3', '--no-amp', '--out-dir', 'runs/a/fast']
+    for command in (teacher, students):   # each parses as the program's own command line
+        main.validate(main.build_parser().parse_args(shlex.split(command)[2:]))
+    fast = main.build_parser().parse_args(['--recipe', 'fast'])
+    assert fast_run_commands('teacher', fast) == []   # already the fast recipe
 
 
 @pytest.mark.parametrize('flag', ['--restart', '--resume', '--rest', '--resu'])

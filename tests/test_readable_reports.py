@@ -302,3 +302,23 @@ def _check_layout_inside(fig):
     for artist in [fig._suptitle] + [a for ax in fig.axes for a in (ax.title, ax.xaxis.label)]:
         box = artist.get_window_extent(renderer)
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 + 1, artist.get_text()
+
+
+def test_curves_of_a_recipe_that_keeps_the_last_epoch_name_its_last_validation_accuracy(
+        tmp_path):
+    """The fast recipe keeps the last epoch's weights: the legend scores each student by that
+    epoch's validation accuracy ('last val.'), not by the best epoch's, which it does not keep."""
+    run_dirs = _grid_logs(tmp_path, epochs=3, n_distilled=1)
+    path = os.path.join(run_dirs[GRID[0]][0], f'log_{GRID[0]}.csv')
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    rows[1]['val_acc'], rows[2]['val_acc'] = '70.0', '60.0'   # the best epoch is not the last
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for keeps_last, label in ((False, 'best val. 70.00%'), (True, 'last val. 60.00%')):
+        fig = curves_figure(run_dirs, keeps_last=keeps_last)
+        texts = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert any(t.endswith(f'({label})') for t in texts), texts
+        plt.close(fig)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import recipe as r
 from conftest import run_cli
 from models import build_model, model_names
 from teacher import cached_test_logits, logits_key, logits_path, save_test_logits
@@ -215,18 +216,43 @@ def test_a_long_cpu_estimate_suggests_the_quick_run(monkeypatch):
     assert format_duration(30) == '30 s' and format_duration(3 * 86400) == '3.0 days'
 
 
-def test_a_long_run_compiles_the_frozen_teacher_when_it_measures_faster(monkeypatch):
-    """The compiled path (Inductor with freezing), as a 200-epoch CPU run would take it."""
-    import tuning
-    monkeypatch.setattr(tuning, 'COMPILE_WORTH_SECONDS', 0)
+def test_the_teacher_form_follows_no_timing_and_compiles_only_under_compile():
+    """The folded form, whatever the timings and the forwards ahead (each form rounds
+    differently, so a timed choice would change the students' numbers run to run); with
+    --compile the folded model compiled with Inductor's freezing, which reproduces it."""
     torch.manual_seed(0)
     teacher = _randomise_batchnorm(build_model('cnn')).to(memory_format=torch.channels_last)
+    teacher.eval()
+    for forwards in (1, 10 ** 9):   # a run of any length
+        form, record = fastest_teacher(teacher, (8, 3, 32, 32), torch.device('cpu'), None,
+                                       forwards_ahead=forwards, log=lambda *_: None)
+        assert record['chosen'] == 'folded' and 'compile_seconds' not in record
     form, record = fastest_teacher(teacher, (8, 3, 32, 32), torch.device('cpu'), None,
-                                   forwards_ahead=10 ** 6, log=lambda *_: None)
-    assert record['compile_seconds'] > 0 and 'compiled' in record['seconds_per_batch']
-    expected = 'compiled' if record['seconds_per_batch']['compiled'] < \
-        record['seconds_per_batch']['folded'] else 'folded'
-    assert record['chosen'] == expected
+                                   forwards_ahead=1, log=lambda *_: None, compile_model=True)
+    assert record['chosen'] == 'compiled' and record['compile_seconds'] > 0
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         assert torch.allclose(form(x), teacher(x), atol=1e-4)
+
+
+def test_the_estimate_counts_the_last_epochs_test_time_augmentation(monkeypatch):
+    """With 6 TTA views, the last epoch evaluates validation and test images 5 more times: the
+    estimate grows by exactly that many forwards (a third of a training step per image)."""
+    import progress
+    out = [type('R', (), {'loss': torch.zeros(())})()]
+
+    def estimate(views):
+        now = [0.0]
+        monkeypatch.setattr(progress.time, 'time', lambda: now[0])
+        timer = DurationEstimate('teacher', 10, 352, _FakeData(), [object()], 10, 1,
+                                 torch.device('cpu'), lambda *_: None, final_views=views)
+        for _ in range(2 + 20):
+            now[0] += 3.0
+            timer.on_step(128, out)
+        return timer.estimate['estimated_seconds']
+
+    per_image_forward = 3.0 / 128 / 3
+    assert estimate(6) - estimate(1) == pytest.approx(5 * (5000 + 10000) * per_image_forward,
+                                                      abs=0.2)
+    assert r.tta_view_count(r.get_recipe('fast')) == 6
+    assert r.tta_view_count(r.get_recipe('standard')) == 1

@@ -1,7 +1,7 @@
 """Side-by-side speed of this project's data and training path against the reference way.
 
-    python bench/bench.py --data-dir /tmp/c10                  # device auto, 5000 images for (c)
-    python bench/bench.py --data-dir /tmp/c10 --quick          # a smoke test in about a minute
+    python bench/bench.py --data-dir DIR                  # device auto, 5000 images for (c)
+    python bench/bench.py --data-dir DIR --quick          # a smoke test in about a minute
 
 (a) training-loader images/s: utils.CifarLoader (make_loaders on the device) against
     torchvision.datasets.CIFAR10 + PIL transforms (RandomCrop(32, 4), RandomHorizontalFlip,

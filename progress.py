@@ -59,7 +59,7 @@ class DurationEstimate:
             for command in self.quick_run:
                 self.log(f'  {command}')
             if self.fast_run:
-                self.log('Or all of it with the fast recipe (airbench94\'s techniques, 10 '
+                self.log('Or the fast recipe (airbench94\'s techniques, 10 '
                          'epochs), in its own folder:')
                 for command in self.fast_run:
                     self.log(f'  {command}')

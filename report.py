@@ -180,7 +180,11 @@ def results_table(results):
                      f"{len(e['seeds'])} | {describe_loss(e)} |")
     lines.append('')
     if ranked:
-        lines += ['↓ The students are ranked by validation accuracy (it selects the checkpoints); '
+        keeps_last = ((results.get('config') or {}).get('recipe_values') or {}).get(
+            'select') == 'last'
+        why = ('it would select a setting; the recipe keeps each run\'s last epoch'
+               if keeps_last else 'it selects the checkpoints')
+        lines += [f'↓ The students are ranked by validation accuracy ({why}); '
                   'the test accuracy only reports.', '']
     all_gains = results.get('gains') or {}
     if len(all_gains) > 1:

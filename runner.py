@@ -606,6 +606,8 @@ def write_model_records(run_dir, specs, models, config):
                                           'test_images_sha256', 'epochs', 'recipe')},
             'best_epoch': entry.get('best_epoch'), 'best_val_acc': entry.get('best_val_acc'),
             'test_acc': entry.get('test_acc'), 'sha256': hashes[spec.name],
+            # the precision it trained and was tested in: --evaluate reproduces test_acc with it
+            **({'precision': entry['precision']} if entry.get('precision') else {}),
             **({'teacher_sha256': config['teacher_sha256']} if 'teacher_sha256' in config else {}),
         })
     return hashes
@@ -710,7 +712,7 @@ def evaluate_checkpoints(args, device, arrays, log):
     from report import print_table
     from teacher import (load_for_inference, logits_key, provenance_problems, rebuild,
                          store_test_logits, teacher_test_logits)
-    from train import accuracy, choose_precision, predict, predict_views
+    from train import accuracy, predict, predict_views
     from utils import make_loaders
     listed, notes = last_run_models(args.out_dir)
     if not listed:
@@ -772,8 +774,7 @@ def evaluate_checkpoints(args, device, arrays, log):
             model = load_for_inference(model, path, device, arch=arch,
                                        num_classes=args.num_classes, record=records[name],
                                        log=log, loaded=loaded)
-            precision = choose_precision('teacher' if is_teacher else 'student', device,
-                                         args.amp)
+            precision = evaluation_precision(records[name], is_teacher, device, args.amp, log)
             bar = f'evaluate {name}'
             if is_teacher:
                 key = logits_key(sha256, args.dataset, data.arrays.test_sha256, data.num_test)
@@ -790,6 +791,25 @@ def evaluate_checkpoints(args, device, arrays, log):
                 models[name]['test_acc_tta'] = accuracy(tta, data.test.labels)
     print_table(models, log)
     return models
+
+
+def evaluation_precision(record, is_teacher, device, amp, log):
+    """The autocast dtype --evaluate runs a checkpoint in: --amp / --no-amp when given, else
+    the precision its run tested it in (its record's, said in one line when it is not the
+    rule's), else choose_precision's rule. Rounding differs between precisions, so only the
+    recorded one reproduces the run's test accuracy."""
+    import torch
+    from train import choose_precision
+    rule = choose_precision('teacher' if is_teacher else 'student', device, amp)
+    recorded = (record or {}).get('precision')
+    if amp is not None or recorded not in ('fp32', 'bf16', 'fp16'):
+        return rule
+    dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[recorded]
+    if dtype == torch.float16 and device.type != 'cuda':
+        return rule
+    if dtype != rule:
+        log(f'precision: {recorded}, as its run tested it (--amp / --no-amp choose another)')
+    return dtype
 
 
 def evaluation_differences(name, record, test_sha256, teacher_sha256):

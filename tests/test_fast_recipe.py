@@ -394,10 +394,12 @@ def test_the_fast_workflow_through_its_benchmark_and_the_command_line(cifar_dir,
     assert float(columns['test_acc_tta']) == models['student_kd']['test_acc_tta']
     assert dict(zip(header.split(','), first.split(',')))['test_acc'] == ''  # tested at the end
     with open(study / 'best_student_kd.json') as f:
-        assert json.load(f)['recipe'] == 'fast'
+        record = json.load(f)
+    assert (record['recipe'], record['precision']) == ('fast', 'fp32')
     with open(study / 'results.md') as f:
         md = f.read()
     assert 'Test acc., TTA (%)' in md and "keeps the last epoch's weights" in md
+    assert 'it selects the checkpoints' not in md   # under fast it does not
 
     # --evaluate reads the recipe from the records and reports TTA beside the single view
     evaluated = run_cli('--evaluate', '--data-dir', cifar_dir, '--out-dir', study,
@@ -426,3 +428,20 @@ def test_a_teacher_without_a_record_is_taken_to_be_the_recipes_teacher(tmp_path)
         assert torch.allclose(model(x), reference.eval()(x), atol=1e-5)
     with pytest.raises(Exception, match='airbench94, not of a resnet18'):
         load_teacher(Namespace(**{**vars(args), 'recipe': 'standard'}), CPU, 10)
+
+
+def test_evaluate_runs_each_checkpoint_in_the_precision_its_run_tested_it_in():
+    """bf16 and fp32 round differently: --evaluate reproduces a run's test accuracy only in the
+    recorded precision, so it uses it unless --amp / --no-amp say otherwise, and says so."""
+    from runner import evaluation_precision
+    said = []
+    assert evaluation_precision({'precision': 'bf16'}, False, CPU, None, said.append) \
+        == torch.bfloat16
+    assert said == ['precision: bf16, as its run tested it (--amp / --no-amp choose another)']
+    said.clear()
+    assert evaluation_precision({'precision': 'bf16'}, True, CPU, False, said.append) is None
+    assert evaluation_precision({'precision': 'fp32'}, False, CPU, None, said.append) is None
+    assert evaluation_precision({}, False, CPU, None, said.append) is None      # older records
+    assert evaluation_precision(None, False, CPU, None, said.append) is None
+    assert evaluation_precision({'precision': 'fp16'}, False, CPU, None, said.append) is None
+    assert said == []

@@ -280,7 +280,7 @@ def test_estimate_and_advice_on_their_own_lines_and_every_printed_command_runs(
                       f'--subset 2000 --teacher-arch cnn --data-dir {cifar_dir} --device cpu '
                       f'--batch-size 32 --out-dir quick')
     assert lines[at + 3:at + 5] == [
-        'Or all of it with the fast recipe (airbench94\'s techniques, 10 epochs), in its own '
+        'Or the fast recipe (airbench94\'s techniques, 10 epochs), in its own '
         'folder:',
         f'  python {os.path.join(ROOT, "main.py")} --train-teacher --recipe fast --data-dir '
         f'{cifar_dir} --device cpu --subset 100 --out-dir fast']

@@ -167,8 +167,9 @@ def kd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0,
 
 
 @register_loss('dkd', defaults={'temperature': 4.0}, warmup_epochs=DKD_WARMUP_EPOCHS,
-               help='loss = CE + min(epoch/20, 1)*(1*TCKD + 8*NCKD) (Zhao et al., authors\' CIFAR '
-                    'weights): --temperature is T in both terms and --alpha does not apply.')
+               help='loss = CE + min(epoch/20, 1)*T^2*(1*TCKD + 8*NCKD), TCKD and NCKD the KLs of the '
+                    'binary target/rest and the non-target softmaxes at T (Zhao et al., authors\' '
+                    'CIFAR weights): --temperature is T and --alpha does not apply.')
 def dkd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0, **options):
     """Decoupled knowledge distillation (Zhao et al., CVPR 2022), as in the authors' code.
 

@@ -150,3 +150,5 @@ def test_help_states_the_alpha_convention_and_defaults():
     text = ' '.join(r.stdout.split())
     assert 'alpha=0.1 puts 0.9 on the teacher' in text
     assert '(default: 200)' in text and '(default: 128)' in text and '(default: 4.0;' in text
+    # every distillation term carries its T^2, as in the README's formulas
+    assert 'dkd: loss = CE + min(epoch/20, 1)*T^2*(1*TCKD + 8*NCKD)' in text

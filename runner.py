@@ -137,6 +137,11 @@ def missing_teacher_message(args, given):
             + ', or give one with --teacher-checkpoint')
 
 
+def command_lines(commands):
+    """Each argument list of `commands` as a line to paste: python PROGRAM ARGS, quoted."""
+    return [' '.join(['python', program()] + [shlex.quote(a) for a in c]) for c in commands]
+
+
 def quick_run_commands(phase, args, teacher_arch):
     """The commands of a quick run (3 epochs, 2,000 images) suggested on a CPU: into their own
     folder OUT_DIR/quick, so they run when pasted even with this run's unfinished state in
@@ -152,7 +157,7 @@ def quick_run_commands(phase, args, teacher_arch):
         commands.append([*QUICK_RUN, *flag_args(args, ('student_arch', 'loss', 'temperature',
                                                         'alpha', 'no_baseline')),
                          *common, '--out-dir', folder])
-    return [' '.join(['python', program()] + [shlex.quote(a) for a in c]) for c in commands]
+    return command_lines(commands)
 
 
 def fast_run_commands(phase, args):
@@ -169,7 +174,7 @@ def fast_run_commands(phase, args):
     if phase == 'students':
         commands.append([*flag_args(args, ('loss', 'temperature', 'alpha', 'no_baseline')),
                          *common])
-    return [' '.join(['python', program()] + [shlex.quote(a) for a in c]) for c in commands]
+    return command_lines(commands)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +388,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
     from report import write_results
     from teacher import (logits_key, logits_path, save_test_logits, store_test_logits,
                          teacher_test_logits)
-    from train import precision_name, train_phase
+    from train import PRECISION_DTYPES, precision_name, train_phase
     from tuning import (PrecisionDecisions, decide_precisions, decide_stacking, decisions_path,
                         fastest_teacher, machine_key)
     from utils import make_loaders
@@ -443,9 +448,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
 
     resumed = saved_precisions(saved, args)
     if resumed is not None:
-        by_name = {precision_name(d): d for d in (None, torch.bfloat16, torch.float16)}
-        precisions = {n: by_name[p] for n, p in resumed[0].items()}
-        teacher_precision = by_name[resumed[1]] if resumed[1] else None
+        precisions = {n: PRECISION_DTYPES[p] for n, p in resumed[0].items()}
+        teacher_precision = PRECISION_DTYPES[resumed[1]] if resumed[1] else None
         precision_record = resumed[2]
         main_log(f"precision: {', '.join(sorted(set(resumed[0].values())))}, as the run being "
                  f"resumed")
@@ -799,12 +803,12 @@ def evaluation_precision(record, is_teacher, device, amp, log):
     rule's), else choose_precision's rule. Rounding differs between precisions, so only the
     recorded one reproduces the run's test accuracy."""
     import torch
-    from train import choose_precision
+    from train import PRECISION_DTYPES, choose_precision
     rule = choose_precision('teacher' if is_teacher else 'student', device, amp)
     recorded = (record or {}).get('precision')
-    if amp is not None or recorded not in ('fp32', 'bf16', 'fp16'):
+    if amp is not None or recorded not in PRECISION_DTYPES:
         return rule
-    dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[recorded]
+    dtype = PRECISION_DTYPES[recorded]
     if dtype == torch.float16 and device.type != 'cuda':
         return rule
     if dtype != rule:

@@ -160,8 +160,11 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+PRECISION_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # autocast
+
+
 def precision_name(dtype):
-    return {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
+    return {d: n for n, d in PRECISION_DTYPES.items()}[dtype]
 
 
 # ---------------------------------------------------------------------------------------------

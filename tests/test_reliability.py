@@ -25,6 +25,24 @@ def student_args(trained_run, out):
             '--teacher-checkpoint', os.path.join(trained_run['out'], 'best_teacher.pth')]
 
 
+# main.py under a step hook that sends SIGTERM once `state` exists: right after the first
+# optimizer step that follows the end of epoch 1, so the stop always falls mid-epoch
+TERM_AFTER_EPOCH_1 = r'''
+import os, runpy, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+root, state = sys.argv[1], sys.argv[2]
+sent = []
+def hook(optimizer, args, kwargs):
+    if not sent and os.path.exists(state):
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+register_optimizer_step_post_hook(hook)
+sys.path.insert(0, root)
+sys.argv = [os.path.join(root, 'main.py'), *sys.argv[3:]]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
 def start_cli(args):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -89,16 +107,19 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(trained_run, uninterrup
 
 def test_sigterm_saves_mid_epoch_refuses_silent_restart_and_resumes(
         trained_run, uninterrupted, tmp_path, capsys):
-    proc = start_cli(student_args(trained_run, tmp_path))
-    wait_for_epoch(tmp_path / 'last_students.pt', 1, proc)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    state_path = tmp_path / 'last_students.pt'
+    proc = subprocess.Popen(
+        [sys.executable, '-c', TERM_AFTER_EPOCH_1, ROOT, str(state_path),
+         *student_args(trained_run, tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED='1',
+                 OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1')))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143
+    assert proc.returncode == 143, err
     assert 'Traceback' not in err
     assert '--resume' in err and 'Resume with: python' in err
-    state = torch.load(tmp_path / 'last_students.pt', weights_only=True)
-    assert not state['finished']
+    state = torch.load(state_path, weights_only=True)
+    assert not state['finished'] and state['epoch'] == 1
 
     # an unfinished run is never thrown away silently
     before = snapshot(tmp_path)
@@ -124,7 +145,7 @@ def test_sigterm_saves_mid_epoch_refuses_silent_restart_and_resumes(
     steps = int(r.stdout.split(' steps per epoch')[0].split()[-1])
     assert (f"resuming seed 0 from epoch {state['epoch'] + 1} of {EPOCHS}, batch "
             f"{state['batch'] + 1} of {steps} (state saved ") in r.stdout
-    assert state['batch'] > 0   # stopped mid-epoch
+    assert 0 < state['batch'] < steps   # stopped mid-epoch
     assert results_of(tmp_path) == results_of(uninterrupted)
     assert logs_of(tmp_path) == logs_of(uninterrupted)
 

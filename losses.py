@@ -25,8 +25,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-HYPER_PARAMETERS = ('temperature', 'alpha')   # in grid and name order
-_ABBREVIATIONS = {'temperature': 'T', 'alpha': 'a'}
+HYPER_PARAMETERS = ('temperature', 'alpha', 'beta')   # in grid and name order
+_ABBREVIATIONS = {'temperature': 'T', 'alpha': 'a', 'beta': 'b'}
 
 # Decoupled KD, as in the authors' configuration (mdistiller/engine/cfg.py, CFG.DKD)
 DKD_TCKD_WEIGHT = 1.0    # CFG.DKD.ALPHA
@@ -39,14 +39,22 @@ LS_EPS = 1e-7
 @dataclass(frozen=True)
 class DistillLoss:
     """One registered loss: its function, the defaults of the hyper-parameters it takes, whether
-    it needs a teacher, one sentence on how --alpha / --temperature map onto its weights, and
-    the epochs over which its distillation weight ramps up (0: full weight from the start)."""
+    it needs a teacher, one sentence on how --alpha / --temperature / --beta map onto its
+    weights, and the epochs over which its distillation weight ramps up (0: full weight from
+    the start).
+
+    A feature method (distillers.py) has `fn` None and `distiller`, the class of its
+    distillers.Distiller module (built per student: it owns the method's connectors and
+    memories), with the loss parts it returns declared in `parts`.
+    """
     name: str
     fn: Callable
     defaults: Mapping[str, float]
     uses_teacher: bool
     help: str
     warmup_epochs: int = 0
+    distiller: type = None
+    parts: tuple = None
 
     def __deepcopy__(self, memo):  # immutable and registered once: copies share it
         return self
@@ -56,28 +64,44 @@ LOSSES = {}
 
 
 def register_loss(name, *, defaults=None, uses_teacher=True, help, warmup_epochs=0):
-    """Decorator: register `fn` under `name` in LOSSES (a second loss of the same name is refused).
+    """Decorator: register the logit loss `fn` under `name` in LOSSES (a second loss of the
+    same name is refused).
 
-    defaults maps the hyper-parameters the loss takes (a subset of 'temperature', 'alpha') to
+    defaults maps the hyper-parameters the loss takes (a subset of HYPER_PARAMETERS) to
     their default values; warmup_epochs is how many epochs the function's own ramp of the
     distillation weight lasts (reports say when a run was shorter). The function is returned
     unchanged.
     """
+    def decorator(fn):
+        _register(name, defaults, fn=fn, uses_teacher=bool(uses_teacher), help=help,
+                  warmup_epochs=int(warmup_epochs))
+        return fn
+
+    return decorator
+
+
+def register_distiller(name, *, defaults=None, parts, help, warmup_epochs=0):
+    """Decorator: register a feature method, the distillers.Distiller subclass it decorates,
+    under `name` in LOSSES, as register_loss does; parts: the loss parts its forward returns
+    ('ce' first). The class is returned unchanged."""
+    def decorator(cls):
+        _register(name, defaults, fn=None, uses_teacher=True, help=help,
+                  warmup_epochs=int(warmup_epochs), distiller=cls, parts=tuple(parts))
+        return cls
+
+    return decorator
+
+
+def _register(name, defaults, **fields):
     defaults = dict(defaults or {})
     unknown = set(defaults) - set(HYPER_PARAMETERS)
     if unknown:
         raise ValueError(f'loss {name!r}: unknown hyper-parameters {sorted(unknown)}; '
                          f'a loss may take {", ".join(HYPER_PARAMETERS)}')
+    if name in LOSSES:
+        raise ValueError(f'a loss named {name!r} is already registered')
     ordered = {k: float(defaults[k]) for k in HYPER_PARAMETERS if k in defaults}
-
-    def decorator(fn):
-        if name in LOSSES:
-            raise ValueError(f'a loss named {name!r} is already registered')
-        LOSSES[name] = DistillLoss(name, fn, MappingProxyType(ordered), bool(uses_teacher), help,
-                                   int(warmup_epochs))
-        return fn
-
-    return decorator
+    LOSSES[name] = DistillLoss(name, defaults=MappingProxyType(ordered), **fields)
 
 
 def get_loss(name):
@@ -240,16 +264,18 @@ def _check_values(key, values):
             raise ValueError(f'temperature must be a positive number, got {v:g}')
         if key == 'alpha' and not 0 <= v <= 1:
             raise ValueError(f'alpha must be in [0, 1], got {v:g}')
+        if key == 'beta' and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f'beta must be a number >= 0, got {v:g}')
     return values
 
 
-def expand_grid(loss_names, temperatures=None, alphas=None):
+def expand_grid(loss_names, temperatures=None, alphas=None, betas=None):
     """[(loss_name, params)]: for each loss in order, every combination of the given values of
     the hyper-parameters it takes (its default where a list is None; values for a
     hyper-parameter it does not take are ignored), duplicates removed, order stable (loss, then
-    temperature, then alpha). Unknown names raise KeyError, before anything is built."""
+    temperature, alpha, beta). Unknown names raise KeyError, before anything is built."""
     specs = [get_loss(name) for name in loss_names]
-    given = {'temperature': temperatures, 'alpha': alphas}
+    given = {'temperature': temperatures, 'alpha': alphas, 'beta': betas}
     checked = {k: None if v is None else _check_values(k, v) for k, v in given.items()}
     out = []
     for spec in specs:

@@ -101,6 +101,10 @@ def build_parser():
       help='weight of the hard-label CE in [0, 1], for kd and ls: alpha=0.1 puts 0.9 on the '
            'teacher (kd: (1-alpha)*T^2*KL; ls: 10*(1-alpha)*T^2*KL); dkd keeps CE weight 1; '
            'several values make a grid (default: 0.1)')
+    a('--beta', type=finite_float, nargs='+', default=None, metavar='B',
+      help='weight >= 0 of a feature method\'s distillation term (fitnet, at, crd, crd_kd: '
+           'loss = CE + beta*term); several values make a grid (default: each method\'s '
+           'authors\' value: fitnet 100, at 1000, crd 0.8)')
     a('--seed', type=int, default=0,
       help='seed of initialization, data order and augmentation (default: 0)')
     a('--seeds', type=int, nargs='+', default=None, metavar='N',
@@ -164,7 +168,10 @@ def validate(args):
     for temperature in args.temperature or []:
         if temperature <= 0:
             raise UsageError(f'--temperature must be > 0, got {temperature}')
-    for flag in ('loss', 'temperature', 'alpha'):
+    for beta in args.beta or []:
+        if beta < 0:
+            raise UsageError(f'--beta must be >= 0, got {beta}')
+    for flag in ('loss', 'temperature', 'alpha', 'beta'):
         values = getattr(args, flag) or []
         if len(set(values)) != len(values):
             raise UsageError(f'--{flag} must not repeat a value')

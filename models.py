@@ -1,7 +1,16 @@
 """The networks, registered by name: the default pair TeacherNet ('resnet18') and StudentNet ('cnn'),
 plus the CIFAR distillation benchmarks of RepDistiller/mdistiller (resnet32x4, resnet8x4, wrn_40_2, wrn_16_2).
 
-`build_model(name, num_classes)` makes any of them; `register_model(name)` adds one.
+`build_model(name, num_classes)` makes any of them; `register_model(name, points=...)` adds one.
+
+Feature points. Feature distillers (FitNets, AT, CRD, ...) read intermediate tensors by name:
+'stem' (the stem's output), 'stage1'..'stageN' (each stage's output), 'stage1_pre'..'stageN_pre'
+(each stage's pre-activation output) and 'pooled' (the embedding the classifier takes): the
+reference code's `feats[0]`, `feats[1:]`, `preact_feats[1:]` and `pooled_feat` (RepDistiller,
+mdistiller). Each maps to a module path, 'path' for the module's output or 'path:in' for its
+first input, so a model names its points without any change to its `forward`
+(`feature_points(name, model)`; features.py takes them with forward hooks or from the traced
+graph).
 """
 from collections import OrderedDict
 
@@ -10,17 +19,45 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODELS = {}  # name -> constructor called as constructor(num_classes=...)
+POINTS = {}  # name -> {point name: 'module.path' or 'module.path:in'} given at registration
 
 
-def register_model(name):
-    """Decorator: make the class or function buildable as build_model(name, num_classes)."""
+def register_model(name, points=None):
+    """Decorator: make the class or function buildable as build_model(name, num_classes).
+
+    points: the model's feature points, {name: 'module.path' | 'module.path:in'} (see the
+    module docstring), for the feature distillers; a model whose class defines
+    `feature_points()` needs none, and a model without points still trains with every logit
+    loss.
+    """
     def add(constructor):
         # refuse silently replacing a model: a checkpoint saved under a name must keep meaning one network
         if name in MODELS:
             raise ValueError(f'model {name!r} is already registered (as {MODELS[name]!r})')
         MODELS[name] = constructor
+        if points is not None:
+            POINTS[name] = dict(points)
         return constructor
     return add
+
+
+def feature_points(name, model):
+    """{point name: module path spec} of `model`, built as registered model `name`: the points
+    given to register_model, else its class's `feature_points()`, else {} (no points)."""
+    if name in POINTS:
+        return dict(POINTS[name])
+    method = getattr(model, 'feature_points', None)
+    return dict(method()) if callable(method) else {}
+
+
+def stage_points(stages, pre, stem, pooled):
+    """The standard points from lists of stage paths and their pre-activation paths."""
+    points = {'stem': stem}
+    for i, (stage, before) in enumerate(zip(stages, pre), 1):
+        points[f'stage{i}'] = stage
+        points[f'stage{i}_pre'] = before
+    points['pooled'] = pooled
+    return points
 
 
 def model_names():
@@ -59,6 +96,7 @@ class BasicBlock(nn.Module):
         # Zero-initialized last BN scale (Goyal et al., 2017): each block starts as its shortcut,
         # which keeps the first steps at lr 0.1 from blowing up the loss.
         nn.init.zeros_(self.bn2.weight)
+        self.relu_out = nn.ReLU()  # a module (no parameters): its input is the pre-activation point
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
@@ -69,7 +107,7 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu_out(out + self.shortcut(x))
 
 
 @register_model('resnet18')
@@ -97,6 +135,11 @@ class TeacherNet(nn.Module):
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
 
+    def feature_points(self):
+        stages = [f'layer{i}' for i in range(1, 5)]
+        return stage_points(stages, [f'{s}.1.relu_out:in' for s in stages], 'layer1:in',
+                            'linear:in')
+
 
 def conv_bn_relu(in_channels, out_channels, pool=False):
     # Pooling sits between the convolution and BatchNorm (as in airbench): the second convolution
@@ -104,7 +147,8 @@ def conv_bn_relu(in_channels, out_channels, pool=False):
     layers = [nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+    # not in place: the BatchNorm's output is a feature point (stage_pre) that must survive
+    layers += [nn.BatchNorm2d(out_channels), nn.ReLU()]
     return nn.Sequential(*layers)
 
 
@@ -131,6 +175,12 @@ class StudentNet(nn.Module):
         out = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
         return self.classifier(out)
 
+    def feature_points(self):
+        # the stages end at 16x16, 8x8 and 4x4: the second block of each resolution
+        return stage_points(['features.2', 'features.4', 'features.6'],
+                            ['features.2.1', 'features.4.1', 'features.6.1'], 'features.0',
+                            'classifier:in')
+
 
 # The CIFAR benchmarks of RepDistiller (Tian et al., 2020) and mdistiller. Module and parameter names follow
 # their code (`downsample`, `convShortcut`, `block1.layer`, `fc`) so their published teacher checkpoints load
@@ -156,6 +206,7 @@ class ResNetBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu_out = nn.ReLU()  # a module (no parameters): its input is the pre-activation point
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
@@ -166,7 +217,7 @@ class ResNetBlock(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return self.relu_out(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class CifarResNet(nn.Module):
@@ -197,6 +248,13 @@ class CifarResNet(nn.Module):
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)
+
+    def feature_points(self):
+        # as mdistiller's resnet.py: feats = stem, layer1..3; preact = each stage's last block
+        # before its final ReLU; pooled_feat = the average-pooled embedding
+        stages = ['layer1', 'layer2', 'layer3']
+        last = [f'{s}.{len(getattr(self, s)) - 1}.relu_out:in' for s in stages]
+        return stage_points(stages, last, 'layer1:in', 'fc:in')
 
 
 class WideBlock(nn.Module):
@@ -239,15 +297,25 @@ class WideResNet(nn.Module):
             self.add_module(f'block{i}', nn.Sequential(OrderedDict(layer=nn.Sequential(*blocks))))
             in_channels = out_channels
         self.bn1 = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU()  # a module (no parameters): its output is the last stage's point
         self.fc = Classifier(in_channels, num_classes)
         init_like_reference(self)
         nn.init.zeros_(self.fc.bias)  # as the reference WRN does
 
     def forward(self, x):
         out = self.block3(self.block2(self.block1(self.conv1(x))))
-        out = F.relu(self.bn1(out))
+        out = self.relu(self.bn1(out))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)
+
+    def feature_points(self):
+        # as mdistiller's wrn.py: feats = conv1, block1, block2, relu(bn1(block3)); preact =
+        # the next BN applied to each stage's output (block2/block3's first bn1, then bn1).
+        # The reference calls those BNs a second time to get them, updating their running
+        # statistics twice per step; a hook reads the same values from the one call.
+        return stage_points(['block1', 'block2', 'relu'],
+                            ['block2.layer.0.bn1', 'block3.layer.0.bn1', 'bn1'], 'conv1',
+                            'fc:in')
 
 
 @register_model('resnet32x4')
@@ -333,6 +401,11 @@ class AirbenchNet(nn.Module):
         # stays the logits, computed in float32
         return self.classifier(F.max_pool2d(x, 3).flatten(1) * self.logit_scale)
 
+    def feature_points(self):
+        groups = [f'groups.{i}' for i in range(len(self.groups))]
+        return stage_points(groups, [f'{g}.norm2' for g in groups], 'groups.0:in',
+                            'classifier:in')
+
     def freeze_norm_scales(self):
         """Keep every BatchNorm's scale at its value (1 from the start): only the biases train,
         as in airbench94 (the fast recipe calls this; the parameter groups then give those
@@ -387,7 +460,6 @@ def count_parameters(model):
 
 def count_macs(model, input_size=(1, 3, 32, 32)):
     """Multiply-accumulates of the convolutions and linear layers for one forward pass."""
-    import torch
     macs = []
 
     def hook(module, inputs, output):

@@ -220,9 +220,15 @@ def param_groups(module, recipe):
     return groups
 
 
-def make_optimizer(module, recipe):
-    """Nesterov SGD over `param_groups(module, recipe)`."""
-    return torch.optim.SGD(param_groups(module, recipe), momentum=recipe.momentum, nesterov=True)
+def make_optimizer(module, recipe, extra=()):
+    """Nesterov SGD over `param_groups(module, recipe)`; extra: more parameters (a feature
+    method's connectors), in the main group ('all' or 'other') with its lr and weight decay, as
+    the reference code trains them (one SGD over the student and the method's modules)."""
+    groups = param_groups(module, recipe)
+    extra = [p for p in extra if p.requires_grad]
+    if extra:
+        groups[-1]['params'] = list(groups[-1]['params']) + extra
+    return torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True)
 
 
 # ---------------------------------------------------------------------------------------------

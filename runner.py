@@ -12,6 +12,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from distillers import plan_features
+from losses import HYPER_PARAMETERS
 from recipe import STUDENT_ARCH as DEFAULT_STUDENT_ARCH  # noqa: F401  (runner's name, as before)
 from recipe import (RECIPE, get_recipe, loader_options, prepare_model, recipe_names,
                     resolve_recipe)
@@ -155,7 +157,7 @@ def quick_run_commands(phase, args, teacher_arch):
     commands = [['--train-teacher', *QUICK_RUN, *arch, *common, '--out-dir', folder]]
     if phase == 'students':
         commands.append([*QUICK_RUN, *flag_args(args, ('student_arch', 'loss', 'temperature',
-                                                        'alpha', 'no_baseline')),
+                                                        'alpha', 'beta', 'no_baseline')),
                          *common, '--out-dir', folder])
     return command_lines(commands)
 
@@ -172,7 +174,8 @@ def fast_run_commands(phase, args):
                                                    + ('subset',)), '--out-dir', folder]
     commands = [['--train-teacher', *common]]
     if phase == 'students':
-        commands.append([*flag_args(args, ('loss', 'temperature', 'alpha', 'no_baseline')),
+        commands.append([*flag_args(args, ('loss', 'temperature', 'alpha', 'beta',
+                                            'no_baseline')),
                          *common])
     return command_lines(commands)
 
@@ -196,7 +199,7 @@ def student_specs(args):
     best_student_kd.pth.
     """
     from losses import expand_grid, setting_name
-    grid = expand_grid(args.loss, args.temperature, args.alpha)
+    grid = expand_grid(args.loss, args.temperature, args.alpha, args.beta)
     arch = args.student_arch or get_recipe(args.recipe).student_arch
     if len(grid) == 1:
         specs = [ModelSpec('student_kd', arch, *grid[0])]
@@ -213,6 +216,20 @@ def phase_specs(phase, args):
         return [ModelSpec('teacher', args.teacher_arch or get_recipe(args.recipe).teacher_arch,
                           'ce', {})]
     return student_specs(args)
+
+
+def feature_plan(specs, teacher, teacher_info, device, num_classes):
+    """The distillers.FeaturePlan of the students' feature methods (None when none); a model
+    without the points a method reads is a usage error, found before any training."""
+    from models import build_model, feature_points
+    built = {}
+    students = [(s.arch, s.loss, built.setdefault(s.arch, build_model(s.arch, num_classes)))
+                for s in specs]
+    try:
+        return plan_features(students, teacher, feature_points(teacher_info['arch'], teacher),
+                             device, num_classes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def distilled_names(specs):
@@ -350,10 +367,12 @@ def describe_resume(seed, path, state, steps_per_epoch):
             f"{state['batch'] + 1} of {steps_per_epoch} (state saved {saved} in {path})")
 
 
-def make_trainees(specs, recipe, device, precisions, args, dist, seed, train_loader=None):
+def make_trainees(specs, recipe, device, precisions, args, dist, seed, train_loader=None,
+                  features=None):
     """The trainees of one seed. Students start from identical weights: differences between
     them come from their losses alone. train_loader: the images the recipe initialises from
-    (recipe.prepare_model: the whitening layer)."""
+    (recipe.prepare_model: the whitening layer), whose labels by index CRD's memory uses;
+    features: the distillers.FeaturePlan of feature methods (None: logit losses only)."""
     import torch
     from models import build_model
     from train import Trainee
@@ -369,8 +388,22 @@ def make_trainees(specs, recipe, device, precisions, args, dist, seed, train_loa
                           like=first if spec.arch == specs[0].arch else None)
         trainees.append(Trainee(spec.name, module, spec.loss, recipe, device,
                                 precisions[spec.name], ddp=dist.enabled,
-                                compile_model=args.compile, loss_params=spec.params))
+                                compile_model=args.compile, loss_params=spec.params,
+                                distiller=distiller_of(features, spec, seed, train_loader),
+                                points=features.student_points.get(spec.arch)
+                                if features is not None else None))
     return trainees
+
+
+def distiller_of(features, spec, seed, train_loader):
+    """The feature method's Distiller of a student (None for a logit loss), initialised from
+    `seed` alone: a method's connectors start the same in a grid and alone."""
+    import torch
+    if features is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return features.build(spec.loss, spec.params, spec.arch, train_loader.labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +441,8 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                             **loader_options(recipe))
 
     data = loaders(seeds[0])
+    features = feature_plan(specs, teacher, teacher_info, device, args.num_classes) \
+        if phase == 'students' else None
     batch_shape = (args.batch_size // dist.world_size, 3, 32, 32)
     try:
         memory_estimate = check_memory(specs, device, args.num_classes, batch_shape, main_log)
@@ -471,9 +506,10 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             teacher, args.teacher_checkpoint, teacher_key, data.test, teacher_precision,
             main_log)
         forwards = args.epochs * len(data.train) * len(seeds)
-        teacher, teacher_form = fastest_teacher(teacher, batch_shape, device, teacher_precision,
-                                                forwards, main_log,
-                                                compile_model=bool(args.compile))
+        teacher, teacher_form = fastest_teacher(
+            teacher, batch_shape, device, teacher_precision, forwards, main_log,
+            compile_model=bool(args.compile),
+            points=features.teacher_points if features is not None else None)
         base_config['teacher_form'] = teacher_form
         main_log(f"teacher: {teacher_form['chosen']} form for the training forwards "
                  f"({', '.join(f'{k} {v:.3f}s' for k, v in teacher_form['seconds_per_batch'].items())}"
@@ -510,7 +546,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             os.makedirs(dirs[seed], exist_ok=True)
         data = data if index == 0 else loaders(seed)
         trainees = make_trainees(specs, recipe, device, precisions, args, dist, seed,
-                                 data.train)
+                                 data.train, features)
         if index == 0:
             stacked, base_config['stacking'] = decide_stacking(
                 trainees, args, device, dist, teacher, teacher_precision, recipe, batch_shape,
@@ -858,7 +894,7 @@ def describe_loss_settings(settings, alpha_given):
     loss_settings's result. alpha_given: --alpha was on the command line (said where it does not
     apply)."""
     from losses import get_loss
-    symbols = {'temperature': 'T', 'alpha': 'alpha'}
+    symbols = {'temperature': 'T', 'alpha': 'alpha', 'beta': 'beta'}
     lines = []
     for name, values in settings.items():
         defaults = get_loss(name).defaults
@@ -993,7 +1029,7 @@ def rerun_command(models, args):
     epochs = args.epochs or get_recipe(getattr(args, 'recipe', None) or RECIPE).epochs
     lines += warmup_notes({n: models[n] for n in distilled}, epochs)
     params = best.get('loss_params') or {}
-    flags = ['--loss', best['loss']] + [x for k in ('temperature', 'alpha') if k in params
+    flags = ['--loss', best['loss']] + [x for k in HYPER_PARAMETERS if k in params
                                         for x in (f'--{k}', str(params[k]))]
     # everything else that made this run's numbers, so the seeds confirm this very setting
     keep = ['--epochs', str(epochs)] + flag_args(

@@ -74,6 +74,8 @@ def stacking_problem(trainees, multi_process, compiled):
     """Why these trainees cannot be stacked, or None when they can."""
     if len(trainees) < 2:
         return 'a single student'
+    if any(t.distiller is not None for t in trainees):
+        return 'feature distillers (each reads its own features and trains its own parameters)'
     if len({type(t.module) for t in trainees}) > 1 or \
             len({tuple((k, v.shape) for k, v in t.module.state_dict().items())
                  for t in trainees}) > 1:

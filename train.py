@@ -22,6 +22,7 @@ from tqdm import tqdm
 from checkpoint import (atomic_save, atomic_write_text, capture_rng_state, plain_state_dict,
                         restore_rng_state)
 from distributed import all_gather_cat, all_reduce_min, all_reduce_sum, any_rank, sync_batchnorm
+from features import FeatureCapture, split_output
 from losses import get_loss
 from progress import DurationEstimate
 # the recipe builds the optimizer, its schedule, the weight averaging and the evaluation views;
@@ -191,21 +192,34 @@ class Trainee:
     """
 
     def __init__(self, name, module, loss, recipe, device, precision=None, ddp=False,
-                 compile_model=False, loss_params=None):
+                 compile_model=False, loss_params=None, distiller=None, points=None):
         self.name, self.precision = name, precision
         self.loss = get_loss(loss)
         self.loss_params = dict(loss_params) if loss_params is not None else {
             k: getattr(recipe, k, v) for k, v in self.loss.defaults.items()}
         self.module = module.to(device, memory_format=torch.channels_last)
+        # a feature method's module (distillers.py): trained, synchronised and saved with the
+        # student, never part of best_*.pth (self.module stays the plain student)
+        self.distiller = distiller.to(device) if distiller is not None else None
         model = self.module
         if ddp:
             self.module = model = sync_batchnorm(self.module, device)
+            if self.distiller is not None:
+                self.distiller = sync_batchnorm(self.distiller, device)
+        if self.distiller is not None:
+            # one module for DDP: the distiller's parameters are reduced with the student's
+            model = StudentWithDistiller(self.module, self.distiller, points)
+        if ddp:
             model = torch.nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[device.index] if device.type == 'cuda' else None,
+                model, device_ids=[device.index] if device.type == 'cuda' else None,
                 **no_buffer_sync_argument())
+        # a student read through hooks is not compiled (the hooks' side effects would break the
+        # graph); its distiller's terms are small next to its forward
+        compile_model = compile_model and self.distiller is None
         self.train_model = torch.compile(model) if compile_model else model
         self.eval_model = torch.compile(self.module) if compile_model else self.module
-        self.optimizer = make_optimizer(self.module, recipe)
+        self.optimizer = make_optimizer(self.module, recipe, extra=(
+            self.distiller.parameters() if self.distiller is not None else ()))
         self.label_smoothing = recipe.label_smoothing
         self.lookahead = Lookahead(self.module) if recipe.lookahead_every else None
         # fp16 needs loss scaling; bf16 and fp32 do not
@@ -216,6 +230,36 @@ class Trainee:
         return self.loss.fn(logits, teacher_logits, labels, epoch=epoch, **smoothing,
                             **self.loss_params)
 
+    def forward_loss(self, images, labels, teacher_out, batch, epoch):
+        """(logits, loss, parts) of one training forward: the student and its loss, logit or
+        feature method alike."""
+        if self.distiller is None:
+            with autocast(images.device, self.precision):
+                logits = self.train_model(images)
+            return (logits,) + tuple(self.compute_loss(logits, teacher_out.logits, labels, epoch))
+        return self.train_model(images, labels, teacher_out, batch, epoch, self.precision,
+                                self.label_smoothing)
+
+
+class StudentWithDistiller(torch.nn.Module):
+    """A student and its feature method's Distiller as one module, so DDP wraps (and reduces the
+    gradients of) both: forward runs the student with its feature points hooked, then the
+    distiller's loss. points: {name: spec} of the student's points the distiller reads."""
+
+    def __init__(self, student, distiller, points):
+        super().__init__()
+        self.student, self.distiller = student, distiller
+        self.capture = FeatureCapture(student, {k: points[k] for k in distiller.student_points})
+
+    def forward(self, images, labels, teacher_out, batch, epoch, precision, label_smoothing):
+        with autocast(images.device, precision), self.capture:
+            logits = self.student(images)
+        loss, parts = self.distiller(logits, teacher_out.logits, labels,
+                                     student_feats=self.capture.pop(),
+                                     teacher_feats=teacher_out.feats, batch=batch, epoch=epoch,
+                                     label_smoothing=label_smoothing)
+        return logits, loss, parts
+
 
 class StepResult(NamedTuple):
     loss: torch.Tensor     # detached scalar
@@ -223,28 +267,39 @@ class StepResult(NamedTuple):
     correct: torch.Tensor  # number of right top-1 predictions in the batch
 
 
+class TeacherOut(NamedTuple):
+    logits: torch.Tensor   # B x C float32, or None when no student needs the teacher
+    feats: dict            # {point: float32 tensor}: the points some feature method reads
+
+
+def teacher_outputs(teacher, images, precision):
+    """The teacher's float32 logits and features (a form made with points returns
+    (logits, {point: tensor})), once per batch, without autograd."""
+    with torch.inference_mode(), autocast(images.device, precision):
+        logits, feats = split_output(teacher(images))
+    # copies made outside inference mode are ordinary tensors autograd may save
+    return TeacherOut(logits.float().clone(), {k: v.float().clone() for k, v in feats.items()})
+
+
 def teacher_forward(teacher, images, precision):
     """The teacher's float32 logits, once per batch, without autograd."""
-    with torch.inference_mode(), autocast(images.device, precision):
-        logits = teacher(images)
-    # a copy made outside inference mode is an ordinary tensor autograd may save
-    return logits.float().clone()
+    return teacher_outputs(teacher, images, precision).logits
 
 
-def train_step(trainees, teacher, images, labels, recipe=None, teacher_precision=None, epoch=1):
+def train_step(trainees, teacher, images, labels, recipe=None, teacher_precision=None, epoch=1,
+               batch=None):
     """One optimizer step for each trainee on the same batch; the teacher runs once, if needed.
 
-    epoch: the 1-based epoch, for losses that ramp up (DKD's warm-up). Returns a StepResult
-    per trainee.
+    epoch: the 1-based epoch, for losses that ramp up (DKD's warm-up). batch: the loader's
+    BatchInfo (the images' training-set indices), for methods that index by sample (CRD).
+    Returns a StepResult per trainee.
     """
-    teacher_logits = None
+    teacher_out = TeacherOut(None, {})
     if any(t.loss.uses_teacher for t in trainees):
-        teacher_logits = teacher_forward(teacher, images, teacher_precision)
+        teacher_out = teacher_outputs(teacher, images, teacher_precision)
     results = []
     for t in trainees:
-        with autocast(images.device, t.precision):
-            logits = t.train_model(images)
-        loss, parts = t.compute_loss(logits, teacher_logits, labels, epoch)
+        logits, loss, parts = t.forward_loss(images, labels, teacher_out, batch, epoch)
         t.optimizer.zero_grad(set_to_none=True)
         if t.scaler is not None:
             t.scaler.scale(loss).backward()
@@ -369,7 +424,10 @@ def phase_part_names(parts_of):
 
 
 def get_part_names(trainee):
-    """The part names trainee's loss returns (one evaluation on a tiny batch of zeros)."""
+    """The part names trainee's loss returns: a feature method's declared parts; a logit
+    loss's from one evaluation on a tiny batch of zeros."""
+    if trainee.loss.parts is not None:
+        return list(trainee.loss.parts)
     zeros = torch.zeros(2, 2)
     _, parts = trainee.loss.fn(zeros, zeros if trainee.loss.uses_teacher else None,
                                torch.zeros(2, dtype=torch.int64), epoch=1, **trainee.loss_params)
@@ -447,6 +505,10 @@ def save_state(path, phase, trainees, progress, config, finished=False):
         'scalers': {t.name: t.scaler.state_dict() for t in trainees if t.scaler is not None},
         'lookahead': {t.name: t.lookahead.state_dict() for t in trainees
                       if t.lookahead is not None},
+        # feature methods' connectors and memories (their parameters' optimizer state is in
+        # the trainee's optimizer)
+        'distillers': {t.name: {k: v.cpu() for k, v in t.distiller.state_dict().items()}
+                       for t in trainees if t.distiller is not None},
         'tta': progress.tta,
         'rng': capture_rng_state(), 'config': config or {},
     }, path)
@@ -461,6 +523,8 @@ def restore_state(state, trainees, device):
             t.scaler.load_state_dict(state['scalers'][t.name])
         if t.lookahead is not None:
             t.lookahead.load_state_dict(state['lookahead'][t.name])
+        if t.distiller is not None:
+            t.distiller.load_state_dict(state['distillers'][t.name])
     restore_rng_state(state['rng'])
     return PhaseProgress(state['epoch'], state['batch'], state.get('partial'), state['elapsed'],
                          state['best'], state['history'],
@@ -478,7 +542,8 @@ def train_epoch(trainees, data, recipe, epoch, progress, sums, *, teacher, teach
     total_steps = recipe.epochs * steps_per_epoch
     data.train.set_epoch(epoch, progress.batch)
     lr, images_seen = recipe.lr, 0
-    for batch_index, (images, labels) in enumerate(data.train, start=progress.batch):
+    for batch in data.train.batches():
+        images, labels, batch_index = batch.images, batch.labels, batch.index
         # over several processes the ranks agree on stopping every few batches only
         if stop is not None and (batch_index % STOP_CHECK_EVERY == 0 or not multi_process) \
                 and any_rank(stop.requested):
@@ -492,7 +557,7 @@ def train_epoch(trainees, data, recipe, epoch, progress, sums, *, teacher, teach
             for t in trainees:
                 lr = set_learning_rates(t.optimizer, recipe, step, steps_per_epoch)
             out = train_step(trainees, teacher, images, labels, recipe, teacher_precision,
-                             epoch=epoch + 1)
+                             epoch=epoch + 1, batch=batch)
             for t in trainees:  # stacks refuse recipes with lookahead (stacked.stacking_problem)
                 lookahead_step(t.lookahead, t.module, recipe, step + 1, total_steps)
         for t, result in zip(trainees, out):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from checkpoint import atomic_write_text
+from features import WithPoints, split_output, trace_points
 from distributed import all_reduce_sum
 from models import build_model
 from report import cpu_identity
@@ -201,24 +202,19 @@ class PrecisionDecisions:
 # ---------------------------------------------------------------------------------------------
 # The frozen teacher
 
-class _Tracer(fx.Tracer):
-    """Traces through the project's modules but keeps each nn.Linear subclass whole (the
-    classifier runs its own autocast context, which symbolic tracing cannot follow)."""
-
-    def is_leaf_module(self, module, qualified_name):
-        return isinstance(module, nn.Linear) or super().is_leaf_module(module, qualified_name)
-
-
-def fold_batchnorm(model):
+def fold_batchnorm(model, points=None):
     """A copy of `model` for inference with every BatchNorm2d that directly follows a Conv2d
     folded into that convolution's weights and bias.
 
     conv -> BN computes gamma * (W x + b - mean) / sqrt(var + eps) + beta, itself a convolution
     with weights W * gamma / sqrt(var + eps): one pass over the activations instead of two.
     Other layers are kept as they are. The copy is in eval mode and holds no gradients.
+    points ({name: spec}, features.py): the copy returns (logits, {name: tensor}) with those
+    features, equal to the eager ones (a convolution whose output is itself a point is not
+    folded; a BatchNorm's point becomes its folded convolution's output).
     """
     model = copy.deepcopy(model).eval()
-    graph_module = fx.GraphModule(model, _Tracer().trace(model))
+    graph_module = trace_points(model, points)
     modules = dict(graph_module.named_modules())
     for node in list(graph_module.graph.nodes):
         if node.op != 'call_module' or type(modules[node.target]) is not nn.BatchNorm2d:
@@ -240,8 +236,9 @@ def fold_batchnorm(model):
     return graph_module
 
 
-def outputs_match(a, b, tolerance):
-    """Equal up to tolerance relative to the logits' scale (a deep net's can be in the hundreds)."""
+def tensors_match(a, b, tolerance):
+    """Equal up to tolerance relative to the tensor's scale (a deep net's logits can be in the
+    hundreds)."""
     return bool((a - b).abs().max() <= tolerance * max(1.0, a.abs().max().item()))
 
 
@@ -251,9 +248,11 @@ def compile_frozen(model):
 
 
 def fastest_teacher(teacher, batch_shape, device, precision, forwards_ahead, log=print,
-                    compile_model=False):
+                    compile_model=False, points=None):
     """The teacher in its inference form for the students' forwards, and a record of it.
 
+    points ({name: spec}, features.py): the form returns (logits, {name: tensor}) with the
+    features the feature distillers need, and must reproduce the eager ones too.
     BatchNorm-folded when that reproduces the eager outputs (else eager); with compile_model
     (--compile), that model compiled with Inductor's freezing, kept if it reproduces the
     outputs. No timing decides the form: each form rounds differently, and the students learn
@@ -269,13 +268,18 @@ def fastest_teacher(teacher, batch_shape, device, precision, forwards_ahead, log
 
     def forward(model, x):
         with torch.inference_mode(), autocast(device, precision):
-            return model(x).float()
+            logits, feats = split_output(model(x))
+            return [logits.float()] + [feats[k].float() for k in sorted(feats)]
 
-    reference = forward(teacher, quarter)  # also eager's warm-up
+    def outputs_match(a, b, tolerance):
+        return len(a) == len(b) and all(tensors_match(x, y, tolerance) for x, y in zip(a, b))
+
+    eager = WithPoints(teacher, points) if points else teacher
+    reference = forward(eager, quarter)  # also eager's warm-up
     tolerance = 1e-3 if precision is None else 5e-2
-    candidates = {'eager': teacher}
+    candidates = {'eager': eager}
     try:
-        folded = fold_batchnorm(teacher).to(device, memory_format=torch.channels_last)
+        folded = fold_batchnorm(teacher, points).to(device, memory_format=torch.channels_last)
         if outputs_match(reference, forward(folded, quarter), tolerance):
             candidates['folded'] = folded
         else:
@@ -387,7 +391,7 @@ def decide_stacking(trainees, args, device, dist, teacher, teacher_precision, re
         return False, {'mode': args.stack_students, 'stacked': False}
     problem = stacking_problem(trainees, dist.enabled, args.compile)
     if problem:
-        if args.stack_students == 'on':
+        if args.stack_students == 'on' or any(t.distiller is not None for t in trainees):
             log(f'students: not stacked ({problem}); they train one after another')
         return False, {'mode': args.stack_students, 'stacked': False, 'why_not': problem}
     if args.stack_students == 'on':

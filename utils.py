@@ -9,6 +9,7 @@ There are no DataLoader workers: on a GPU the card never waits for PIL, and on a
 do model work instead of decoding.
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -142,6 +143,13 @@ class CifarLoader:
         return order, (offsets, flips)
 
     def __iter__(self):
+        for batch in self.batches():
+            yield batch.images, batch.labels
+
+    def batches(self):
+        """The next pass as Batch objects: images and labels with the images' indices (what
+        methods that index by sample, such as CRD's memory, need). Iterating the loader itself
+        yields (images, labels) of the same pass."""
         epoch, start_batch = self.epoch, self.start_batch
         if self.train:  # the next pass is the next epoch, unless set_epoch says otherwise
             self.epoch, self.start_batch = epoch + 1, 0
@@ -154,7 +162,9 @@ class CifarLoader:
                 offsets, flips = aug[0][idx], aug[1][idx]
                 x = crop_flip(x, offsets[:, 0], offsets[:, 1], flips, self.padding,
                               self.padding_mode)
-            yield self.normalize(x), self.labels[idx]
+            start, stop = self._global_slice(i)
+            yield Batch(self.normalize(x), self.labels[idx], idx, i, epoch, self.seed,
+                        order[start:stop], lo - start)
 
 
     def first_epoch_flips(self):
@@ -164,12 +174,17 @@ class CifarLoader:
         g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
         return torch.rand(len(self.labels), generator=g) < 0.5
 
-    def _rank_slice(self, i):
-        """Positions [lo, hi) in the epoch's order of this rank's part of global batch i."""
+    def _global_slice(self, i):
+        """Positions [start, stop) in the epoch's order of global batch i (all ranks)."""
         n, bs = len(self.labels), self.batch_size
         start, stop = i * bs, min((i + 1) * bs, n)
         if self.train and i == len(self) - 1 and n < bs:
             stop = n  # fewer images than one batch: use them all
+        return start, stop
+
+    def _rank_slice(self, i):
+        """Positions [lo, hi) in the epoch's order of this rank's part of global batch i."""
+        start, stop = self._global_slice(i)
         # this rank's contiguous slice of the global batch
         lo = start + (stop - start) * self.rank // self.world_size
         hi = start + (stop - start) * (self.rank + 1) // self.world_size
@@ -181,6 +196,18 @@ class CifarLoader:
             raise ValueError('rank_indices is for evaluation loaders (a fixed order)')
         return torch.cat([torch.arange(*self._rank_slice(i), device=self.device)
                           for i in range(len(self))])
+
+
+class Batch(NamedTuple):
+    """One batch of a CifarLoader pass, with where its images come from."""
+    images: torch.Tensor          # B x 3 x 32 x 32 float32, normalized (and augmented)
+    labels: torch.Tensor          # B int64
+    indices: torch.Tensor         # B int64: the images' indices in the loader's image set
+    index: int                    # the batch's position in its epoch (0-based)
+    epoch: int                    # the pass's epoch (0-based)
+    seed: int                     # the loader's seed (of order and augmentation)
+    global_indices: torch.Tensor  # the indices of the whole batch over all torchrun ranks
+    row_lo: int                   # where this rank's rows start in global_indices
 
 
 class CifarImages:

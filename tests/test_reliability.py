@@ -20,7 +20,8 @@ EPOCHS = '3'
 
 
 def student_args(trained_run, out):
-    return ['--epochs', EPOCHS, '--subset', '100', '--data-dir', trained_run['common'][1], '--out-dir', str(out),
+    # KD and CRD: a resume must also restore a feature method's embeddings, memories and Z
+    return ['--loss', 'kd', 'crd', '--epochs', EPOCHS, '--subset', '100', '--data-dir', trained_run['common'][1], '--out-dir', str(out),
             '--batch-size', '32', '--device', 'cpu', '--no-amp',  # measured precision could differ
             '--teacher-checkpoint', os.path.join(trained_run['out'], 'best_teacher.pth')]
 
@@ -75,7 +76,7 @@ def results_of(out):
 
 def logs_of(out):
     rows = {}
-    for name in ('student_kd', 'student_base'):
+    for name in ('kd_T4_a0.1', 'crd_b0.8', 'student_base'):
         with open(os.path.join(out, f'log_{name}.csv')) as f:
             # drop timing columns, keep every number that depends on the computation
             rows[name] = [line.split(',')[:8] for line in f.read().splitlines()]
@@ -99,7 +100,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(trained_run, uninterrup
     assert r.returncode == 0, r.stderr
     assert results_of(tmp_path) == results_of(uninterrupted)
     assert logs_of(tmp_path) == logs_of(uninterrupted)
-    for name in ('student_kd', 'student_base'):
+    for name in ('student_kd', 'crd_b0.8', 'student_base'):
         a = torch.load(tmp_path / f'best_{name}.pth', weights_only=True)
         b = torch.load(uninterrupted / f'best_{name}.pth', weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a)

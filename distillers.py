@@ -294,8 +294,8 @@ class CRDBase(Distiller):
         e_s = self.embed_s(student_feat)
         e_t = self.embed_t(teacher_feat)
         idx = torch.cat([indices[:, None], negatives], 1)                   # B x (K+1)
-        out_s = torch.exp((self.memory_t.to(e_s.dtype) @ e_s.T).T.gather(1, idx) / self.nce_t)
-        out_t = torch.exp((self.memory_s.to(e_t.dtype) @ e_t.T).T.gather(1, idx) / self.nce_t)
+        out_s = torch.exp((e_s @ self.memory_t.to(e_s.dtype).T).gather(1, idx) / self.nce_t)
+        out_t = torch.exp((e_t @ self.memory_s.to(e_t.dtype).T).gather(1, idx) / self.nce_t)
         n = len(self.memory_s)
         if not getattr(self, '_z_known', False):
             if not bool((self.z > 0).all()):  # first batch: Z from it, averaged over ranks
@@ -373,7 +373,8 @@ def point_shapes(model, points, device):
     model.eval()
     try:
         with capture:
-            model(torch.zeros(1, 3, 32, 32, device=device))
+            dtype = next(model.parameters()).dtype
+            model(torch.zeros(1, 3, 32, 32, device=device, dtype=dtype))
     finally:
         model.train(was_training)
         capture.remove()

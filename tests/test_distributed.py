@@ -140,7 +140,10 @@ def _train_and_evaluate(inputs, ddp, rank, world):
     from models import StudentNet, TeacherNet, build_model
     from recipe import get_recipe, lookahead_step
     from train import Recipe, Trainee, evaluate, predict, predict_views, train_step
-    from utils import make_loaders
+    from distillers import BuildContext, build_distiller, point_shapes
+    from features import WithPoints
+    from models import feature_points
+    from utils import Batch, make_loaders
     device = torch.device('cpu')
     recipe = Recipe(lr=0.1)
     # the fast recipe's student: parameter groups, label smoothing, frozen-scale BatchNorm,
@@ -161,6 +164,22 @@ def _train_and_evaluate(inputs, ddp, rank, world):
         module = StudentNet()
         module.load_state_dict(inputs['student'])
         trainees.append(Trainee(name, module.double(), kind, recipe, device, ddp=ddp))
+    # feature methods: FitNets' regressor (with BatchNorm) and CRD's embeddings and memories,
+    # which each rank updates with every rank's rows (the training set: the STEPS batches)
+    teacher_points = feature_points('resnet18', teacher)
+    student_points = feature_points('cnn', StudentNet())
+    context = BuildContext(point_shapes(StudentNet(), student_points, device),
+                           point_shapes(teacher, teacher_points, device),
+                           inputs['labels'].flatten(), 10)
+    featured = []
+    for name, kind in (('student_fitnet', 'fitnet'), ('student_crd', 'crd')):
+        module = StudentNet()
+        module.load_state_dict(inputs['student'])
+        torch.manual_seed(1)
+        distiller = build_distiller(kind, {}, context).double()
+        featured.append(Trainee(name, module.double(), kind, recipe, device, ddp=ddp,
+                                distiller=distiller, points=student_points))
+    featured_teacher = WithPoints(teacher, teacher_points)
     losses = []
     lo, hi = rank * BATCH // world, (rank + 1) * BATCH // world
     for step in range(STEPS):
@@ -169,6 +188,10 @@ def _train_and_evaluate(inputs, ddp, rank, world):
         out += train_step([fast_trainee], teacher, inputs['images'][step, lo:hi].double(),
                           inputs['labels'][step, lo:hi], fast)
         lookahead_step(fast_trainee.lookahead, fast_trainee.module, fast, step + 1, STEPS)
+        every = torch.arange(step * BATCH, (step + 1) * BATCH)
+        out += train_step(featured, featured_teacher, inputs['images'][step, lo:hi].double(),
+                          inputs['labels'][step, lo:hi], recipe,
+                          batch=Batch(None, None, every[lo:hi], step, 0, 0, every, lo))
         losses.append([o[0].item() for o in out])
     # evaluation as main.py sets it up: loaders sharded per rank, every rank calling evaluate
     data = make_loaders(batch_size=BATCH, val_fraction=0.2, seed=0, eval_batch_size=10,
@@ -179,7 +202,9 @@ def _train_and_evaluate(inputs, ddp, rank, world):
     _, val_labels = predict(model, data.val)
     test_logits, test_labels = predict(model, data.test)
     tta_logits = predict_views(model, data.test)[1]
-    return {'models': {t.name: plain_state_dict(t.module) for t in trainees + [fast_trainee]},
+    return {'models': {t.name: plain_state_dict(t.module)
+                       for t in trainees + [fast_trainee] + featured},
+            'distillers': {t.name: t.distiller.state_dict() for t in featured},
             'losses': losses, 'tta_logits': tta_logits,
             'eval': {'val_n': len(val_labels), 'test_n': len(test_labels),
                      'val_acc': evaluate(model, data.val), 'test_acc': evaluate(model, data.test),
@@ -226,12 +251,17 @@ def equivalence(tmp_path_factory):
     return ranks, reference
 
 
-@pytest.mark.parametrize('name', ['student_kd', 'student_base', 'student_fast'])
+NAMES = ['student_kd', 'student_base', 'student_fast', 'student_fitnet', 'student_crd']
+
+
+@pytest.mark.parametrize('name', NAMES)
 def test_two_processes_equal_one_process(equivalence, name):
     ranks, reference = equivalence
-    expected = reference['models'][name]
+    expected = dict(reference['models'][name], **{
+        f'distiller.{k}': v for k, v in reference['distillers'].get(name, {}).items()})
     for r, result in enumerate(ranks):
-        got = result['models'][name]
+        got = dict(result['models'][name], **{
+            f'distiller.{k}': v for k, v in result['distillers'].get(name, {}).items()})
         assert list(got) == list(expected), 'parameter names differ (a module. prefix?)'
         for key, value in expected.items():
             if key.endswith('num_batches_tracked'):
@@ -240,7 +270,7 @@ def test_two_processes_equal_one_process(equivalence, name):
                 torch.testing.assert_close(got[key], value, atol=1e-12, rtol=1e-10,
                                            msg=lambda m: f'rank {r} {name} {key}: {m}')
     # each rank's loss is the mean over its half; the mean over ranks is the global-batch loss
-    index = ['student_kd', 'student_base', 'student_fast'].index(name)
+    index = NAMES.index(name)
     for step in range(STEPS):
         mean = sum(result['losses'][step][index] for result in ranks) / NPROC
         assert mean == pytest.approx(reference['losses'][step][index], rel=1e-6)

@@ -5,7 +5,8 @@
     python main.py --loss kd dkd ls --temperature 2 4 8 --alpha 0.1 0.5   # a grid, in one run
     python main.py --evaluate                       # test accuracy of the last runs' checkpoints
 
-This file parses and validates the command line; runner.py runs it.
+This file parses the command line; config.py resolves and validates it into one RunConfig;
+runner.py runs that.
 """
 import argparse
 import math
@@ -14,7 +15,8 @@ import sys
 
 from datasets import dataset_names
 from models import model_names
-from runner import UsageError, resume_command, run
+from config import UsageError, resolve
+from runner import resume_command, run
 from tuning import BF16_MIN_SPEEDUP, CACHE_ENV, decisions_path
 
 
@@ -47,6 +49,8 @@ def build_parser():
     import recipe as r
     from losses import LOSSES
     defaults, fast = r.get_recipe('standard'), r.get_recipe('fast')
+    default = r.DEFAULTS  # every flag's default, in one place
+    kd = LOSSES['kd'].defaults
     p = ArgumentParser(
         description='Knowledge distillation on CIFAR: a teacher (ResNet-18 by default), then '
                     'distilled students and a baseline student trained in lockstep on identical '
@@ -58,139 +62,126 @@ def build_parser():
                + ', '.join(f'{n} {r.get_recipe(n).label_smoothing:g}' for n in r.recipe_names())
                + ' (the baseline student and the teacher train on it too).')
     a = p.add_argument
-    a('--train-teacher', action='store_true',
+    a('--train-teacher', action='store_true', default=default['train_teacher'],
       help='train the teacher and write best_teacher.pth (default: train the students)')
-    a('--evaluate', action='store_true',
+    a('--evaluate', action='store_true', default=default['evaluate'],
       help='evaluate the checkpoints of the last run of each phase in --out-dir on the test '
            'images their runs used (their --subset) and print the table (default: off)')
-    a('--recipe', default=r.RECIPE, choices=r.recipe_names(),
+    a('--recipe', default=default['recipe'], choices=r.recipe_names(),
       help='training recipe: standard (SGD, warm-up then cosine, 200 epochs of batch 128, crop '
            'and flip) or fast (airbench94\'s techniques: 10 epochs of batch 1024, patch '
            'whitening, triangular schedule, label smoothing 0.2, lookahead averaging, '
            'test-time augmentation; default models airbench94 and airbench94_small). Flags given '
            f'explicitly override its values (default: {r.RECIPE})')
-    a('--dataset', default=r.DATASET, choices=dataset_names(),
+    a('--dataset', default=default['dataset'], choices=dataset_names(),
       help=f'cifar10 (10 classes) or cifar100 (100 classes) (default: {r.DATASET})')
-    a('--teacher-arch', default=None, choices=model_names(),
+    a('--teacher-arch', default=default['teacher_arch'], choices=model_names(),
       help=f'teacher architecture; the students\' phase and --evaluate read it from the '
            f'checkpoint\'s record (default: the recipe\'s, {defaults.teacher_arch} / '
            f'{fast.teacher_arch})')
-    a('--student-arch', default=None, choices=model_names(),
+    a('--student-arch', default=default['student_arch'], choices=model_names(),
       help=f'student architecture (default: the recipe\'s, {defaults.student_arch} / '
            f'{fast.student_arch})')
-    a('--loss', nargs='+', default=[r.LOSS], choices=[n for n in LOSSES if n != 'ce'],
+    a('--loss', nargs='+', default=list(default['loss']), choices=[n for n in LOSSES if n != 'ce'],
       metavar='NAME',
       help='distillation loss(es): ' + ', '.join(n for n in LOSSES if n != 'ce')
            + '; several train one student per loss and setting, in lockstep '
-           f'(default: {r.LOSS})')
-    a('--epochs', type=positive_int, default=None,
+           f'(default: {" ".join(default["loss"])})')
+    a('--epochs', type=positive_int, default=default['epochs'],
       help=f'epochs per model; --recipe fast: {fast.epochs} (default: {defaults.epochs})')
-    a('--batch-size', type=positive_int, default=None,
+    a('--batch-size', type=positive_int, default=default['batch_size'],
       help='global batch size, the same whatever the number of torchrun processes; '
            f'--recipe fast: {fast.batch_size} (default: {defaults.batch_size})')
-    a('--lr', type=finite_float, default=None,
+    a('--lr', type=finite_float, default=default['lr'],
       help=f'peak learning rate; standard: of SGD (default: {r.BASE_LR} * batch-size / '
            f'{r.BATCH_SIZE}); fast: per 1,024 images, airbench\'s unit (default: {fast.lr:g})')
-    a('--weight-decay', type=finite_float, default=None,
+    a('--weight-decay', type=finite_float, default=default['weight_decay'],
       help=f'weight decay; standard: of SGD (default: {defaults.weight_decay:g}); fast: per '
            f'1,024 images (default: {fast.weight_decay:g})')
-    a('--temperature', type=finite_float, nargs='+', default=None, metavar='T',
-      help='distillation temperature(s) T > 0; several values make a grid (default: 4.0; '
-           'for ls its authors\' 2.0)')
-    a('--alpha', type=finite_float, nargs='+', default=None, metavar='A',
+    a('--temperature', type=finite_float, nargs='+', default=default['temperature'],
+      metavar='T',
+      help='distillation temperature(s) T > 0; several values make a grid (default: '
+           f'{kd["temperature"]}; for ls its authors\' {LOSSES["ls"].defaults["temperature"]})')
+    a('--alpha', type=finite_float, nargs='+', default=default['alpha'], metavar='A',
       help='weight of the hard-label CE in [0, 1], for kd and ls: alpha=0.1 puts 0.9 on the '
            'teacher (kd: (1-alpha)*T^2*KL; ls: 10*(1-alpha)*T^2*KL); dkd keeps CE weight 1; '
-           'several values make a grid (default: 0.1)')
-    a('--beta', type=finite_float, nargs='+', default=None, metavar='B',
+           f'several values make a grid (default: {kd["alpha"]})')
+    a('--beta', type=finite_float, nargs='+', default=default['beta'], metavar='B',
       help='weight >= 0 of a feature method\'s distillation term (fitnet, at, crd, crd_kd: '
            'loss = CE + beta*term); several values make a grid (default: each method\'s '
-           'authors\' value: fitnet 100, at 1000, crd 0.8)')
-    a('--seed', type=int, default=0,
-      help='seed of initialization, data order and augmentation (default: 0)')
-    a('--seeds', type=int, nargs='+', default=None, metavar='N',
+           'authors\' value: ' + ', '.join(f'{n} {spec.defaults["beta"]:g}'
+                                           for n, spec in LOSSES.items()
+                                           if 'beta' in spec.defaults) + ')')
+    a('--seed', type=int, default=default['seed'],
+      help='seed of initialization, data order and augmentation (default: '
+           f'{default["seed"]})')
+    a('--seeds', type=int, nargs='+', default=default['seeds'], metavar='N',
       help='run once per seed into OUT_DIR/seed<N>/ and aggregate (mean, std, paired gains '
            'with 95%% CI); top-level best_*.pth are the first seed\'s (default: off, one --seed)')
-    a('--data-dir', default='./data',
+    a('--data-dir', default=default['data_dir'],
       help='folder holding cifar-10-batches-py / cifar-100-python, or where to download it '
-           '(default: ./data)')
-    a('--out-dir', default='.',
+           f'(default: {default["data_dir"]})')
+    a('--out-dir', default=default['out_dir'],
       help='where checkpoints, logs and results go; a fresh run of a phase first moves the '
-           'files of its earlier run there to previous/<phase>-<time>/ (default: .)')
-    a('--device', default='auto',
-      help='auto, cpu, cuda or cuda:N (default: auto = cuda when available)')
-    a('--subset', type=positive_int, default=None, metavar='N',
+           f'files of its earlier run there to previous/<phase>-<time>/ (default: '
+           f'{default["out_dir"]})')
+    a('--device', default=default['device'],
+      help=f'auto (cuda when available), cpu, cuda or cuda:N (default: {default["device"]})')
+    a('--subset', type=positive_int, default=default['subset'], metavar='N',
       help='use only the first N training and the first N test images, for quick CPU runs; '
            'results say so; --evaluate takes the checkpoints\' own unless given (default: all)')
-    a('--val-fraction', type=finite_float, default=r.VAL_FRACTION,
+    a('--val-fraction', type=finite_float, default=default['val_fraction'],
       help='share of the training images held out to select the best epoch; 0 trains on all '
-           f'and keeps the last epoch (default: {r.VAL_FRACTION})')
-    a('--split-seed', type=int, default=r.SPLIT_SEED,
+           f'and keeps the last epoch (default: {default["val_fraction"]})')
+    a('--split-seed', type=int, default=default['split_seed'],
       help='which images are held out: the same for the teacher and every student seed, so the '
-           f'students select on images the teacher never trained on (default: {r.SPLIT_SEED})')
-    a('--test-every', type=positive_int, default=None, metavar='N',
+           f'students select on images the teacher never trained on (default: '
+           f'{default["split_seed"]})')
+    a('--test-every', type=positive_int, default=default['test_every'], metavar='N',
       help='report test accuracy every N epochs (and at the last and every selected epoch); '
            'validation runs every epoch (default: standard 1; fast: the last epoch only)')
-    a('--no-baseline', action='store_true',
+    a('--no-baseline', action='store_true', default=default['no_baseline'],
       help='train only the distilled students, not the baseline student (default: train it)')
-    a('--teacher-checkpoint', default=None,
+    a('--teacher-checkpoint', default=default['teacher_checkpoint'],
       help='teacher weights for the students (default: OUT_DIR/best_teacher.pth)')
-    a('--num-workers', type=int, default=2,
+    a('--num-workers', type=int, default=default['num_workers'],
       help='unused, kept so reference commands still run: the data lives in device memory and '
-           'is augmented in batches there, with no DataLoader workers (default: 2)')
-    a('--amp', action=argparse.BooleanOptionalAction, default=None,
+           f'is augmented in batches there, with no DataLoader workers (default: '
+           f'{default["num_workers"]})')
+    a('--amp', action=argparse.BooleanOptionalAction, default=default['amp'],
       help='mixed precision: --amp forces bf16 autocast (fp16 on GPUs without native bf16), '
            '--no-amp float32. Auto: bf16 on GPUs that have it, fp16 on older ones; on a CPU '
            'fp32 and bf16 are timed once per machine, architecture and batch shape, bf16 kept '
            f'only when {BF16_MIN_SPEEDUP:g}x faster, and the decision stored in '
            f'{decisions_path().replace("%", "%%")} (${CACHE_ENV} relocates its folder; delete '
            'the file to measure again). A resumed run keeps its precision (default: auto)')
-    a('--stack-students', choices=('auto', 'on', 'off'), default='auto',
+    a('--stack-students', choices=('auto', 'on', 'off'), default=default['stack_students'],
       help='train students of one architecture as one batched computation (torch.func.vmap; '
            'results equal the one-by-one loop within float rounding). auto: on CUDA, when it '
-           'measures faster at start-up (default: auto)')
-    a('--compile', action='store_true', help='torch.compile the models (default: off)')
-    a('--resume', action='store_true',
+           f'measures faster at start-up (default: {default["stack_students"]})')
+    a('--compile', action='store_true', default=default['compile'],
+      help='torch.compile the models (default: off)')
+    a('--resume', action='store_true', default=default['resume'],
       help='continue the unfinished run whose state (last_<phase>.pt) is in --out-dir '
            '(default: off)')
-    a('--restart', action='store_true',
+    a('--restart', action='store_true', default=default['restart'],
       help='set an unfinished run in --out-dir aside (into previous/) and start over '
            '(default: off)')
-    a('--tensorboard', action='store_true',
+    a('--tensorboard', action='store_true', default=default['tensorboard'],
       help='also write the per-epoch scalars to OUT_DIR/tensorboard/<phase> (default: off)')
     return p
 
 
 def validate(args):
-    """Raise UsageError for values argparse's types cannot judge alone."""
-    for alpha in args.alpha or []:
-        if not 0.0 <= alpha <= 1.0:
-            raise UsageError(f'--alpha must be in [0, 1], got {alpha}')
-    for temperature in args.temperature or []:
-        if temperature <= 0:
-            raise UsageError(f'--temperature must be > 0, got {temperature}')
-    for beta in args.beta or []:
-        if beta < 0:
-            raise UsageError(f'--beta must be >= 0, got {beta}')
-    for flag in ('loss', 'temperature', 'alpha', 'beta'):
-        values = getattr(args, flag) or []
-        if len(set(values)) != len(values):
-            raise UsageError(f'--{flag} must not repeat a value')
-    if args.lr is not None and args.lr < 0:
-        raise UsageError(f'--lr must be >= 0, got {args.lr}')
-    if args.weight_decay is not None and args.weight_decay < 0:
-        raise UsageError(f'--weight-decay must be >= 0, got {args.weight_decay}')
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise UsageError(f'--val-fraction must be in [0, 1), got {args.val_fraction}')
-    if args.seed < 0 or any(s < 0 for s in args.seeds or []):
-        raise UsageError('--seed and --seeds must be >= 0')
-    if args.split_seed < 0:
-        raise UsageError(f'--split-seed must be >= 0, got {args.split_seed}')
-    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
-        raise UsageError('--seeds must not repeat a seed')
-    if args.resume and args.restart:
-        raise UsageError('--resume and --restart exclude each other')
-    if args.evaluate and args.train_teacher:
-        raise UsageError('--evaluate and --train-teacher exclude each other')
+    """The RunConfig of parsed flags `args` (config.resolve); raises UsageError for values
+    argparse's types cannot judge alone."""
+    return resolve(args)
+
+
+def parse_config(argv=None):
+    """The RunConfig of command-line arguments `argv` (default: sys.argv[1:]); raises
+    UsageError (exit 2) for bad usage or a bad value."""
+    return resolve(build_parser().parse_args(argv))
 
 
 def main(argv=None):
@@ -199,9 +190,7 @@ def main(argv=None):
     from train import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
     from utils import DataError
     try:
-        args = build_parser().parse_args(argv)
-        validate(args)
-        return run(args)
+        return run(parse_config(argv))
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

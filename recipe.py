@@ -16,6 +16,7 @@ Flags given on the command line override a recipe's values (`resolve_recipe`).
 """
 import math
 from dataclasses import asdict, dataclass, replace
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -30,6 +31,23 @@ LOSS = 'kd'
 VAL_FRACTION = 0.1
 SPLIT_SEED = 0
 RECIPE = 'standard'
+
+# Every command-line flag's default, by argparse name: main.build_parser and config.flag_args
+# read them here. None: resolved later (the recipe's epochs, batch size, lr, weight decay, test
+# interval and architectures; each loss's temperature, alpha and beta from
+# losses.LOSSES[name].defaults;
+# the teacher checkpoint OUT_DIR/best_teacher.pth; amp decided per device).
+DEFAULTS = MappingProxyType({
+    'train_teacher': False, 'evaluate': False, 'recipe': RECIPE, 'dataset': DATASET,
+    'teacher_arch': None, 'student_arch': None, 'loss': (LOSS,), 'epochs': None,
+    'batch_size': None, 'lr': None, 'weight_decay': None, 'temperature': None, 'alpha': None,
+    'beta': None,
+    'seed': 0, 'seeds': None, 'data_dir': './data', 'out_dir': '.', 'device': 'auto',
+    'subset': None, 'val_fraction': VAL_FRACTION, 'split_seed': SPLIT_SEED, 'test_every': None,
+    'no_baseline': False, 'teacher_checkpoint': None, 'num_workers': 2, 'amp': None,
+    'stack_students': 'auto', 'compile': False, 'resume': False, 'restart': False,
+    'tensorboard': False,
+})
 
 
 @dataclass(frozen=True)
@@ -95,10 +113,6 @@ class Recipe:
     """Default of --teacher-arch."""
     student_arch: str = STUDENT_ARCH
     """Default of --student-arch."""
-    temperature: float = 4.0
-    """kd's temperature for a Trainee built without loss parameters."""
-    alpha: float = 0.1
-    """kd's alpha (the hard labels' weight) for a Trainee built without loss parameters."""
 
     def __post_init__(self):
         choices = {'lr_unit': ('batch', 'per_1024'), 'schedule': ('warmup_cosine', 'triangular'),
@@ -152,25 +166,31 @@ register_recipe(Recipe(
     test_every=0, teacher_arch='airbench94', student_arch='airbench94_small'))
 
 
-def default_lr(batch_size):
-    """The standard recipe's learning rate for a global batch (linear scaling from 0.1 at 128)."""
-    return BASE_LR * batch_size / BATCH_SIZE
+def scaled_lr(recipe, batch_size):
+    """The learning rate of `recipe` at a global batch of `batch_size` images.
+
+    An lr in 'batch' units follows the batch size linearly from the recipe's own (standard:
+    0.1 at 128, so 0.2 at 256); a 'per_1024' lr (the fast recipe's) is per image already and
+    needs no scaling. The one formula behind --lr's default and the printed note on it.
+    """
+    if recipe.lr_unit == 'batch' and batch_size != recipe.batch_size:
+        return recipe.lr * batch_size / recipe.batch_size
+    return recipe.lr
 
 
 def resolve_recipe(name, *, epochs=None, batch_size=None, lr=None, weight_decay=None):
     """The registered recipe `name` with the values given explicitly (not None) put in.
 
-    An lr in 'batch' units left open follows the batch size linearly from the recipe's own
-    (0.1 at 128 for standard); a 'per_1024' lr needs no scaling. Raises KeyError for an unknown
-    name.
+    An lr left open is `scaled_lr` of the recipe at the batch size. Raises KeyError for an
+    unknown name.
     """
     recipe = get_recipe(name)
     changes = {k: v for k, v in (('epochs', epochs), ('batch_size', batch_size),
                                  ('weight_decay', weight_decay)) if v is not None}
     if lr is not None:
         changes['lr'] = lr
-    elif recipe.lr_unit == 'batch' and batch_size is not None:
-        changes['lr'] = recipe.lr * batch_size / recipe.batch_size
+    elif batch_size is not None:
+        changes['lr'] = scaled_lr(recipe, batch_size)
     return replace(recipe, **changes)
 
 

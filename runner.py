@@ -1,8 +1,9 @@
 """Running a phase: the device, the models of the phase, seeds and their folders, resume look-up,
 precision and teacher choices, and the results.
 
-main.py parses and validates the command line and calls run(args); everything a run does after
-that is here, with explicit arguments, so it can be driven from Python as well.
+main.py parses the command line, config.resolve turns it into one frozen RunConfig, and
+run(config) does the rest, here, with explicit arguments, so it can be driven from Python as well:
+run(main.parse_config(['--train-teacher', '--epochs', '3'])).
 """
 import os
 import shlex
@@ -10,13 +11,13 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from config import UsageError, flag_args  # noqa: F401  (runner's names, as before)
 from distillers import plan_features
 from losses import HYPER_PARAMETERS
 from recipe import STUDENT_ARCH as DEFAULT_STUDENT_ARCH  # noqa: F401  (runner's name, as before)
-from recipe import (RECIPE, get_recipe, loader_options, prepare_model, recipe_names,
-                    resolve_recipe)
+from recipe import RECIPE, get_recipe, loader_options, prepare_model, recipe_names, scaled_lr
 
 # Configuration keys that change what a run computes: a resumed run must agree on all of them.
 RUN_KEYS = {
@@ -26,10 +27,6 @@ RUN_KEYS = {
                  'weight_decay', 'seed', 'val_fraction', 'split_seed', 'subset', 'precision',
                  'teacher_sha256', 'recipe'),
 }
-
-
-class UsageError(Exception):
-    """Bad usage or a bad flag value: exit code 2."""
 
 
 def resolve_device(name):
@@ -67,9 +64,9 @@ def check_out_dir(path):
         raise UsageError(f'--out-dir {path} cannot be written: {e.strerror or e}') from None
 
 
-def run_info(args, device):
+def run_info(config, device):
     from report import device_name
-    return {'data_dir': args.data_dir, 'subset': args.subset, 'device': device_name(device)}
+    return {'data_dir': config.data_dir, 'subset': config.subset, 'device': device_name(device)}
 
 
 def program():
@@ -90,51 +87,19 @@ def resume_command():
     return ' '.join([launcher, program()] + [shlex.quote(a) for a in argv + ['--resume']])
 
 
-def flag_args(args, dests):
-    """The command-line arguments that give `args`' values of `dests` (argparse names) where
-    they differ from main.py's defaults: what a printed command keeps of this run's flags.
-
-    Raises nothing; a dest args lacks, or one set to None, is left out. The recipe's values
-    (epochs, batch size, lr at this batch size, weight decay, test interval) count as defaults.
-    """
-    from main import build_parser  # main imports this module
-    parser = build_parser()
-    name = getattr(args, 'recipe', None) or RECIPE
-    recipe = get_recipe(name)
-    epochs = getattr(args, 'epochs', None) or recipe.epochs
-    by_recipe = {'epochs': recipe.epochs, 'batch_size': recipe.batch_size,
-                 'lr': resolve_recipe(name, batch_size=getattr(args, 'batch_size', None)).lr,
-                 'weight_decay': recipe.weight_decay,
-                 'test_every': recipe.test_every or epochs}
-    out = []
-    for dest in dests:
-        value = getattr(args, dest, None)
-        default = by_recipe[dest] if dest in by_recipe else parser.get_default(dest)
-        if value is None or value == default:
-            continue
-        flag = '--' + dest.replace('_', '-')
-        if value is True:
-            out.append(flag)
-        elif value is False:  # a BooleanOptionalAction (--amp / --no-amp)
-            out.append('--no-' + dest.replace('_', '-'))
-        else:
-            out += [flag] + [str(v) for v in (value if isinstance(value, list) else [value])]
-    return out
-
-
 QUICK_RUN = ['--epochs', '3', '--subset', '2000']
 # what a run's data and precision depend on, kept by every printed command
 DATA_FLAGS = ('recipe', 'dataset', 'data_dir', 'val_fraction', 'split_seed', 'device', 'amp')
 
 
-def missing_teacher_message(args, given):
+def missing_teacher_message(config):
     """What to do when the students' teacher checkpoint does not exist: check the path given
     to --teacher-checkpoint, or train the teacher into --out-dir with this run's data flags."""
-    if given:
-        return (f'no teacher checkpoint at {args.teacher_checkpoint}: check the path given to '
+    if config.teacher_checkpoint_given:
+        return (f'no teacher checkpoint at {config.teacher_checkpoint}: check the path given to '
                 f'--teacher-checkpoint')
-    flags = flag_args(args, DATA_FLAGS + ('subset', 'recipe', 'teacher_arch', 'out_dir'))
-    return (f'no teacher checkpoint at {args.teacher_checkpoint}: train one first with '
+    flags = flag_args(config, DATA_FLAGS + ('subset', 'recipe', 'teacher_arch', 'out_dir'))
+    return (f'no teacher checkpoint at {config.teacher_checkpoint}: train one first with '
             + ' '.join(['python', program(), '--train-teacher'] + [shlex.quote(f) for f in flags])
             + ', or give one with --teacher-checkpoint')
 
@@ -144,38 +109,37 @@ def command_lines(commands):
     return [' '.join(['python', program()] + [shlex.quote(a) for a in c]) for c in commands]
 
 
-def quick_run_commands(phase, args, teacher_arch):
+def quick_run_commands(config, teacher_arch):
     """The commands of a quick run (3 epochs, 2,000 images) suggested on a CPU: into their own
     folder OUT_DIR/quick, so they run when pasted even with this run's unfinished state in
     OUT_DIR, with this run's data, dataset, split, device, precision and architectures. The
     students' phase gets the quick teacher's command first: its students need a teacher of the
     same data. Returns command lines (str)."""
-    folder = os.path.normpath(os.path.join(args.out_dir, 'quick'))
-    common = flag_args(args, DATA_FLAGS + ('batch_size',))
-    recipe_arch = get_recipe(getattr(args, 'recipe', None) or RECIPE).teacher_arch
-    arch = ['--teacher-arch', teacher_arch] if teacher_arch != recipe_arch else []
+    folder = os.path.normpath(os.path.join(config.out_dir, 'quick'))
+    common = flag_args(config, DATA_FLAGS + ('batch_size',))
+    arch = ['--teacher-arch', teacher_arch] if teacher_arch != config.recipe.teacher_arch else []
     commands = [['--train-teacher', *QUICK_RUN, *arch, *common, '--out-dir', folder]]
-    if phase == 'students':
-        commands.append([*QUICK_RUN, *flag_args(args, ('student_arch', 'loss', 'temperature',
-                                                        'alpha', 'beta', 'no_baseline')),
+    if config.phase == 'students':
+        commands.append([*QUICK_RUN, *flag_args(config, ('student_arch', 'loss', 'temperature',
+                                                          'alpha', 'beta', 'no_baseline')),
                          *common, '--out-dir', folder])
     return command_lines(commands)
 
 
-def fast_run_commands(phase, args):
+def fast_run_commands(config):
     """The commands of the same phase under the fast recipe (its own networks, 10 epochs), into
     OUT_DIR/fast, with this run's data, dataset, split, device, precision and, for the students,
     loss settings; the students' phase gets the fast teacher's command first. [] when the run
     already uses the fast recipe. Returns command lines (str)."""
-    if (getattr(args, 'recipe', None) or RECIPE) == 'fast':
+    if config.recipe.name == 'fast':
         return []
-    folder = os.path.normpath(os.path.join(args.out_dir, 'fast'))
-    common = ['--recipe', 'fast', *flag_args(args, tuple(f for f in DATA_FLAGS if f != 'recipe')
-                                                   + ('subset',)), '--out-dir', folder]
+    folder = os.path.normpath(os.path.join(config.out_dir, 'fast'))
+    common = ['--recipe', 'fast', *flag_args(config, tuple(f for f in DATA_FLAGS if f != 'recipe')
+                                                     + ('subset',)), '--out-dir', folder]
     commands = [['--train-teacher', *common]]
-    if phase == 'students':
-        commands.append([*flag_args(args, ('loss', 'temperature', 'alpha', 'beta',
-                                            'no_baseline')),
+    if config.phase == 'students':
+        commands.append([*flag_args(config, ('loss', 'temperature', 'alpha', 'beta',
+                                              'no_baseline')),
                          *common])
     return command_lines(commands)
 
@@ -191,7 +155,7 @@ class ModelSpec:
     params: dict = field(default_factory=dict)
 
 
-def student_specs(args):
+def student_specs(config):
     """The students of a run: one per setting of the loss grid, plus the baseline.
 
     One setting keeps today's names (student_kd, student_base); several are named by their
@@ -199,23 +163,23 @@ def student_specs(args):
     best_student_kd.pth.
     """
     from losses import expand_grid, setting_name
-    grid = expand_grid(args.loss, args.temperature, args.alpha, args.beta)
-    arch = args.student_arch or get_recipe(args.recipe).student_arch
+    grid = expand_grid(config.loss, config.temperature, config.alpha, config.beta)
+    arch = config.student_model
     if len(grid) == 1:
         specs = [ModelSpec('student_kd', arch, *grid[0])]
     else:
         specs = [ModelSpec(setting_name(loss, params), arch, loss, params)
                  for loss, params in grid]
-    if not args.no_baseline:
+    if not config.no_baseline:
         specs.append(ModelSpec('student_base', arch, 'ce', {}))
     return specs
 
 
-def phase_specs(phase, args):
-    if phase == 'teacher':
-        return [ModelSpec('teacher', args.teacher_arch or get_recipe(args.recipe).teacher_arch,
-                          'ce', {})]
-    return student_specs(args)
+def phase_specs(config):
+    """The models `config.phase` trains ('teacher' or 'students')."""
+    if config.phase == 'teacher':
+        return [ModelSpec('teacher', config.teacher_arch or config.recipe.teacher_arch, 'ce', {})]
+    return student_specs(config)
 
 
 def feature_plan(specs, teacher, teacher_info, device, num_classes):
@@ -259,21 +223,21 @@ def load_states(phase, dirs):
     return states
 
 
-def find_states(phase, saved, args, config_by_seed):
+def find_states(phase, saved, resume, restart, config_by_seed):
     """The saved state of each seed for --resume, or a refusal to overwrite an unfinished run.
 
-    saved: load_states's result. Needs no timing, so it runs before any: the precision is
-    compared only when config_by_seed has one (--amp / --no-amp); in auto mode a resumed run
-    takes its saved precision (saved_precisions)."""
+    saved: load_states's result; resume, restart: --resume, --restart. Needs no timing, so it
+    runs before any: the precision is compared only when config_by_seed has one (--amp /
+    --no-amp); in auto mode a resumed run takes its saved precision (saved_precisions)."""
     from train import STATE_FORMAT
     states = {}
     for seed, (path, state) in saved.items():
-        if not state['finished'] and not args.resume and not args.restart:
+        if not state['finished'] and not resume and not restart:
             raise UsageError(
                 f"{path} holds an unfinished {phase} run (epoch {state['epoch']} of "
                 f"{state['config'].get('epochs')}). Resume it with --resume, or start over "
                 f"with --restart.")
-        if args.resume:
+        if resume:
             if state.get('format') != STATE_FORMAT:
                 raise UsageError(f'{path} was saved by an older version of this program and '
                                  f'cannot be resumed; start over with --restart')
@@ -315,10 +279,11 @@ def check_resume_data(saved, arrays, log):
                              f'start over')
 
 
-def saved_precisions(saved, args):
+def saved_precisions(saved, resume):
     """(precisions, teacher precision, record) of a run to be resumed, by name: a resumed run
-    keeps its own, whatever was stored or measured since. None when not resuming."""
-    if not args.resume:
+    keeps its own, whatever was stored or measured since. None when not resuming (resume:
+    --resume)."""
+    if not resume:
         return None
     for _, state in saved.values():
         config = state['config']
@@ -367,28 +332,28 @@ def describe_resume(seed, path, state, steps_per_epoch):
             f"{state['batch'] + 1} of {steps_per_epoch} (state saved {saved} in {path})")
 
 
-def make_trainees(specs, recipe, device, precisions, args, dist, seed, train_loader=None,
-                  features=None):
-    """The trainees of one seed. Students start from identical weights: differences between
-    them come from their losses alone. train_loader: the images the recipe initialises from
-    (recipe.prepare_model: the whitening layer), whose labels by index CRD's memory uses;
-    features: the distillers.FeaturePlan of feature methods (None: logit losses only)."""
+def make_trainees(specs, recipe, device, precisions, num_classes, compile_model, dist, seed,
+                  train_loader=None, features=None):
+    """The trainees of one seed, with num_classes outputs, torch.compile'd when compile_model.
+    Students start from identical weights: differences between them come from their losses
+    alone. train_loader: the images the recipe initialises from (recipe.prepare_model: the
+    whitening layer), whose labels by index CRD's memory uses; features: the
+    distillers.FeaturePlan of feature methods (None: logit losses only)."""
     import torch
     from models import build_model
     from train import Trainee
     torch.manual_seed(seed)
-    first = prepare_model(build_model(specs[0].arch, num_classes=args.num_classes), recipe,
+    first = prepare_model(build_model(specs[0].arch, num_classes=num_classes), recipe,
                           train_loader)
     trainees = []
     for spec in specs:
-        module = first if spec is specs[0] else build_model(spec.arch,
-                                                            num_classes=args.num_classes)
+        module = first if spec is specs[0] else build_model(spec.arch, num_classes=num_classes)
         if module is not first:
             prepare_model(module, recipe, train_loader,
                           like=first if spec.arch == specs[0].arch else None)
         trainees.append(Trainee(spec.name, module, spec.loss, recipe, device,
                                 precisions[spec.name], ddp=dist.enabled,
-                                compile_model=args.compile, loss_params=spec.params,
+                                compile_model=compile_model, loss_params=spec.params,
                                 distiller=distiller_of(features, spec, seed, train_loader),
                                 points=features.student_points.get(spec.arch)
                                 if features is not None else None))
@@ -409,9 +374,10 @@ def distiller_of(features, spec, seed, train_loader):
 # ---------------------------------------------------------------------------------------------
 # A phase, once per seed
 
-def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=None,
+def train_phase_for_seeds(config, device, dist, arrays, log, stop, teacher=None,
                           teacher_info=None, configuration=None):
-    """Train one phase once per seed; return {seed: summary}, the run folders and the config.
+    """Train config.phase once per seed; return {seed: summary}, the run folders and the
+    recorded config.
 
     configuration: resolved_configuration's view, recorded in the config as printed."""
     import torch
@@ -426,36 +392,33 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                         fastest_teacher, machine_key)
     from utils import make_loaders
 
-    seeds = args.seeds if args.seeds is not None else [args.seed]
-    dirs = run_dirs(args.out_dir, seeds, args.seeds is not None)
-    specs = phase_specs(phase, args)
-    recipe = resolve_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size,
-                            lr=args.lr, weight_decay=args.weight_decay)
+    phase, recipe, seeds = config.phase, config.recipe, list(config.seeds)
+    dirs = run_dirs(config.out_dir, seeds, config.per_seed_folders)
+    specs = phase_specs(config)
     main_log = log if dist.is_main else (lambda *_: None)
 
     def loaders(seed):
-        return make_loaders(args.data_dir, args.batch_size, device, args.val_fraction, seed,
-                            args.subset, eval_batch_size=5000 if device.type == 'cuda' else 1000,
+        return make_loaders(config.data_dir, config.batch_size, device, config.val_fraction,
+                            seed, config.subset,
+                            eval_batch_size=5000 if device.type == 'cuda' else 1000,
                             channels_last=True, rank=dist.rank, world_size=dist.world_size,
-                            arrays=arrays, split_seed=args.split_seed, dataset=args.dataset,
+                            arrays=arrays, split_seed=config.split_seed, dataset=config.dataset,
                             **loader_options(recipe))
 
     data = loaders(seeds[0])
-    features = feature_plan(specs, teacher, teacher_info, device, args.num_classes) \
+    features = feature_plan(specs, teacher, teacher_info, device, config.num_classes) \
         if phase == 'students' else None
-    batch_shape = (args.batch_size // dist.world_size, 3, 32, 32)
+    batch_shape = (config.batch_size // dist.world_size, 3, 32, 32)
     try:
-        memory_estimate = check_memory(specs, device, args.num_classes, batch_shape, main_log)
+        memory_estimate = check_memory(specs, device, config.num_classes, batch_shape, main_log)
     except GridTooLarge as e:
         raise UsageError(str(e)) from None
     # every refusal that needs no timing comes before any timing
     saved = load_states(phase, dirs)
-    if args.resume:
+    if config.resume:
         check_resume_data(saved, data.arrays, main_log)
-    amp = resumed_amp(saved, args.amp) if args.resume else args.amp
-    base_config = {k: getattr(args, k) for k in (
-        'dataset', 'num_classes', 'epochs', 'batch_size', 'lr', 'weight_decay', 'val_fraction',
-        'split_seed', 'subset', 'test_every', 'data_dir', 'out_dir', 'compile')}
+    amp = resumed_amp(saved, config.amp) if config.resume else config.amp
+    base_config = config.record()
     base_config.update(amp=amp, configuration=configuration, device=str(device),
                        world_size=dist.world_size, val_images_sha256=data.val_fingerprint(),
                        # what the images are, whichever folder they were read from
@@ -471,17 +434,18 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         # every loss's resolved settings; one setting also as its T and alpha (those it takes)
         base_config.update(distilled[0].params if len(distilled) == 1 else {})
         base_config.update(
-            student_arch=specs[0].arch, loss=args.loss, loss_settings=loss_settings(specs),
-            no_baseline=args.no_baseline,
+            student_arch=specs[0].arch, loss=list(config.loss),
+            loss_settings=loss_settings(specs), no_baseline=config.no_baseline,
             students=[{'name': s.name, 'loss': s.loss, 'params': s.params} for s in specs],
-            teacher_checkpoint=args.teacher_checkpoint, teacher_arch=teacher_info['arch'],
+            teacher_checkpoint=config.teacher_checkpoint, teacher_arch=teacher_info['arch'],
             teacher_sha256=teacher_info['sha256'])
-    states = find_states(phase, saved, args, {s: dict(base_config, seed=s) for s in seeds})
-    if args.resume and not states:
-        main_log(f'--resume: no saved {phase} state in {args.out_dir}; starting from the '
+    states = find_states(phase, saved, config.resume, config.restart,
+                         {s: dict(base_config, seed=s) for s in seeds})
+    if config.resume and not states:
+        main_log(f'--resume: no saved {phase} state in {config.out_dir}; starting from the '
                  f'beginning')
 
-    resumed = saved_precisions(saved, args)
+    resumed = saved_precisions(saved, config.resume)
     if resumed is not None:
         precisions = {n: PRECISION_DTYPES[p] for n, p in resumed[0].items()}
         teacher_precision = PRECISION_DTYPES[resumed[1]] if resumed[1] else None
@@ -490,9 +454,9 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                  f"resumed")
     else:
         store = PrecisionDecisions(decisions_path(), machine_key(dist.world_size), main_log) \
-            if device.type == 'cpu' and args.amp is None else None
+            if device.type == 'cpu' and config.amp is None else None
         precisions, teacher_precision, precision_record = decide_precisions(
-            specs, device, args.amp, dist, batch_shape, args.num_classes, teacher=teacher,
+            specs, device, config.amp, dist, batch_shape, config.num_classes, teacher=teacher,
             teacher_arch=teacher_info['arch'] if teacher_info else None, store=store,
             log=main_log)
     base_config.update(precision={n: precision_name(p) for n, p in precisions.items()},
@@ -500,44 +464,45 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                        precision_decisions=precision_record['decisions'])
     if phase == 'students':
         base_config['teacher_precision'] = precision_name(teacher_precision)
-        teacher_key = logits_key(teacher_info['sha256'], args.dataset,
+        teacher_key = logits_key(teacher_info['sha256'], config.dataset,
                                  data.arrays.test_sha256, data.num_test)
         teacher_logits, logits_reused = teacher_test_logits(
-            teacher, args.teacher_checkpoint, teacher_key, data.test, teacher_precision,
+            teacher, config.teacher_checkpoint, teacher_key, data.test, teacher_precision,
             main_log)
-        forwards = args.epochs * len(data.train) * len(seeds)
+        forwards = config.epochs * len(data.train) * len(seeds)
         teacher, teacher_form = fastest_teacher(
             teacher, batch_shape, device, teacher_precision, forwards, main_log,
-            compile_model=bool(args.compile),
+            compile_model=bool(config.compile),
             points=features.teacher_points if features is not None else None)
         base_config['teacher_form'] = teacher_form
         main_log(f"teacher: {teacher_form['chosen']} form for the training forwards "
                  f"({', '.join(f'{k} {v:.3f}s' for k, v in teacher_form['seconds_per_batch'].items())}"
                  f" per batch)")
     configs = {s: dict(base_config, seed=s) for s in seeds}
-    folders = [os.path.relpath(dirs[s], args.out_dir) for s in seeds]
+    folders = [os.path.relpath(dirs[s], config.out_dir) for s in seeds]
     names = [s.name for s in specs] + (['student_kd'] if len(distilled_names(specs)) > 1
                                        else [])
-    files = planned_files(phase, names, folders, top_copies=args.seeds is not None)
+    files = planned_files(phase, names, folders, top_copies=config.per_seed_folders)
     manifest = dict(models={s.name: {'arch': s.arch, 'loss': s.loss, 'params': s.params}
                             for s in specs},
-                    folders=folders, subset=args.subset, dataset=args.dataset, seeds=seeds)
+                    folders=folders, subset=config.subset, dataset=config.dataset, seeds=seeds)
     def claim_folder():
         """Before this run's first file: a fresh run must not mix its files with an earlier
         run's, so that run's files are set aside; the manifest then names this run's."""
         if not states:
-            keep = [] if teacher is None else [args.teacher_checkpoint,
-                                               record_path(args.teacher_checkpoint),
-                                               logits_path(args.teacher_checkpoint)]
-            set_aside(args.out_dir, phase, keep=keep, log=main_log)
-        write_manifest(args.out_dir, phase, files=files, finished=False, **manifest)
+            keep = [] if teacher is None else [config.teacher_checkpoint,
+                                               record_path(config.teacher_checkpoint),
+                                               logits_path(config.teacher_checkpoint)]
+            set_aside(config.out_dir, phase, keep=keep, log=main_log)
+        write_manifest(config.out_dir, phase, files=files, finished=False, **manifest)
         os.makedirs(dirs[seeds[0]], exist_ok=True)  # set_aside removes the seed folders it empties
-        writers.extend(w for w in [open_tensorboard(args, phase, log)] if w is not None)
+        writers.extend(w for w in [open_tensorboard(config.out_dir, config.tensorboard, phase,
+                                                    log)] if w is not None)
     if not logits_reused and dist.is_main:  # stored only now that the run is going ahead
-        store_test_logits(args.teacher_checkpoint, teacher_logits, teacher_key, main_log)
+        store_test_logits(config.teacher_checkpoint, teacher_logits, teacher_key, main_log)
     quick_run = quick_run_commands(
-        phase, args, specs[0].arch if phase == 'teacher' else teacher_info['arch'])
-    fast_run = fast_run_commands(phase, args)
+        config, specs[0].arch if phase == 'teacher' else teacher_info['arch'])
+    fast_run = fast_run_commands(config)
 
     writers = []  # opened by claim_folder, once an earlier run's event files are set aside
     summaries = {}
@@ -545,14 +510,14 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
         if dist.is_main and index > 0:  # the first seed's is made by claim_folder
             os.makedirs(dirs[seed], exist_ok=True)
         data = data if index == 0 else loaders(seed)
-        trainees = make_trainees(specs, recipe, device, precisions, args, dist, seed,
-                                 data.train, features)
+        trainees = make_trainees(specs, recipe, device, precisions, config.num_classes,
+                                 config.compile, dist, seed, data.train, features)
         if index == 0:
             stacked, base_config['stacking'] = decide_stacking(
-                trainees, args, device, dist, teacher, teacher_precision, recipe, batch_shape,
-                main_log)
-            for config in configs.values():
-                config['stacking'] = base_config['stacking']
+                trainees, config.stack_students, config.compile, config.num_classes, device,
+                dist, teacher, teacher_precision, recipe, batch_shape, main_log)
+            for recorded in configs.values():
+                recorded['stacking'] = base_config['stacking']
         main_log(f'[{phase}, seed {seed}] {data.num_train} training, {data.num_val} validation, '
                  f'{data.num_test} test images; {len(data.train)} step{"s" if len(data.train) != 1 else ""}'
                  f' per epoch; '
@@ -564,7 +529,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             main_log(describe_resume(seed, saved[seed][0], states[seed], len(data.train)))
         callback = (lambda epoch, rows, s=seed: [log_tensorboard(w, phase, s, epoch, rows)
                                                  for w in writers]) \
-            if args.tensorboard and dist.is_main else None
+            if config.tensorboard and dist.is_main else None
         seed_start = time.time()
         if stop is not None:  # from here a signal stops at the next batch and saves the state
             stop.immediate = False
@@ -572,7 +537,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             phase, trainees, data, recipe, dirs[seed], device, teacher=teacher,
             teacher_precision=teacher_precision, config=configs[seed],
             resume_state=states.get(seed), stop=stop, dist=dist, log=main_log,
-            epoch_callback=callback, test_every=args.test_every,
+            epoch_callback=callback, test_every=config.test_every,
             teacher_test_logits=teacher_logits, runs_ahead=len(seeds) if index == 0 else 0,
             stacked=stacked, before_write=claim_folder if index == 0 else None,
             quick_run=quick_run, fast_run=fast_run)
@@ -583,7 +548,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             summaries[seed]['models'][spec.name]['arch'] = spec.arch
         if teacher_info is not None:  # the teacher as it ran, not as an earlier run reported it
             summaries[seed]['models'].setdefault('teacher_in_use', {}).update(
-                teacher_in_use(args, teacher_info))
+                teacher_in_use(config.teacher_checkpoint, teacher_info))
         if dist.is_main:
             hashes = write_model_records(dirs[seed], specs, summaries[seed]['models'],
                                          configs[seed])
@@ -592,7 +557,7 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
             if phase == 'teacher':  # the students' phase and --evaluate reuse them
                 save_test_logits(os.path.join(dirs[seed], 'best_teacher.pth'),
                                  test_logits['teacher'], logits_key(
-                                     hashes['teacher'], args.dataset, data.arrays.test_sha256,
+                                     hashes['teacher'], config.dataset, data.arrays.test_sha256,
                                      data.num_test))
             else:
                 best = promote_best_student(dirs[seed], specs, summaries[seed]['models'],
@@ -600,27 +565,27 @@ def train_phase_for_seeds(phase, args, device, dist, arrays, log, stop, teacher=
                 if best is not None and index == 0:  # the top-level copy is the first seed's
                     manifest['models']['student_kd'] = dict(manifest['models'][best],
                                                             copy_of=best)
-        if args.seeds is not None and dist.is_main:
+        if config.per_seed_folders and dist.is_main:
             write_results(dirs[seed], phase, {seed: summaries[seed]}, configs[seed],
-                          run_info(args, device), {phase: [dirs[seed]]}, log=lambda *_: None)
+                          run_info(config, device), {phase: [dirs[seed]]}, log=lambda *_: None)
     for writer in writers:
         writer.close()
-    if args.seeds is not None and dist.is_main:
+    if config.per_seed_folders and dist.is_main:
         first = dirs[seeds[0]]
         for name in os.listdir(first):  # the top-level files stay usable by the README's snippet
             if name.startswith('best_'):
-                shutil.copyfile(os.path.join(first, name), os.path.join(args.out_dir, name))
+                shutil.copyfile(os.path.join(first, name), os.path.join(config.out_dir, name))
     if dist.is_main:
-        write_manifest(args.out_dir, phase, files=files, finished=True, **manifest)
+        write_manifest(config.out_dir, phase, files=files, finished=True, **manifest)
     return summaries, dirs, base_config
 
 
-def teacher_in_use(args, teacher_info):
+def teacher_in_use(checkpoint, teacher_info):
     """What describes the students' teacher besides its accuracy on this run's test images:
-    its checkpoint, hash, architecture and size, and the selection its record (whose hash was
-    checked against the weights loaded) reports."""
+    its checkpoint (path), hash, architecture and size, and the selection its record (whose
+    hash was checked against the weights loaded) reports."""
     record = teacher_info.get('record') or {}
-    return {'checkpoint': args.teacher_checkpoint, 'sha256': teacher_info['sha256'],
+    return {'checkpoint': checkpoint, 'sha256': teacher_info['sha256'],
             'arch': teacher_info['arch'], 'params': teacher_info['params'],
             'seeds': [record['seed']] if 'seed' in record else [],
             **{k: record[k] for k in ('best_epoch', 'best_val_acc') if k in record}}
@@ -667,17 +632,17 @@ def promote_best_student(run_dir, specs, models, log):
     return best
 
 
-def open_tensorboard(args, phase, log):
+def open_tensorboard(out_dir, on, phase, log):
     """A SummaryWriter into OUT_DIR/tensorboard/<phase> (one run per phase, as the folder
-    holds), or None without --tensorboard or when tensorboard is not installed."""
-    if not args.tensorboard:
+    holds), or None when not on (--tensorboard) or when tensorboard is not installed."""
+    if not on:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         log('tensorboard is not installed: --tensorboard is ignored (pip install tensorboard)')
         return None
-    return SummaryWriter(os.path.join(args.out_dir, 'tensorboard', phase))
+    return SummaryWriter(os.path.join(out_dir, 'tensorboard', phase))
 
 
 def log_tensorboard(writer, phase, seed, epoch, rows):
@@ -744,7 +709,7 @@ def test_images(subset, total):
     return f'all {total} test images'
 
 
-def evaluate_checkpoints(args, device, arrays, log):
+def evaluate_checkpoints(config, device, arrays, log):
     """--evaluate: test accuracy of the checkpoints of the last run of each phase in --out-dir,
     each rebuilt from its record, on the test images its run used (its record's --subset),
     unless --subset is given (then said to differ from results.md where it does)."""
@@ -754,52 +719,52 @@ def evaluate_checkpoints(args, device, arrays, log):
                          store_test_logits, teacher_test_logits)
     from train import accuracy, predict, predict_views
     from utils import make_loaders
-    listed, notes = last_run_models(args.out_dir)
+    listed, notes = last_run_models(config.out_dir)
     if not listed:
-        raise UsageError(f'no best_*.pth in {args.out_dir}: train first, or point --out-dir at '
+        raise UsageError(f'no best_*.pth in {config.out_dir}: train first, or point --out-dir at '
                          f'the folder holding them')
     for note in notes:
         log(note)
     total = len(arrays[3])
     trained_on, records = {}, {}
     for name, info in listed.items():
-        path = os.path.join(args.out_dir, f'best_{name}.pth')
+        path = os.path.join(config.out_dir, f'best_{name}.pth')
         records[name] = read_record(path)
-        trained_on[name] = (records[name] or info or {}).get('subset', args.subset)
-    explicit = args.subset is not None
+        trained_on[name] = (records[name] or info or {}).get('subset', config.subset)
+    explicit = config.subset is not None
     differ = sorted({s for s in trained_on.values()  # compared as the images they take
-                     if test_images(s, total) != test_images(args.subset, total)}, key=str) \
+                     if test_images(s, total) != test_images(config.subset, total)}, key=str) \
         if explicit else []
     if differ:
         runs = ' and '.join(test_images(s, total) for s in differ)
-        log(f'note: --subset {args.subset}: these accuracies are on other test images than '
+        log(f'note: --subset {config.subset}: these accuracies are on other test images than '
             f'results.md\'s (the runs that trained these checkpoints used {runs})')
-    teacher_path = os.path.join(args.out_dir, 'best_teacher.pth')
+    teacher_path = os.path.join(config.out_dir, 'best_teacher.pth')
     teacher_sha256 = (read_checkpoint(teacher_path, 'teacher checkpoint')[1]
                       if 'teacher' in listed else None)
     groups = {}
     for name in listed:
-        groups.setdefault(args.subset if explicit else trained_on[name], []).append(name)
+        groups.setdefault(config.subset if explicit else trained_on[name], []).append(name)
     models = {}
     for subset, names in groups.items():
-        data = make_loaders(args.data_dir, args.batch_size, device, 0.0, args.seed, subset,
-                            eval_batch_size=1000, channels_last=True, arrays=arrays,
-                            dataset=args.dataset)
+        data = make_loaders(config.data_dir, config.batch_size, device, 0.0, config.seeds[0],
+                            subset, eval_batch_size=1000, channels_last=True, arrays=arrays,
+                            dataset=config.dataset)
         log(f'Test set: {data.num_test} images, {test_images(subset, total)}'
             + (' (--subset)' if explicit else ', as in the runs that trained these checkpoints')
             + (f': {", ".join(names)}' if len(groups) > 1 else ''))
         for name in names:
-            path = os.path.join(args.out_dir, f'best_{name}.pth')
+            path = os.path.join(config.out_dir, f'best_{name}.pth')
             is_teacher = name == 'teacher'
             # the recipe that trained it decides its evaluation (test-time augmentation)
             recorded = (records[name] or {}).get('recipe')
-            recipe = get_recipe(recorded if recorded in recipe_names() else args.recipe)
+            recipe = get_recipe(recorded if recorded in recipe_names() else config.recipe.name)
             model, arch = rebuild(path, records[name],
-                                  args.teacher_arch if is_teacher else args.student_arch,
+                                  config.teacher_arch if is_teacher else config.student_arch,
                                   recipe.teacher_arch if is_teacher else recipe.student_arch,
-                                  args.num_classes,
+                                  config.num_classes,
                                   '--teacher-arch' if is_teacher else '--student-arch',
-                                  dataset=args.dataset)
+                                  dataset=config.dataset)
             loaded, sha256 = read_checkpoint(path, f'{type(model).__name__} checkpoint')
             # the accuracy below is that of these weights, whatever their record or folder
             # say (a manifest has said already whether its run is unfinished)
@@ -812,12 +777,12 @@ def evaluate_checkpoints(args, device, arrays, log):
                                                   teacher_sha256):
                 log(f'note: {problem}')
             model = load_for_inference(model, path, device, arch=arch,
-                                       num_classes=args.num_classes, record=records[name],
+                                       num_classes=config.num_classes, record=records[name],
                                        log=log, loaded=loaded)
-            precision = evaluation_precision(records[name], is_teacher, device, args.amp, log)
+            precision = evaluation_precision(records[name], is_teacher, device, config.amp, log)
             bar = f'evaluate {name}'
             if is_teacher:
-                key = logits_key(sha256, args.dataset, data.arrays.test_sha256, data.num_test)
+                key = logits_key(sha256, config.dataset, data.arrays.test_sha256, data.num_test)
                 logits, reused = teacher_test_logits(model, path, key, data.test, precision,
                                                      log, bar)
                 if not reused:
@@ -910,18 +875,17 @@ def describe_loss_settings(settings, alpha_given):
     return lines
 
 
-def resolved_configuration(phase, args, device, world_size=1, specs=None, teacher_arch=None):
-    """What `phase` ('teacher', 'students' or 'evaluate') runs with, every value resolved, as an
-    ordered {label: value}: only the settings that apply to the phase, defaults applied (the
+def resolved_configuration(config, device, world_size=1, specs=None, teacher_arch=None):
+    """What config.phase ('teacher', 'students' or 'evaluate') runs with, every value resolved,
+    as an ordered {label: value}: only the settings that apply to the phase, defaults applied (the
     learning rate scaled to the batch, each loss's own T and alpha, the teacher's architecture
     from its checkpoint's record), never None. Values are strings, numbers or lists of strings
     (one line each). The run prints it under 'Configuration:' and results.json records it as
     its phase's config['configuration'].
 
-    args: main.py's parsed flags, with args.lr resolved; specs: runner.phase_specs's models of
-    the phase (not for 'evaluate'); teacher_arch: the students' teacher's architecture.
+    config: the RunConfig; device: the torch.device it resolved to; specs: phase_specs's models
+    of the phase (not for 'evaluate'); teacher_arch: the students' teacher's architecture.
     """
-    from recipe import BASE_LR, BATCH_SIZE, default_lr
     from report import device_name
     from train import choose_precision, precision_name
 
@@ -929,41 +893,38 @@ def resolved_configuration(phase, args, device, world_size=1, specs=None, teache
         return name + (' (the default)' if name == default else '')
 
     def amp():
-        if args.amp is None and phase != 'evaluate':  # measured or ruled per device later on
-            return ('kept from the saved run, else auto (decided below)' if args.resume else
+        if config.amp is None and config.phase != 'evaluate':  # measured or ruled later on
+            return ('kept from the saved run, else auto (decided below)' if config.resume else
                     'auto (decided below)')
         # --evaluate, and forced modes, follow the fixed rule
-        role = 'student' if phase == 'students' else 'teacher'
-        name = precision_name(choose_precision(role, device, args.amp))
-        return name + (' (auto)' if args.amp is None else ' (--amp)' if args.amp else
+        role = 'student' if config.phase == 'students' else 'teacher'
+        name = precision_name(choose_precision(role, device, config.amp))
+        return name + (' (auto)' if config.amp is None else ' (--amp)' if config.amp else
                        ' (--no-amp)')
 
-    view = {'phase': phase, 'dataset': f'{args.dataset} ({args.num_classes} classes)',
-            'data dir': args.data_dir,
-            'subset': 'all' if args.subset is None else args.subset}
-    if phase == 'evaluate':
-        if args.subset is None:  # each checkpoint on the test images its run used
+    view = {'phase': config.phase, 'dataset': f'{config.dataset} ({config.num_classes} classes)',
+            'data dir': config.data_dir,
+            'subset': 'all' if config.subset is None else config.subset}
+    if config.phase == 'evaluate':
+        if config.subset is None:  # each checkpoint on the test images its run used
             view['subset'] = 'as in the runs that trained the checkpoints'
-        view['checkpoints'] = (f'the last run of each phase in {args.out_dir} '
+        view['checkpoints'] = (f'the last run of each phase in {config.out_dir} '
                                f'(run_teacher.json, run_students.json)')
         view['amp'] = amp()
         view['device'] = device_name(device)
         return view
-    # the recipe's values where a flag left one open (run() resolves them the same way)
-    recipe = resolve_recipe(getattr(args, 'recipe', RECIPE), epochs=args.epochs,
-                            batch_size=args.batch_size, lr=args.lr,
-                            weight_decay=args.weight_decay)
+    recipe = config.recipe  # the recipe's values where a flag left one open
     view['recipe'] = recipe.name + (' (the default)' if recipe.name == RECIPE else '')
-    if phase == 'teacher':
+    if config.phase == 'teacher':
         view['teacher arch'] = architecture(specs[0].arch, recipe.teacher_arch)
     else:
         view['student arch'] = architecture(specs[0].arch, recipe.student_arch)
-        view['teacher checkpoint'] = args.teacher_checkpoint
+        view['teacher checkpoint'] = config.teacher_checkpoint
         view['teacher arch'] = teacher_arch
-        view['losses'] = describe_loss_settings(loss_settings(specs), args.alpha is not None)
+        view['losses'] = describe_loss_settings(loss_settings(specs), config.alpha is not None)
         distilled = distilled_names(specs)
         view['students'] = f'{len(distilled)}: ' + ', '.join(distilled)
-        view['baseline'] = ('off (--no-baseline)' if args.no_baseline else
+        view['baseline'] = ('off (--no-baseline)' if config.no_baseline else
                             'student_base (cross-entropy on the labels only)')
     view['epochs'] = recipe.epochs
     view['batch size'] = recipe.batch_size
@@ -971,26 +932,27 @@ def resolved_configuration(phase, args, device, world_size=1, specs=None, teache
         view['lr'] = f'{recipe.lr:g} per 1,024 images'
         view['weight decay'] = f'{recipe.weight_decay:g} per 1,024 images'
     else:
+        base = get_recipe(recipe.name)  # as registered: the lr at its own batch size
         view['lr'] = f'{recipe.lr:g}' + (
-            f' ({BASE_LR:g} x batch size {recipe.batch_size} / {BATCH_SIZE})'
-            if recipe.lr == default_lr(recipe.batch_size) else '')
+            f' ({base.lr:g} x batch size {recipe.batch_size} / {base.batch_size})'
+            if recipe.lr == scaled_lr(base, recipe.batch_size) else '')
         view['weight decay'] = f'{recipe.weight_decay:g}'
-    if args.seeds is None:
-        view['seed'] = args.seed
+    if not config.per_seed_folders:
+        view['seed'] = config.seeds[0]
     else:
-        view['seeds'] = ', '.join(map(str, args.seeds)) + ' (one folder each: seed<N>/)'
-    view['val fraction'] = f'{args.val_fraction:g}' + (
-        ' (no validation: the last epoch is kept)' if args.val_fraction == 0 else '')
-    view['split seed'] = args.split_seed
-    every = args.test_every or recipe.test_every or recipe.epochs
+        view['seeds'] = ', '.join(map(str, config.seeds)) + ' (one folder each: seed<N>/)'
+    view['val fraction'] = f'{config.val_fraction:g}' + (
+        ' (no validation: the last epoch is kept)' if config.val_fraction == 0 else '')
+    view['split seed'] = config.split_seed
+    every = config.test_every
     view['test every'] = f'{every} epoch(s)' if every < recipe.epochs else 'the last epoch only'
     view['amp'] = amp()
-    if phase == 'students':
-        view['stack students'] = args.stack_students
-    view['compile'] = 'on' if args.compile else 'off'
-    view['resume'] = 'on' if args.resume else 'off (--restart)' if args.restart else 'off'
-    view['tensorboard'] = 'on' if args.tensorboard else 'off'
-    view['out dir'] = args.out_dir
+    if config.phase == 'students':
+        view['stack students'] = config.stack_students
+    view['compile'] = 'on' if config.compile else 'off'
+    view['resume'] = 'on' if config.resume else 'off (--restart)' if config.restart else 'off'
+    view['tensorboard'] = 'on' if config.tensorboard else 'off'
+    view['out dir'] = config.out_dir
     view['device'] = device_name(device) + (f' x {world_size} processes' if world_size > 1
                                             else '')
     return view
@@ -1007,7 +969,7 @@ def print_configuration(view, log=print):
 # ---------------------------------------------------------------------------------------------
 # A whole invocation
 
-def rerun_command(models, args):
+def rerun_command(models, config):
     """For a grid: the setting best on validation, whether it beats the baseline there, notes on
     losses whose warm-up outlasted the run, and the command that confirms it over seeds.
     Returns the lines as one string, or None for fewer than two distilled settings."""
@@ -1025,18 +987,17 @@ def rerun_command(models, args):
     if base_val is not None and best_val <= base_val:
         lines.append(f'It does not beat the baseline on validation ({best_val:.2f}% against the '
                      f"baseline's {base_val:.2f}%).")
-    # the epochs that ran: the recipe's where --epochs left them open
-    epochs = args.epochs or get_recipe(getattr(args, 'recipe', None) or RECIPE).epochs
+    epochs = config.epochs
     lines += warmup_notes({n: models[n] for n in distilled}, epochs)
     params = best.get('loss_params') or {}
     flags = ['--loss', best['loss']] + [x for k in HYPER_PARAMETERS if k in params
                                         for x in (f'--{k}', str(params[k]))]
     # everything else that made this run's numbers, so the seeds confirm this very setting
     keep = ['--epochs', str(epochs)] + flag_args(
-        args, DATA_FLAGS + ('subset', 'student_arch', 'batch_size', 'lr', 'weight_decay',
+        config, DATA_FLAGS + ('subset', 'student_arch', 'batch_size', 'lr', 'weight_decay',
                             'test_every', 'stack_students', 'compile')) + \
-        ['--teacher-checkpoint', args.teacher_checkpoint,
-         '--out-dir', os.path.normpath(os.path.join(args.out_dir, distilled[0]))]
+        ['--teacher-checkpoint', config.teacher_checkpoint,
+         '--out-dir', os.path.normpath(os.path.join(config.out_dir, distilled[0]))]
     lines.append(f'Confirm it over seeds, paired with the baseline: python {program()} '
                  + ' '.join(shlex.quote(a) for a in flags + keep + ['--seeds', '0', '1', '2', '3',
                                                                      '4']))
@@ -1055,19 +1016,20 @@ def describe_subset(asked, effective, title, num_train, num_test):
             f'comparable to full-data numbers')
 
 
-def check_split(args, num_train_images):
-    """Refuse a --val-fraction that leaves no image on one side, before anything is written."""
+def check_split(num_train_images, subset, val_fraction, split_seed):
+    """Refuse a --val-fraction that leaves no image on one side of the split of the first
+    `subset` (None: all) of num_train_images, before anything is written (UsageError)."""
     from utils import split_train_val
-    n = min(num_train_images, args.subset or num_train_images)
+    n = min(num_train_images, subset or num_train_images)
     try:
-        split_train_val(n, args.val_fraction, args.split_seed)
+        split_train_val(n, val_fraction, split_seed)
     except ValueError as e:
-        raise UsageError(str(e) + (f' (with --subset {args.subset})' if args.subset else '')) \
-            from None
+        raise UsageError(str(e) + (f' (with --subset {subset})' if subset else '')) from None
 
 
-def run(args, log=print):
-    """Run what args ask for (main.py's parsed and validated flags); returns the exit code.
+def run(config, log=print):
+    """Run what `config` asks for (a config.RunConfig, e.g. main.parse_config(argv)); returns
+    the exit code. `config` is left as it is.
 
     Until training starts (loading, timing, the teacher's logits) SIGINT / SIGTERM raise
     train.StartupInterrupted at once: there is nothing to save. From the first batch on they
@@ -1076,12 +1038,12 @@ def run(args, log=print):
     stop = StopSignal(immediate=True)
     stop.install()
     try:
-        return _run(args, log, stop)
+        return _run(config, log, stop)
     finally:
         stop.uninstall()
 
 
-def _run(args, log, stop):
+def _run(config, log, stop):
     from checkpoint import CheckpointError
     from datasets import effective_subset, get_dataset, load_dataset
     from distributed import barrier, init_distributed
@@ -1089,65 +1051,55 @@ def _run(args, log, stop):
     from teacher import SPLIT_KEYS, TeacherMismatch, check_data, load_teacher
     from train import configure_backends
 
-    try:  # the recipe's values fill what the command line leaves open
-        recipe = resolve_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size,
-                                lr=args.lr, weight_decay=args.weight_decay)
-    except KeyError as e:
-        raise UsageError(e.args[0]) from None
-    args.epochs, args.batch_size = recipe.epochs, recipe.batch_size
-    args.lr, args.weight_decay = recipe.lr, recipe.weight_decay
-    if args.test_every is None:
-        args.test_every = recipe.test_every or recipe.epochs  # 0: the last epoch only
-    device = resolve_device(args.device)
+    device = resolve_device(config.device)
     dist, device = init_distributed(device)
-    if dist.enabled and args.batch_size % dist.world_size:
-        raise UsageError(f'--batch-size {args.batch_size} (global) is not divisible by the '
+    if dist.enabled and config.batch_size % dist.world_size:
+        raise UsageError(f'--batch-size {config.batch_size} (global) is not divisible by the '
                          f'{dist.world_size} processes')
-    spec = get_dataset(args.dataset)
-    args.num_classes = spec.num_classes
-    given_teacher = args.teacher_checkpoint is not None
-    if not given_teacher:
-        args.teacher_checkpoint = os.path.join(args.out_dir, 'best_teacher.pth')
-    phase = 'evaluate' if args.evaluate else 'teacher' if args.train_teacher else 'students'
-    check_out_dir(args.out_dir)
+    spec = get_dataset(config.dataset)
+    phase = config.phase
+    check_out_dir(config.out_dir)
+    main_log = log if dist.is_main else (lambda *_: None)
 
     teacher, teacher_info, record = None, None, None
     if phase == 'students':  # refuse a missing or wrong teacher before reading data
-        if not os.path.exists(args.teacher_checkpoint):
-            raise CheckpointError(missing_teacher_message(args, given_teacher))
+        if not os.path.exists(config.teacher_checkpoint):
+            raise CheckpointError(missing_teacher_message(config))
         try:
-            teacher, arch, sha, record = load_teacher(args, device, spec.num_classes,
-                                                      log if dist.is_main else (lambda *_: None))
+            teacher, arch, sha, record = load_teacher(
+                config.teacher_checkpoint, device, config.num_classes, arch=config.teacher_arch,
+                default_arch=config.recipe.teacher_arch,
+                split={k: getattr(config, k) for k in SPLIT_KEYS if k != 'subset'},
+                log=main_log)
         except TeacherMismatch as e:
             raise UsageError(str(e)) from None
         teacher_info = {'arch': arch, 'sha256': sha,
                         'params': sum(p.numel() for p in teacher.parameters()),
                         'record': record}
     configuration = resolved_configuration(
-        phase, args, device, dist.world_size,
-        phase_specs(phase, args) if phase != 'evaluate' else None,
+        config, device, dist.world_size, phase_specs(config) if phase != 'evaluate' else None,
         teacher_info['arch'] if teacher_info else None)
     if dist.is_main:
         print_configuration(configuration, log)
 
     if dist.is_main:  # one process downloads; the others wait and read
-        full = load_dataset(args.data_dir, spec)
+        full = load_dataset(config.data_dir, spec)
     barrier()
     if not dist.is_main:
-        full = load_dataset(args.data_dir, spec, download=False)
+        full = load_dataset(config.data_dir, spec, download=False)
     arrays = full  # --evaluate takes each checkpoint's own test images unless --subset is given
     if phase != 'evaluate':  # from here on, --subset is what it does: None when it takes all
-        subset = effective_subset(args.subset, len(full[1]), len(full[3]))
-        if dist.is_main and args.subset:
-            log(describe_subset(args.subset, subset, spec.title, len(full[1]), len(full[3])))
-        args.subset = subset
-        configuration['subset'] = 'all' if subset is None else subset  # recorded: what ran
+        subset = effective_subset(config.subset, len(full[1]), len(full[3]))
+        if dist.is_main and config.subset:
+            log(describe_subset(config.subset, subset, spec.title, len(full[1]), len(full[3])))
+        config = replace(config, subset=subset)  # recorded: what ran
+        configuration['subset'] = 'all' if subset is None else subset
         arrays = full.first(subset)
-    check_split(args, len(arrays[1]))
+    check_split(len(arrays[1]), config.subset, config.val_fraction, config.split_seed)
     if phase == 'students':  # before anything is written
         try:
-            check_data(args.teacher_checkpoint, record, {k: getattr(args, k) for k in SPLIT_KEYS},
-                       full, arrays, log if dist.is_main else (lambda *_: None))
+            check_data(config.teacher_checkpoint, record,
+                       {k: getattr(config, k) for k in SPLIT_KEYS}, full, arrays, main_log)
         except TeacherMismatch as e:
             raise UsageError(str(e)) from None
     configure_backends(device)
@@ -1155,29 +1107,29 @@ def _run(args, log, stop):
     if phase == 'evaluate':
         if dist.is_main:
             try:
-                evaluate_checkpoints(args, device, arrays, log)
+                evaluate_checkpoints(config, device, arrays, log)
             except TeacherMismatch as e:
                 raise UsageError(str(e)) from None
         barrier()
         return 0
     start = time.time()
     try:
-        summaries, dirs, config = train_phase_for_seeds(phase, args, device, dist, arrays, log,
-                                                        stop, teacher, teacher_info,
-                                                        configuration)
+        summaries, dirs, recorded = train_phase_for_seeds(config, device, dist, arrays, log,
+                                                          stop, teacher, teacher_info,
+                                                          configuration)
     finally:
         stop.uninstall()  # writing the results: Ctrl-C raises KeyboardInterrupt as usual
     if dist.is_main:
-        results = write_results(args.out_dir, phase, summaries, config, run_info(args, device),
-                                {phase: list(dirs.values())}, log)
+        results = write_results(config.out_dir, phase, summaries, recorded,
+                                run_info(config, device), {phase: list(dirs.values())}, log)
         log(f'\nFinished the {phase} phase in {time.time() - start:.0f}s (peak memory '
             f'{results["phases"][phase]["peak_memory_mb"]:.0f} MB); results in '
-            f'{os.path.join(args.out_dir, "results.json")} and results.md')
+            f'{os.path.join(config.out_dir, "results.json")} and results.md')
         print_table(results['models'], log)
         if phase == 'students':
             for line in describe_gains(results):
                 log(line)
-            chosen = rerun_command(results['models'], args)
+            chosen = rerun_command(results['models'], config)
             if chosen:
                 log(chosen)
     # every process leaves together: one that tears its process group down while rank 0 still

@@ -145,15 +145,19 @@ def provenance_problems(path, record, sha256, phase, check_unfinished=True):
     return problems
 
 
-def load_teacher(args, device, num_classes, log=lambda *_: None):
+def load_teacher(path, device, num_classes, *, arch=None, default_arch=None, split,
+                 log=lambda *_: None):
     """(teacher module in eval mode, its architecture, sha256, record) for the students.
 
-    The sha256 is that of the bytes the weights were loaded from. Checks what needs no data:
-    the file, that it is a finished teacher (no unfinished teacher run beside it) and the one
-    its record describes (its hash), its split flags but --subset, its architecture and class
-    count; check_data checks the rest once the images are read. log: told which entry of a
-    training checkpoint held the weights. Raises CheckpointError, TeacherMismatch."""
-    path = args.teacher_checkpoint
+    path: the teacher checkpoint; num_classes: the dataset's class count; arch: --teacher-arch
+    (None: its record's); default_arch: the architecture of a teacher without a record (None:
+    the default recipe's); split: {key: value} of SPLIT_KEYS but 'subset' (the run's dataset
+    and held-out split). The sha256 is that of the bytes the weights were loaded from. Checks
+    what needs no data: the file, that it is a finished teacher (no unfinished teacher run
+    beside it) and the one its record describes (its hash), its split but --subset, its
+    architecture and class count; check_data checks the rest once the images are read. log:
+    told which entry of a training checkpoint held the weights. Raises CheckpointError,
+    TeacherMismatch."""
     if not os.path.exists(path):
         raise CheckpointError(f'no teacher checkpoint at {path}: run `python main.py '
                               f'--train-teacher` first, or pass --teacher-checkpoint')
@@ -174,12 +178,12 @@ def load_teacher(args, device, num_classes, log=lambda *_: None):
             f'describes {path}')
     if record is not None:  # --subset is judged by check_data, as it acts on the data
         refuse_other_split(path, recorded_split(record),
-                           {k: getattr(args, k) for k in SPLIT_KEYS if k != 'subset'},
+                           {k: v for k, v in split.items() if k != 'subset'},
                            record.get('num_classes'))
     # a teacher without a record is taken to be the recipe's teacher unless --teacher-arch says
-    default_arch = get_recipe(getattr(args, 'recipe', None) or RECIPE).teacher_arch
-    model, arch = rebuild(path, record, args.teacher_arch, default_arch, num_classes,
-                          '--teacher-arch', dataset=args.dataset)
+    default_arch = default_arch or get_recipe(RECIPE).teacher_arch
+    model, arch = rebuild(path, record, arch, default_arch, num_classes, '--teacher-arch',
+                          dataset=split['dataset'])
     model = load_for_inference(model, path, device, arch=arch, num_classes=num_classes,
                                record=record, log=log, loaded=loaded)
     return model, arch, sha256, record

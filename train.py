@@ -185,8 +185,8 @@ class Trainee:
     """A model being trained: its plain module, what the loop calls, optimizer, precision, loss.
 
     loss is a name from losses.LOSSES ('ce' for the baseline, 'kd', 'dkd', 'ls', ...);
-    loss_params its hyper-parameters (default: the recipe's temperature / alpha for the ones the
-    loss takes, else the loss's own defaults). The recipe gives the optimizer
+    loss_params its hyper-parameters (default: the loss's own, LOSSES[loss].defaults, as on
+    the command line: kd T=4 alpha=0.1, ls T=2 alpha=0.1). The recipe gives the optimizer
     (recipe.make_optimizer), the label smoothing of the hard-label term and the lookahead
     averaging (None without it).
     """
@@ -195,8 +195,7 @@ class Trainee:
                  compile_model=False, loss_params=None, distiller=None, points=None):
         self.name, self.precision = name, precision
         self.loss = get_loss(loss)
-        self.loss_params = dict(loss_params) if loss_params is not None else {
-            k: getattr(recipe, k, v) for k, v in self.loss.defaults.items()}
+        self.loss_params = dict(loss_params if loss_params is not None else self.loss.defaults)
         self.module = module.to(device, memory_format=torch.channels_last)
         # a feature method's module (distillers.py): trained, synchronised and saved with the
         # student, never part of best_*.pth (self.module stays the plain student)

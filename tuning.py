@@ -381,27 +381,28 @@ def decide_precisions(specs, device, amp, dist, batch_shape, num_classes, teache
             {'source': ' and '.join(sources), 'decisions': decisions})
 
 
-def decide_stacking(trainees, args, device, dist, teacher, teacher_precision, recipe,
-                    batch_shape, log):
-    """(train the students as one vmapped stack?, record). --stack-students on / off decide;
-    auto stacks on CUDA when a few timed steps of both ways say the stack is faster."""
+def decide_stacking(trainees, mode, compiled, num_classes, device, dist, teacher,
+                    teacher_precision, recipe, batch_shape, log):
+    """(train the students as one vmapped stack?, record). mode: --stack-students; on / off
+    decide; auto stacks on CUDA when a few timed steps of both ways say the stack is faster.
+    compiled: --compile; num_classes: the models' output count (for the timed labels)."""
     import torch
     from stacked import stacking_problem, time_both
-    if args.stack_students == 'off' or len(trainees) < 2:
-        return False, {'mode': args.stack_students, 'stacked': False}
-    problem = stacking_problem(trainees, dist.enabled, args.compile)
+    if mode == 'off' or len(trainees) < 2:
+        return False, {'mode': mode, 'stacked': False}
+    problem = stacking_problem(trainees, dist.enabled, compiled)
     if problem:
-        if args.stack_students == 'on' or any(t.distiller is not None for t in trainees):
+        if mode == 'on' or any(t.distiller is not None for t in trainees):
             log(f'students: not stacked ({problem}); they train one after another')
-        return False, {'mode': args.stack_students, 'stacked': False, 'why_not': problem}
-    if args.stack_students == 'on':
+        return False, {'mode': mode, 'stacked': False, 'why_not': problem}
+    if mode == 'on':
         return True, {'mode': 'on', 'stacked': True}
     if device.type != 'cuda':
         return False, {'mode': 'auto', 'stacked': False, 'why_not': 'auto stacks on CUDA only'}
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch_shape, generator=gen).to(device).contiguous(
         memory_format=torch.channels_last)
-    labels = torch.randint(0, args.num_classes, (batch_shape[0],), generator=gen).to(device)
+    labels = torch.randint(0, num_classes, (batch_shape[0],), generator=gen).to(device)
     seconds = time_both(trainees, recipe, teacher, images, labels, teacher_precision)
     stacked = seconds['stacked'] < seconds['loop']
     log(f"students: {len(trainees)} in a loop {seconds['loop'] * 1e3:.1f} ms per step, stacked "

@@ -264,6 +264,7 @@ def reference_epochs(data_dir, device, batch_size, subset, workers):
     import torch
     import torch.nn.functional as F
     from models import StudentNet
+    from losses import LOSSES
     from train import Recipe, make_optimizer
     from utils import kd_loss
     recipe = Recipe()
@@ -284,7 +285,7 @@ def reference_epochs(data_dir, device, batch_size, subset, workers):
             if kind == 'kd':
                 with torch.no_grad():
                     teacher_logits = teacher(images)
-                loss = kd_loss(logits, teacher_logits, labels, recipe.temperature, recipe.alpha)
+                loss = kd_loss(logits, teacher_logits, labels, **LOSSES['kd'].defaults)
             else:
                 loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)

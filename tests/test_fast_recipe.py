@@ -413,21 +413,21 @@ def test_the_fast_workflow_through_its_benchmark_and_the_command_line(cifar_dir,
 def test_a_teacher_without_a_record_is_taken_to_be_the_recipes_teacher(tmp_path):
     """A bare state_dict (no best_teacher.json beside it) under --recipe fast is rebuilt as the
     fast recipe's teacher, airbench94, not the standard recipe's resnet18."""
-    from argparse import Namespace
     from teacher import load_teacher
     torch.manual_seed(0)
     reference = build_model('airbench94')
     path = tmp_path / 'teacher.pth'
     torch.save(reference.state_dict(), path)
-    args = Namespace(teacher_checkpoint=str(path), teacher_arch=None, dataset='cifar10',
-                     recipe='fast')
-    model, arch, _, record = load_teacher(args, CPU, 10)
+    split = {'dataset': 'cifar10', 'split_seed': 0, 'val_fraction': 0.1}
+    fast, standard = (main.parse_config(['--recipe', r]).recipe for r in ('fast', 'standard'))
+    model, arch, _, record = load_teacher(str(path), CPU, 10,
+                                          default_arch=fast.teacher_arch, split=split)
     assert (arch, record) == ('airbench94', None)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # channels_last sums in another order
         assert torch.allclose(model(x), reference.eval()(x), atol=1e-5)
     with pytest.raises(Exception, match='airbench94, not of a resnet18'):
-        load_teacher(Namespace(**{**vars(args), 'recipe': 'standard'}), CPU, 10)
+        load_teacher(str(path), CPU, 10, default_arch=standard.teacher_arch, split=split)
 
 
 def test_evaluate_runs_each_checkpoint_in_the_precision_its_run_tested_it_in():

@@ -140,7 +140,7 @@ def test_the_printed_confirm_command_runs_as_printed_with_the_runs_flags(grid_ru
 def test_the_confirm_command_keeps_the_split_and_the_recipe():
     import main
     from runner import rerun_command
-    args = main.build_parser().parse_args([
+    config = main.parse_config([
         '--loss', 'kd', '--temperature', '2', '4', '--val-fraction', '0.2', '--split-seed', '3',
         '--batch-size', '64', '--lr', '0.3', '--out-dir', 'runs', '--teacher-checkpoint', 't.pth'])
     models = {'kd_T2_a0.1': {'best_val_acc': 50.0, 'loss': 'kd',
@@ -148,11 +148,11 @@ def test_the_confirm_command_keeps_the_split_and_the_recipe():
               'kd_T4_a0.1': {'best_val_acc': 40.0, 'loss': 'kd',
                              'loss_params': {'temperature': 4.0, 'alpha': 0.1}},
               'student_base': {'best_val_acc': 45.0, 'loss': 'ce'}}
-    line = rerun_command(models, args)
+    line = rerun_command(models, config)
     command = shlex.split(line.split('paired with the baseline: ', 1)[1])
     assert command[2:] == [
         '--loss', 'kd', '--temperature', '2.0', '--alpha', '0.1234567', '--epochs', '200',
         '--val-fraction', '0.2', '--split-seed', '3', '--batch-size', '64', '--lr', '0.3',
         '--teacher-checkpoint', 't.pth', '--out-dir', 'runs/kd_T2_a0.1',
         '--seeds', '0', '1', '2', '3', '4']
-    main.validate(main.build_parser().parse_args(command[2:]))
+    main.parse_config(command[2:])

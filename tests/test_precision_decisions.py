@@ -314,11 +314,11 @@ def test_estimate_and_advice_on_their_own_lines_and_every_printed_command_runs(
 
 
 def test_quick_run_advice_keeps_the_runs_data_and_models(tmp_path):
-    args = main.build_parser().parse_args([
+    config = main.parse_config([
         '--dataset', 'cifar100', '--data-dir', 'my data', '--student-arch', 'resnet8x4',
         '--loss', 'kd', 'dkd', '--temperature', '2', '4', '--split-seed', '3', '--no-amp',
         '--out-dir', 'runs/a'])
-    teacher, students = quick_run_commands('students', args, 'resnet32x4')
+    teacher, students = quick_run_commands(config, 'resnet32x4')
     assert shlex.split(teacher)[2:] == [
         '--train-teacher', '--epochs', '3', '--subset', '2000', '--teacher-arch', 'resnet32x4',
         '--dataset', 'cifar100', '--data-dir', 'my data', '--split-seed', '3', '--no-amp',
@@ -328,14 +328,14 @@ def test_quick_run_advice_keeps_the_runs_data_and_models(tmp_path):
         'dkd', '--temperature', '2.0', '4.0', '--dataset', 'cifar100', '--data-dir', 'my data',
         '--split-seed', '3', '--no-amp', '--out-dir', 'runs/a/quick']
     for command in (teacher, students):   # each parses as the program's own command line
-        main.validate(main.build_parser().parse_args(shlex.split(command)[2:]))
+        main.parse_config(shlex.split(command)[2:])
 
 
 def test_the_fast_recipe_advice_keeps_the_runs_data_and_losses_and_parses(tmp_path):
-    args = main.build_parser().parse_args([
+    config = main.parse_config([
         '--data-dir', 'my data', '--student-arch', 'resnet8x4', '--loss', 'kd', 'dkd',
         '--temperature', '2', '4', '--split-seed', '3', '--no-amp', '--out-dir', 'runs/a'])
-    teacher, students = fast_run_commands('students', args)
+    teacher, students = fast_run_commands(config)
     assert shlex.split(teacher)[2:] == [
         '--train-teacher', '--recipe', 'fast', '--data-dir', 'my data', '--split-seed', '3',
         '--no-amp', '--out-dir', 'runs/a/fast']
@@ -343,9 +343,9 @@ def test_the_fast_recipe_advice_keeps_the_runs_data_and_losses_and_parses(tmp_pa
         '--loss', 'kd', 'dkd', '--temperature', '2.0', '4.0', '--recipe', 'fast', '--data-dir',
         'my data', '--split-seed', '3', '--no-amp', '--out-dir', 'runs/a/fast']
     for command in (teacher, students):   # each parses as the program's own command line
-        main.validate(main.build_parser().parse_args(shlex.split(command)[2:]))
-    fast = main.build_parser().parse_args(['--recipe', 'fast'])
-    assert fast_run_commands('teacher', fast) == []   # already the fast recipe
+        main.parse_config(shlex.split(command)[2:])
+    fast = main.parse_config(['--recipe', 'fast', '--train-teacher'])
+    assert fast_run_commands(fast) == []   # already the fast recipe
 
 
 @pytest.mark.parametrize('flag', ['--restart', '--resume', '--rest', '--resu'])

@@ -9,7 +9,7 @@ import pytest
 from losses import LOSSES, expand_grid, get_loss, setting_name
 from report import (aggregate_models, curves_figure, describe_gains, gains, grid_figure,
                     plot_curves, plot_grid, print_table, results_table)
-from main import build_parser
+from main import parse_config
 from runner import rerun_command
 from train import EPOCH_LINE_WIDTH, csv_fields, format_epoch_line
 
@@ -128,10 +128,7 @@ def test_a_grid_on_one_seed_says_once_why_there_is_no_interval():
 
 
 def _args(epochs):
-    args = build_parser().parse_args(['--epochs', str(epochs), '--student-arch', 'cnn',
-                                      '--out-dir', 'out'])
-    args.teacher_checkpoint = 'best_teacher.pth'  # as runner.run resolves it
-    return args
+    return parse_config(['--epochs', str(epochs), '--student-arch', 'cnn', '--out-dir', 'out'])
 
 
 def test_the_recommendation_says_when_the_best_does_not_beat_the_baseline():

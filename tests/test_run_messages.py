@@ -92,11 +92,10 @@ def test_students_configuration_gives_each_loss_its_resolved_t_and_alpha(umask_r
 
 
 def test_configuration_of_a_grid_and_of_dkd():
-    args = main.build_parser().parse_args(['--loss', 'kd', 'dkd', '--temperature', '2', '8',
-                                           '--alpha', '0.5', '--no-baseline', '--amp'])
-    args.lr, args.num_classes, args.teacher_checkpoint = 0.05, 10, 'best_teacher.pth'
-    view = resolved_configuration('students', args, torch.device('cpu'),
-                                  specs=phase_specs('students', args), teacher_arch='resnet18')
+    config = main.parse_config(['--loss', 'kd', 'dkd', '--temperature', '2', '8', '--alpha',
+                                '0.5', '--no-baseline', '--amp', '--lr', '0.05'])
+    view = resolved_configuration(config, torch.device('cpu'), specs=phase_specs(config),
+                                  teacher_arch='resnet18')
     assert view['losses'] == ['kd: T=2, 8, alpha=0.5', 'dkd: T=2, 8, --alpha does not apply']
     assert view['students'] == '4: kd_T2_a0.5, kd_T8_a0.5, dkd_T2, dkd_T8'
     assert view['baseline'] == 'off (--no-baseline)'

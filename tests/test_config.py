@@ -72,6 +72,8 @@ def test_run_never_mutates_the_config(cifar_dir, tmp_path):
     (['--temperature', '0'], '--temperature must be > 0, got 0.0'),
     (['--loss', 'kd', 'kd'], '--loss must not repeat a value'),
     (['--temperature', '2', '2'], '--temperature must not repeat a value'),
+    (['--beta', '-1'], '--beta must be >= 0, got -1.0'),
+    (['--beta', '1', '1'], '--beta must not repeat a value'),
     (['--lr', '-1'], '--lr must be >= 0, got -1.0'),
     (['--weight-decay', '-0.1'], '--weight-decay must be >= 0, got -0.1'),
     (['--val-fraction', '1'], '--val-fraction must be in [0, 1), got 1.0'),
@@ -106,11 +108,11 @@ def test_every_default_has_one_home():
     assert not {'temperature', 'alpha'} & {f.name for f in dataclasses.fields(recipe.Recipe)}
     assert not hasattr(recipe, 'default_lr')
     # every loss's students take its registry defaults when --temperature / --alpha are open
-    config = main.parse_config(['--loss', 'kd', 'dkd', 'ls'])
+    config = main.parse_config(['--loss', 'kd', 'dkd', 'ls', 'fitnet'])
     assert {s.loss: s.params for s in phase_specs(config)} == {
         'kd': {'temperature': 4.0, 'alpha': 0.1}, 'dkd': {'temperature': 4.0},
-        'ls': {'temperature': 2.0, 'alpha': 0.1}, 'ce': {}}
-    assert {n: dict(LOSSES[n].defaults) for n in ('kd', 'dkd', 'ls')} == {
+        'ls': {'temperature': 2.0, 'alpha': 0.1}, 'fitnet': {'beta': 100.0}, 'ce': {}}
+    assert {n: dict(LOSSES[n].defaults) for n in ('kd', 'dkd', 'ls', 'fitnet')} == {
         s.loss: s.params for s in phase_specs(config) if s.loss != 'ce'}
     # the public convention: plain `python main.py` is `--temperature 4 --alpha 0.1`
     assert phase_specs(main.parse_config([]))[0].params == phase_specs(main.parse_config(
@@ -146,6 +148,7 @@ def test_trainee_takes_the_registry_defaults(loss, expected):
      '--split-seed', '2', '--stack-students', 'off', '--resume', '--tensorboard',
      '--data-dir', 'my data', '--out-dir', 'runs/a', '--device', 'cpu'],
     ['--evaluate', '--recipe', 'fast', '--restart', '--subset', '100'],
+    ['--loss', 'fitnet', 'at', '--beta', '50', '500'],
 ])
 def test_flag_args_round_trips(argv):
     """flag_args gives back a command line that resolves to the same configuration (what the

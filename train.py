@@ -206,16 +206,17 @@ class Trainee:
             if self.distiller is not None:
                 self.distiller = sync_batchnorm(self.distiller, device)
         if self.distiller is not None:
-            # one module for DDP: the distiller's parameters are reduced with the student's
-            model = StudentWithDistiller(self.module, self.distiller, points)
+            # one module for DDP: the distiller's parameters are reduced with the student's;
+            # --compile compiles the student's forward inside it (the hooks compile with it)
+            model = StudentWithDistiller(
+                self.module, self.distiller, points,
+                torch.compile(self.module) if compile_model else None)
         if ddp:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == 'cuda' else None,
                 **no_buffer_sync_argument())
-        # a student read through hooks is not compiled (the hooks' side effects would break the
-        # graph); its distiller's terms are small next to its forward
-        compile_model = compile_model and self.distiller is None
-        self.train_model = torch.compile(model) if compile_model else model
+        compile_whole = compile_model and self.distiller is None
+        self.train_model = torch.compile(model) if compile_whole else model
         self.eval_model = torch.compile(self.module) if compile_model else self.module
         self.optimizer = make_optimizer(self.module, recipe, extra=(
             self.distiller.parameters() if self.distiller is not None else ()))
@@ -243,16 +244,19 @@ class Trainee:
 class StudentWithDistiller(torch.nn.Module):
     """A student and its feature method's Distiller as one module, so DDP wraps (and reduces the
     gradients of) both: forward runs the student with its feature points hooked, then the
-    distiller's loss. points: {name: spec} of the student's points the distiller reads."""
+    distiller's loss. points: {name: spec} of the student's points the distiller reads;
+    compiled: torch.compile(student), run instead of the student (the hooks compile with it)."""
 
-    def __init__(self, student, distiller, points):
+    def __init__(self, student, distiller, points, compiled=None):
         super().__init__()
         self.student, self.distiller = student, distiller
         self.capture = FeatureCapture(student, {k: points[k] for k in distiller.student_points})
+        # not a submodule: the student's parameters must appear once (to DDP, to state_dict)
+        object.__setattr__(self, '_forward', compiled if compiled is not None else student)
 
     def forward(self, images, labels, teacher_out, batch, epoch, precision, label_smoothing):
         with autocast(images.device, precision), self.capture:
-            logits = self.student(images)
+            logits = self._forward(images)
         loss, parts = self.distiller(logits, teacher_out.logits, labels,
                                      student_feats=self.capture.pop(),
                                      teacher_feats=teacher_out.feats, batch=batch, epoch=epoch,

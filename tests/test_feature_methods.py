@@ -400,3 +400,42 @@ def test_a_feature_method_on_a_model_without_points_is_refused(trained_run, tmp_
     err = capsys.readouterr().err
     assert code == 2 and "'pointless_test_net' names no feature points" in err
     assert not glob.glob(str(tmp_path / '*.pth'))
+
+
+@pytest.mark.slow
+def test_compiled_forms_give_the_eager_features_and_steps():
+    """--compile: the teacher's compiled form returns its points, and a feature student
+    compiled with its hooks takes the eager steps."""
+    from tuning import compile_frozen
+    from features import WithPoints
+    torch.manual_seed(0)
+    teacher = TeacherNet().eval()
+    tp = feature_points('resnet18', teacher)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        logits, feats = compile_frozen(fold_batchnorm(teacher, tp))(x)
+        eager_logits, eager = WithPoints(teacher, tp)(x)
+    assert torch.allclose(logits, eager_logits, atol=1e-4)
+    assert max((feats[k] - eager[k]).abs().max().item() for k in tp) < 1e-4
+    recipe = get_recipe('standard')
+    sp = feature_points('cnn', StudentNet(widths=(8, 16, 16, 32)))
+    ctx = BuildContext(point_shapes(StudentNet(widths=(8, 16, 16, 32)), sp, 'cpu'),
+                       point_shapes(teacher, tp, 'cpu'), torch.arange(16) % 10, 10)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        student = StudentNet(widths=(8, 16, 16, 32))
+        t = Trainee('at', student, 'at', recipe, torch.device('cpu'), compile_model=compiled,
+                    distiller=build_distiller('at', {}, ctx), points=sp)
+        idx = torch.arange(16)
+        out = train_step([t], WithPoints(teacher, tp), x.repeat(4, 1, 1, 1), ctx.train_labels,
+                         recipe, batch=Batch(None, None, idx, 0, 0, 0, idx, 0))
+        results.append((out[0].loss.item(), out[0].parts['at'].item(),
+                        [p.detach().clone() for p in student.parameters()]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-4)
+    # the same update, up to float32 rounding of a compiled graph
+    torch.manual_seed(1)
+    before = list(StudentNet(widths=(8, 16, 16, 32)).parameters())
+    for a, b, p in zip(results[0][2], results[1][2], before):
+        assert (a - b).abs().max() <= 1e-3 * (a - p).abs().max() + 1e-7

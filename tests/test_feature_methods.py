@@ -355,6 +355,36 @@ def test_crd_trains_its_heads_with_the_student_and_keeps_them_out_of_the_checkpo
     assert set(t.module.state_dict()) == set(StudentNet(widths=(8, 16, 16, 32)).state_dict())
 
 
+def test_batches_name_their_images_and_ranks_slice_one_global_batch():
+    from utils import make_loaders
+    g = torch.Generator().manual_seed(0)
+    arrays = (torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, generator=g),
+              torch.randint(0, 10, (50,), generator=g),
+              torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g),
+              torch.randint(0, 10, (10,), generator=g))
+
+    def loader(rank=0, world=1):
+        return make_loaders(batch_size=8, val_fraction=0.2, seed=3, arrays=arrays, rank=rank,
+                            world_size=world, padding=0).train
+    one = loader()
+    one.set_epoch(2)
+    batches = list(one.batches())
+    seen = torch.cat([b.indices for b in batches])
+    assert len(seen) == 40 and len(set(seen.tolist())) == 40  # each image once an epoch
+    for b in batches:  # the indices are the images and labels of the batch (no crops: flips)
+        assert torch.equal(one.labels[b.indices], b.labels)
+        for x, i in zip(b.images, b.indices):
+            image = one.normalize(one.images[i:i + 1])[0]
+            assert torch.equal(x, image) or torch.equal(x, image.flip(-1))
+        assert (b.epoch, b.seed, b.row_lo) == (2, 3, 0) and torch.equal(b.global_indices, b.indices)
+    halves = [loader(r, 2) for r in (0, 1)]
+    for h in halves:
+        h.set_epoch(2)
+    for b, b0, b1 in zip(batches, *(h.batches() for h in halves)):
+        assert torch.equal(torch.cat([b0.indices, b1.indices]), b.indices)
+        assert torch.equal(b1.global_indices, b.indices) and b1.row_lo == len(b0.indices)
+
+
 # ---------------------------------------------------------------------------------------------
 # From the command line
 

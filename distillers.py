@@ -345,7 +345,8 @@ class CRD(CRDBase):
 @register_distiller('crd_kd', defaults={'temperature': 4.0, 'beta': 0.8},
                     parts=('ce', 'kd', 'crd'),
                     help='loss = CE + T^2*KL(teacher||student) + beta*NCE: crd with KD, as '
-                         "RepDistiller's -a 1 -b 0.8; --temperature is T.")
+                         "RepDistiller's -a 1 -b 0.8; --temperature is T (4) and --beta "
+                         'weights the NCE term (0.8).')
 class CRDWithKD(CRDBase):
     def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
                 label_smoothing):

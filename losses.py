@@ -43,9 +43,9 @@ class DistillLoss:
     weights, and the epochs over which its distillation weight ramps up (0: full weight from
     the start).
 
-    A feature method (distillers.py) has `fn` None and `distiller`, the class of its
-    distillers.Distiller module (built per student: it owns the method's connectors and
-    memories), with the loss parts it returns declared in `parts`.
+    `parts` are the names of the loss parts it returns ('ce' first). A feature method
+    (distillers.py) has `fn` None and `distiller`, the class of its distillers.Distiller module
+    (built per student: it owns the method's connectors and memories).
     """
     name: str
     fn: Callable
@@ -53,8 +53,8 @@ class DistillLoss:
     uses_teacher: bool
     help: str
     warmup_epochs: int = 0
+    parts: tuple = ('ce',)
     distiller: type = None
-    parts: tuple = None
 
     def __deepcopy__(self, memo):  # immutable and registered once: copies share it
         return self
@@ -63,18 +63,20 @@ class DistillLoss:
 LOSSES = {}
 
 
-def register_loss(name, *, defaults=None, uses_teacher=True, help, warmup_epochs=0):
+def register_loss(name, *, defaults=None, uses_teacher=True, help, parts, warmup_epochs=0):
     """Decorator: register the logit loss `fn` under `name` in LOSSES (a second loss of the
     same name is refused).
 
     defaults maps the hyper-parameters the loss takes (a subset of HYPER_PARAMETERS) to
-    their default values; warmup_epochs is how many epochs the function's own ramp of the
-    distillation weight lasts (reports say when a run was shorter). The function is returned
-    unchanged.
+    their default values; parts: the names of the parts it returns ('ce' first; the CSV columns
+    of a run); warmup_epochs is how many epochs the function's own ramp of the distillation
+    weight lasts (reports say when a run was shorter). The function is returned unchanged.
     """
+    defaults = _checked_defaults(name, defaults)
+
     def decorator(fn):
         _register(name, defaults, fn=fn, uses_teacher=bool(uses_teacher), help=help,
-                  warmup_epochs=int(warmup_epochs))
+                  warmup_epochs=int(warmup_epochs), parts=tuple(parts))
         return fn
 
     return decorator
@@ -84,6 +86,8 @@ def register_distiller(name, *, defaults=None, parts, help, warmup_epochs=0):
     """Decorator: register a feature method, the distillers.Distiller subclass it decorates,
     under `name` in LOSSES, as register_loss does; parts: the loss parts its forward returns
     ('ce' first). The class is returned unchanged."""
+    defaults = _checked_defaults(name, defaults)
+
     def decorator(cls):
         _register(name, defaults, fn=None, uses_teacher=True, help=help,
                   warmup_epochs=int(warmup_epochs), distiller=cls, parts=tuple(parts))
@@ -92,16 +96,20 @@ def register_distiller(name, *, defaults=None, parts, help, warmup_epochs=0):
     return decorator
 
 
-def _register(name, defaults, **fields):
+def _checked_defaults(name, defaults):
+    """The defaults in HYPER_PARAMETERS order, as floats; ValueError for an unknown key."""
     defaults = dict(defaults or {})
     unknown = set(defaults) - set(HYPER_PARAMETERS)
     if unknown:
         raise ValueError(f'loss {name!r}: unknown hyper-parameters {sorted(unknown)}; '
                          f'a loss may take {", ".join(HYPER_PARAMETERS)}')
+    return MappingProxyType({k: float(defaults[k]) for k in HYPER_PARAMETERS if k in defaults})
+
+
+def _register(name, defaults, **fields):
     if name in LOSSES:
         raise ValueError(f'a loss named {name!r} is already registered')
-    ordered = {k: float(defaults[k]) for k in HYPER_PARAMETERS if k in defaults}
-    LOSSES[name] = DistillLoss(name, defaults=MappingProxyType(ordered), **fields)
+    LOSSES[name] = DistillLoss(name, defaults=defaults, **fields)
 
 
 def get_loss(name):
@@ -156,7 +164,7 @@ def _zscore(logits):
 # ---------------------------------------------------------------------------------------------
 # The losses
 
-@register_loss('ce', defaults={}, uses_teacher=False,
+@register_loss('ce', defaults={}, uses_teacher=False, parts=('ce',),
                help='Cross-entropy on the labels only (no teacher); '
                     '--alpha and --temperature do not apply.')
 def ce_loss(student_logits, teacher_logits, labels, *, epoch=1, **options):
@@ -169,7 +177,7 @@ def ce_loss(student_logits, teacher_logits, labels, *, epoch=1, **options):
     return ce, {'ce': ce}
 
 
-@register_loss('kd', defaults={'temperature': 4.0, 'alpha': 0.1},
+@register_loss('kd', defaults={'temperature': 4.0, 'alpha': 0.1}, parts=('ce', 'kd'),
                help='loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student) (Hinton et al.): '
                     '--alpha weights the hard labels (0.1 puts 0.9 on the teacher) and '
                     '--temperature is T.')
@@ -191,6 +199,7 @@ def kd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0,
 
 
 @register_loss('dkd', defaults={'temperature': 4.0}, warmup_epochs=DKD_WARMUP_EPOCHS,
+               parts=('ce', 'tckd', 'nckd'),
                help='loss = CE + min(epoch/20, 1)*T^2*(1*TCKD + 8*NCKD), TCKD and NCKD the KLs of the '
                     'binary target/rest and the non-target softmaxes at T (Zhao et al., authors\' '
                     'CIFAR weights): --temperature is T and --alpha does not apply.')
@@ -229,7 +238,7 @@ def dkd_loss(student_logits, teacher_logits, labels, *, epoch=1, temperature=4.0
     return loss, {'ce': ce, 'tckd': tckd, 'nckd': nckd}
 
 
-@register_loss('ls', defaults={'temperature': 2.0, 'alpha': 0.1},
+@register_loss('ls', defaults={'temperature': 2.0, 'alpha': 0.1}, parts=('ce', 'kd'),
                help='loss = alpha*CE + 10*(1-alpha)*T^2*KL on z-scored logits (Sun et al.): the '
                     'default --alpha 0.1 gives the authors\' weights 0.1 and 9, --temperature '
                     'is T.')

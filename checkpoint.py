@@ -2,6 +2,7 @@
 import argparse
 import hashlib
 import io
+import json
 import os
 import pickletools
 import random
@@ -408,13 +409,11 @@ def record_path(checkpoint_path):
 
 
 def write_record(checkpoint_path, record):
-    import json
     atomic_write_text(record_path(checkpoint_path), json.dumps(record, indent=2) + '\n')
 
 
 def read_record(checkpoint_path):
     """The record written beside checkpoint_path, or None when there is none."""
-    import json
     path = record_path(checkpoint_path)
     if not os.path.exists(path):
         return None

@@ -13,11 +13,17 @@ import math
 import os
 import sys
 
-from datasets import dataset_names
-from models import model_names
+import recipe as r
+from checkpoint import CheckpointError
 from config import UsageError, resolve
+from datasets import dataset_names
+from distributed import shutdown_distributed
+from losses import LOSSES
+from models import model_names
 from runner import resume_command, run
+from train import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
 from tuning import BF16_MIN_SPEEDUP, CACHE_ENV, decisions_path
+from utils import DataError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -46,8 +52,6 @@ def finite_float(text):
 
 
 def build_parser():
-    import recipe as r
-    from losses import LOSSES
     defaults, fast = r.get_recipe('standard'), r.get_recipe('fast')
     default = r.DEFAULTS  # every flag's default, in one place
     kd = LOSSES['kd'].defaults
@@ -185,10 +189,6 @@ def parse_config(argv=None):
 
 
 def main(argv=None):
-    from checkpoint import CheckpointError
-    from distributed import shutdown_distributed
-    from train import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
-    from utils import DataError
     try:
         return run(parse_config(argv))
     except UsageError as e:

@@ -4,6 +4,11 @@ Many students share one device in a grid; a grid that cannot fit is refused befo
 (with the number of students that can), not after an out-of-memory error an hour in.
 """
 import os
+import resource
+
+import torch
+
+from models import build_model
 
 
 class GridTooLarge(Exception):
@@ -14,8 +19,6 @@ def bytes_per_student(arch, num_classes, batch_shape):
     """About how much memory one student takes while training: weights, gradients and momentum
     (3 copies of the parameters) plus the activations autograd keeps for one batch (every
     layer's output, in float32: an upper bound under autocast)."""
-    import torch
-    from models import build_model
     model = build_model(arch, num_classes=num_classes)
     outputs = []
     hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel()))
@@ -30,7 +33,6 @@ def bytes_per_student(arch, num_classes, batch_shape):
 
 def available_bytes(device):
     """Free memory on the device: the GPU's free memory, or the machine's available RAM."""
-    import torch
     if device.type == 'cuda':
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -62,8 +64,6 @@ def check_memory(specs, device, num_classes, batch_shape, log):
 
 def peak_memory_mb(device):
     """The process's peak memory so far: the GPU's allocations, or the resident set size."""
-    import resource
-    import torch
     if device.type == 'cuda':
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -3,7 +3,7 @@
 A user's first command may start 200 epochs on a laptop CPU; after a few dozen steps the run
 says how long all of it will take, and past an hour on a CPU it suggests a quick run instead.
 """
-import time
+from timing import Stopwatch
 
 
 class DurationEstimate:
@@ -21,21 +21,21 @@ class DurationEstimate:
         self.data, self.trainees, self.test_every = data, trainees, test_every
         self.runs_ahead, self.device, self.log = runs_ahead, device, log
         self.quick_run, self.fast_run = quick_run or [], fast_run or []
-        self.t0, self.steps, self.images, self.estimate = None, 0, 0, None
+        self.watch, self.steps, self.images, self.estimate = None, 0, 0, None
 
     def on_step(self, batch_images, out):
+        """After each training step: batch_images, the images of the step (on this process);
+        out, the step's outputs (unused: the stopwatch waits for the device itself)."""
         self.steps += 1
         if self.steps == 2:  # warm-up over: one-time kernel choices and allocations
-            _sync(out)
-            self.t0 = time.time()
+            self.watch = Stopwatch(self.device).start()
             return
-        if self.estimate is not None or self.t0 is None:
+        if self.estimate is not None or self.watch is None:
             return
         self.images += batch_images
         if self.steps - 2 < min(self.STEPS, self.steps_per_epoch - 2):
             return
-        _sync(out)
-        seconds = time.time() - self.t0
+        seconds = self.watch.elapsed()
         per_step = seconds / (self.steps - 2)
         images_per_s = self.images / max(seconds, 1e-9)
         # an evaluation forward costs about a third of a training step, per image and model
@@ -63,10 +63,6 @@ class DurationEstimate:
                          'epochs), in its own folder:')
                 for command in self.fast_run:
                     self.log(f'  {command}')
-
-
-def _sync(out):
-    out[0].loss.item()  # waits for the device to finish the queued steps
 
 
 def format_duration(seconds):

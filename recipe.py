@@ -241,10 +241,17 @@ def param_groups(module, recipe):
 
 
 def make_optimizer(module, recipe, extra=()):
-    """Nesterov SGD over `param_groups(module, recipe)`; extra: more parameters (a feature
-    method's connectors), in the main group ('all' or 'other') with its lr and weight decay, as
-    the reference code trains them (one SGD over the student and the method's modules)."""
-    groups = param_groups(module, recipe)
+    """The recipe's optimizer, Nesterov SGD with its momentum: the one place an optimizer is
+    built, for the plain loop, stacked students and torchrun alike.
+
+    module: an nn.Module, whose groups are `param_groups(module, recipe)`, or a list of such
+    groups already made (stacked students give their stacked tensors). extra: more parameters
+    (a feature method's connectors), in the main group ('all' or 'other', the last) with its lr
+    and weight decay, as the reference code trains them (one SGD over the student and the
+    method's modules); those not requiring a gradient are left out.
+    """
+    groups = param_groups(module, recipe) if isinstance(module, torch.nn.Module) \
+        else [dict(g) for g in module]
     extra = [p for p in extra if p.requires_grad]
     if extra:
         groups[-1]['params'] = list(groups[-1]['params']) + extra

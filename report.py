@@ -6,9 +6,11 @@ import os
 import platform
 import subprocess
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoint import atomic_write_text
 from losses import get_loss
 
 MODEL_LABELS = {'teacher': 'Teacher (ResNet-18)', 'student_kd': 'Student (KD)',
@@ -351,7 +353,7 @@ def _pyplot(log, what):
     """matplotlib.pyplot on the Agg backend, or None (said through `log`) when it is missing or
     broken: a run never fails for a plot."""
     try:
-        import matplotlib
+        import matplotlib  # optional: a run without it writes no plots
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except Exception as e:
@@ -449,7 +451,7 @@ def curves_figure(run_dirs, teacher_acc=None, keeps_last=False):
     (keeps_last: by the last epoch's validation accuracy, the weights kept). The legend sits below the panels; epochs are integers; with few epochs every point has a
     marker, so a 1-epoch run shows its points.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: imported only when a figure is drawn
     from matplotlib.lines import Line2D
     from matplotlib.ticker import LogFormatter, MaxNLocator
 
@@ -573,7 +575,7 @@ def grid_figure(models):
     (%, mean over seeds) and, under it, its difference to the baseline's. One colour scale for
     all panels, diverging around the baseline: blue above it, red below, white level.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: imported only when a figure is drawn
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
@@ -632,12 +634,10 @@ def grid_figure(models):
 # The run record and the results files
 
 def versions():
-    import numpy
-    import torch
     out = {'python': platform.python_version(), 'torch': torch.__version__,
-           'numpy': numpy.__version__}
+           'numpy': np.__version__}
     try:
-        import torchvision
+        import torchvision  # lazily: importing it costs a second in every process
         out['torchvision'] = torchvision.__version__
     except Exception:
         out['torchvision'] = None
@@ -721,7 +721,6 @@ def drop_phase(results, phase):
 
 def write_results_files(out_dir, results, log=print):
     """results.json, results.md and curves.png (every phase's models) of `results`."""
-    from checkpoint import atomic_write_text
     atomic_write_text(os.path.join(out_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
     atomic_write_text(os.path.join(out_dir, 'results.md'), results_markdown(results))
     phases, models = results.get('phases', {}), results.get('models', {})

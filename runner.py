@@ -10,14 +10,34 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
+import time  # wall-clock stamps only (when a file was saved); intervals: timing
 from dataclasses import dataclass, field, replace
 
+import torch
+
+from checkpoint import (CheckpointError, file_sha256, load_file, read_checkpoint, read_record,
+                        record_path, write_record)
 from config import UsageError, flag_args  # noqa: F401  (runner's names, as before)
+from datasets import effective_subset, get_dataset, load_dataset
 from distillers import plan_features
-from losses import HYPER_PARAMETERS
-from recipe import STUDENT_ARCH as DEFAULT_STUDENT_ARCH  # noqa: F401  (runner's name, as before)
+from distributed import barrier, init_distributed
+from losses import HYPER_PARAMETERS, expand_grid, get_loss, setting_name
+from memory import GridTooLarge, check_memory, peak_memory_mb
+from models import build_model, feature_points
+from outdir import planned_files, read_manifest, set_aside, write_manifest
 from recipe import RECIPE, get_recipe, loader_options, prepare_model, recipe_names, scaled_lr
+from recipe import STUDENT_ARCH as DEFAULT_STUDENT_ARCH  # noqa: F401  (runner's name, as before)
+from report import (describe_gains, device_name, print_table, ranked_students, read_results,
+                    warmup_notes, write_results)
+from teacher import (SPLIT_KEYS, TeacherMismatch, check_data, load_for_inference, load_teacher,
+                     logits_key, logits_path, provenance_problems, rebuild, save_test_logits,
+                     store_test_logits, teacher_test_logits)
+from timing import Stopwatch
+from train import (PRECISION_DTYPES, STATE_FORMAT, StopSignal, Trainee, accuracy, choose_precision,
+                   configure_backends, precision_name, predict, predict_views, train_phase)
+from tuning import (PrecisionDecisions, decide_precisions, decide_stacking, decisions_path,
+                    fastest_teacher, machine_key)
+from utils import make_loaders, split_train_val
 
 # Configuration keys that change what a run computes: a resumed run must agree on all of them.
 RUN_KEYS = {
@@ -30,7 +50,6 @@ RUN_KEYS = {
 
 
 def resolve_device(name):
-    import torch
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try:
@@ -65,7 +84,6 @@ def check_out_dir(path):
 
 
 def run_info(config, device):
-    from report import device_name
     return {'data_dir': config.data_dir, 'subset': config.subset, 'device': device_name(device)}
 
 
@@ -162,7 +180,6 @@ def student_specs(config):
     setting (kd_T4_a0.1, dkd_T4, ...), and the best of them on validation also becomes
     best_student_kd.pth.
     """
-    from losses import expand_grid, setting_name
     grid = expand_grid(config.loss, config.temperature, config.alpha, config.beta)
     arch = config.student_model
     if len(grid) == 1:
@@ -185,7 +202,6 @@ def phase_specs(config):
 def feature_plan(specs, teacher, teacher_info, device, num_classes):
     """The distillers.FeaturePlan of the students' feature methods (None when none); a model
     without the points a method reads is a usage error, found before any training."""
-    from models import build_model, feature_points
     built = {}
     students = [(s.arch, s.loss, built.setdefault(s.arch, build_model(s.arch, num_classes)))
                 for s in specs]
@@ -209,7 +225,6 @@ def run_dirs(out_dir, seeds, per_seed_folders):
 
 def load_states(phase, dirs):
     """{seed: (path, state)} of the saved training states in the run folders, each read once."""
-    from checkpoint import load_file
     states = {}
     for seed, d in dirs.items():
         path = os.path.join(d, f'last_{phase}.pt')
@@ -229,7 +244,6 @@ def find_states(phase, saved, resume, restart, config_by_seed):
     saved: load_states's result; resume, restart: --resume, --restart. Needs no timing, so it
     runs before any: the precision is compared only when config_by_seed has one (--amp /
     --no-amp); in auto mode a resumed run takes its saved precision (saved_precisions)."""
-    from train import STATE_FORMAT
     states = {}
     for seed, (path, state) in saved.items():
         if not state['finished'] and not resume and not restart:
@@ -339,9 +353,6 @@ def make_trainees(specs, recipe, device, precisions, num_classes, compile_model,
     alone. train_loader: the images the recipe initialises from (recipe.prepare_model: the
     whitening layer), whose labels by index CRD's memory uses; features: the
     distillers.FeaturePlan of feature methods (None: logit losses only)."""
-    import torch
-    from models import build_model
-    from train import Trainee
     torch.manual_seed(seed)
     first = prepare_model(build_model(specs[0].arch, num_classes=num_classes), recipe,
                           train_loader)
@@ -363,7 +374,6 @@ def make_trainees(specs, recipe, device, precisions, num_classes, compile_model,
 def distiller_of(features, spec, seed, train_loader):
     """The feature method's Distiller of a student (None for a logit loss), initialised from
     `seed` alone: a method's connectors start the same in a grid and alone."""
-    import torch
     if features is None:
         return None
     with torch.random.fork_rng(devices=[]):
@@ -380,17 +390,6 @@ def train_phase_for_seeds(config, device, dist, arrays, log, stop, teacher=None,
     recorded config.
 
     configuration: resolved_configuration's view, recorded in the config as printed."""
-    import torch
-    from checkpoint import record_path
-    from memory import GridTooLarge, check_memory, peak_memory_mb
-    from outdir import planned_files, set_aside, write_manifest
-    from report import write_results
-    from teacher import (logits_key, logits_path, save_test_logits, store_test_logits,
-                         teacher_test_logits)
-    from train import PRECISION_DTYPES, precision_name, train_phase
-    from tuning import (PrecisionDecisions, decide_precisions, decide_stacking, decisions_path,
-                        fastest_teacher, machine_key)
-    from utils import make_loaders
 
     phase, recipe, seeds = config.phase, config.recipe, list(config.seeds)
     dirs = run_dirs(config.out_dir, seeds, config.per_seed_folders)
@@ -530,7 +529,7 @@ def train_phase_for_seeds(config, device, dist, arrays, log, stop, teacher=None,
         callback = (lambda epoch, rows, s=seed: [log_tensorboard(w, phase, s, epoch, rows)
                                                  for w in writers]) \
             if config.tensorboard and dist.is_main else None
-        seed_start = time.time()
+        seed_watch = Stopwatch(device).start()
         if stop is not None:  # from here a signal stops at the next batch and saves the state
             stop.immediate = False
         summaries[seed] = train_phase(
@@ -541,7 +540,7 @@ def train_phase_for_seeds(config, device, dist, arrays, log, stop, teacher=None,
             teacher_test_logits=teacher_logits, runs_ahead=len(seeds) if index == 0 else 0,
             stacked=stacked, before_write=claim_folder if index == 0 else None,
             quick_run=quick_run, fast_run=fast_run)
-        summaries[seed]['wall_seconds'] = round(time.time() - seed_start, 2)
+        summaries[seed]['wall_seconds'] = round(seed_watch.elapsed(), 2)
         summaries[seed]['peak_memory_mb'] = peak_memory_mb(device)
         test_logits = summaries[seed].pop('test_logits')
         for spec in specs:
@@ -595,7 +594,6 @@ def write_model_records(run_dir, specs, models, config):
     """best_<name>.json beside each best_<name>.pth: what the weights are (architecture, class
     count, loss) and which data selected them, so later phases can rebuild and check them.
     Returns {name: sha256 of its checkpoint}."""
-    from checkpoint import file_sha256, write_record
     hashes = {}
     for spec in specs:
         path = os.path.join(run_dir, f'best_{spec.name}.pth')
@@ -638,7 +636,7 @@ def open_tensorboard(out_dir, on, phase, log):
     if not on:
         return None
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: needs tensorboard
     except ImportError:
         log('tensorboard is not installed: --tensorboard is ignored (pip install tensorboard)')
         return None
@@ -670,9 +668,6 @@ def last_run_models(out_dir):
     Returns ({name: that run's manifest or results.json config, or None}, notes). A phase's
     models come from its manifest run_<phase>.json; for folders written before manifests,
     from results.json's record of the phase; with neither, every best_*.pth is taken."""
-    from checkpoint import read_record
-    from outdir import read_manifest
-    from report import read_results
     results = read_results(out_dir) or {}
     models, notes = {}, []
     for phase in ('teacher', 'students'):
@@ -713,12 +708,6 @@ def evaluate_checkpoints(config, device, arrays, log):
     """--evaluate: test accuracy of the checkpoints of the last run of each phase in --out-dir,
     each rebuilt from its record, on the test images its run used (its record's --subset),
     unless --subset is given (then said to differ from results.md where it does)."""
-    from checkpoint import read_checkpoint, read_record
-    from report import print_table
-    from teacher import (load_for_inference, logits_key, provenance_problems, rebuild,
-                         store_test_logits, teacher_test_logits)
-    from train import accuracy, predict, predict_views
-    from utils import make_loaders
     listed, notes = last_run_models(config.out_dir)
     if not listed:
         raise UsageError(f'no best_*.pth in {config.out_dir}: train first, or point --out-dir at '
@@ -803,8 +792,6 @@ def evaluation_precision(record, is_teacher, device, amp, log):
     the precision its run tested it in (its record's, said in one line when it is not the
     rule's), else choose_precision's rule. Rounding differs between precisions, so only the
     recorded one reproduces the run's test accuracy."""
-    import torch
-    from train import PRECISION_DTYPES, choose_precision
     rule = choose_precision('teacher' if is_teacher else 'student', device, amp)
     recorded = (record or {}).get('precision')
     if amp is not None or recorded not in PRECISION_DTYPES:
@@ -858,7 +845,6 @@ def describe_loss_settings(settings, alpha_given):
     """['kd: T=4 (its default), alpha=0.1 (its default)', ...]: one line per loss of
     loss_settings's result. alpha_given: --alpha was on the command line (said where it does not
     apply)."""
-    from losses import get_loss
     symbols = {'temperature': 'T', 'alpha': 'alpha', 'beta': 'beta'}
     lines = []
     for name, values in settings.items():
@@ -886,8 +872,6 @@ def resolved_configuration(config, device, world_size=1, specs=None, teacher_arc
     config: the RunConfig; device: the torch.device it resolved to; specs: phase_specs's models
     of the phase (not for 'evaluate'); teacher_arch: the students' teacher's architecture.
     """
-    from report import device_name
-    from train import choose_precision, precision_name
 
     def architecture(name, default):
         return name + (' (the default)' if name == default else '')
@@ -973,7 +957,6 @@ def rerun_command(models, config):
     """For a grid: the setting best on validation, whether it beats the baseline there, notes on
     losses whose warm-up outlasted the run, and the command that confirms it over seeds.
     Returns the lines as one string, or None for fewer than two distilled settings."""
-    from report import ranked_students, warmup_notes
     distilled = [n for n in ranked_students(models) if n not in ('student_base', 'student_kd')]
     if len(distilled) < 2:
         return None
@@ -1019,7 +1002,6 @@ def describe_subset(asked, effective, title, num_train, num_test):
 def check_split(num_train_images, subset, val_fraction, split_seed):
     """Refuse a --val-fraction that leaves no image on one side of the split of the first
     `subset` (None: all) of num_train_images, before anything is written (UsageError)."""
-    from utils import split_train_val
     n = min(num_train_images, subset or num_train_images)
     try:
         split_train_val(n, val_fraction, split_seed)
@@ -1034,7 +1016,6 @@ def run(config, log=print):
     Until training starts (loading, timing, the teacher's logits) SIGINT / SIGTERM raise
     train.StartupInterrupted at once: there is nothing to save. From the first batch on they
     stop at the next batch boundary and save the state (train.TrainingInterrupted)."""
-    from train import StopSignal
     stop = StopSignal(immediate=True)
     stop.install()
     try:
@@ -1044,12 +1025,6 @@ def run(config, log=print):
 
 
 def _run(config, log, stop):
-    from checkpoint import CheckpointError
-    from datasets import effective_subset, get_dataset, load_dataset
-    from distributed import barrier, init_distributed
-    from report import describe_gains, print_table, write_results
-    from teacher import SPLIT_KEYS, TeacherMismatch, check_data, load_teacher
-    from train import configure_backends
 
     device = resolve_device(config.device)
     dist, device = init_distributed(device)
@@ -1112,7 +1087,7 @@ def _run(config, log, stop):
                 raise UsageError(str(e)) from None
         barrier()
         return 0
-    start = time.time()
+    phase_watch = Stopwatch(device).start()
     try:
         summaries, dirs, recorded = train_phase_for_seeds(config, device, dist, arrays, log,
                                                           stop, teacher, teacher_info,
@@ -1122,7 +1097,7 @@ def _run(config, log, stop):
     if dist.is_main:
         results = write_results(config.out_dir, phase, summaries, recorded,
                                 run_info(config, device), {phase: list(dirs.values())}, log)
-        log(f'\nFinished the {phase} phase in {time.time() - start:.0f}s (peak memory '
+        log(f'\nFinished the {phase} phase in {phase_watch.elapsed():.0f}s (peak memory '
             f'{results["phases"][phase]["peak_memory_mb"]:.0f} MB); results in '
             f'{os.path.join(config.out_dir, "results.json")} and results.md')
         print_table(results['models'], log)

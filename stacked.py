@@ -12,12 +12,11 @@ weights, statistics and momentum into them before every evaluation and checkpoin
 checkpoints, resume states and evaluation are those of the plain loop.
 """
 import copy
-import time
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from recipe import param_groups
+from recipe import make_optimizer, param_groups
 
 
 class StudentStack:
@@ -30,8 +29,7 @@ class StudentStack:
         # the recipe's one parameter group (stacking_problem refuses recipes with several),
         # over the stacked tensors
         group, = param_groups(modules[0], recipe)
-        self.optimizer = torch.optim.SGD([dict(group, params=list(self.params.values()))],
-                                         momentum=recipe.momentum, nesterov=True)
+        self.optimizer = make_optimizer([dict(group, params=list(self.params.values()))], recipe)
         self._load_momentum()
 
     def _load_momentum(self):
@@ -93,38 +91,3 @@ def stacking_problem(trainees, multi_process, compiled):
     if compiled:
         return '--compile'
     return None
-
-
-def seconds_per_step(step, device, steps, warmup=1):
-    """Mean wall seconds of step() over `steps` calls, after `warmup` untimed ones (one-time
-    kernel choices, cuDNN's autotuning), with the device synchronised around the timed calls."""
-    def sync():
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return (time.perf_counter() - start) / steps
-
-
-def time_both(trainees, recipe, teacher, images, labels, teacher_precision, steps=3):
-    """Seconds per step of the plain loop and of the stack, on copies of the trainees."""
-    from train import train_step, train_step_stacked
-    seconds = {}
-    for mode in ('loop', 'stacked'):
-        copies = copy.deepcopy(trainees)
-        stack = StudentStack(copies, recipe) if mode == 'stacked' else None
-
-        def step():
-            if stack is None:
-                train_step(copies, teacher, images, labels, recipe, teacher_precision)
-            else:
-                train_step_stacked(stack, teacher, images, labels, teacher_precision)
-
-        seconds[mode] = seconds_per_step(step, images.device, steps)
-    return seconds

@@ -16,6 +16,7 @@ from models import build_model, model_names
 from recipe import RECIPE, get_recipe
 from checkpoint import (CheckpointError, WeightsMismatch, atomic_save, load_file,
                         load_weights, read_checkpoint, read_record, record_path)
+from train import predict
 
 SPLIT_KEYS = ('dataset', 'split_seed', 'val_fraction', 'subset')  # which images are held out
 
@@ -312,7 +313,6 @@ def teacher_test_logits(teacher, checkpoint_path, key, test_loader, precision, l
     they match key, else one pass of the teacher (said in the log; progress: train.predict's
     bar; reused is then False and the caller stores them with store_test_logits once it knows
     the run goes ahead)."""
-    from train import predict
     logits = cached_test_logits(checkpoint_path, key)
     if logits is not None:
         log(f'teacher: test-set logits reused from {logits_path(checkpoint_path)} (no teacher '

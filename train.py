@@ -8,10 +8,10 @@ arrives as an argument; the full state is written at the end of every epoch (and
 a run can resume where it stopped.
 """
 import csv
+import inspect
 import io
 import os
 import signal
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -25,6 +25,9 @@ from distributed import all_gather_cat, all_reduce_min, all_reduce_sum, any_rank
 from features import FeatureCapture, split_output
 from losses import get_loss
 from progress import DurationEstimate
+from report import agreement, expected_calibration_error
+from stacked import StudentStack
+from timing import Stopwatch
 # the recipe builds the optimizer, its schedule, the weight averaging and the evaluation views;
 # train.Recipe, train.lr_at, train.warmup_steps and train.make_optimizer stay importable from here
 from recipe import (Lookahead, Recipe, lookahead_step, lr_at, make_optimizer,  # noqa: F401
@@ -174,7 +177,6 @@ def precision_name(dtype):
 def no_buffer_sync_argument():
     """DDP's argument that skips broadcasting buffers before every forward: synchronised
     BatchNorm already keeps them equal on every rank. (Renamed in newer PyTorch.)"""
-    import inspect
     params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
     if 'forward_sync_buffers' in params:
         return {'forward_sync_buffers': False}
@@ -650,7 +652,6 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
     steps_per_epoch = len(data.train)
     stack = None
     if stacked:
-        from stacked import StudentStack
         stack = StudentStack(trainees, recipe)  # after the resume: it starts from its state
     timer = DurationEstimate(phase, recipe.epochs, steps_per_epoch, data, trainees, test_every,
                              runs_ahead, device, log, quick_run, fast_run=fast_run,
@@ -678,7 +679,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
         # a saved partial epoch holds the sums of all ranks: rank 0 alone takes them back
         sums = EpochSums(trainees, part_names, device,
                          prog.partial if prog.batch and is_main else None)
-        t0 = time.time()
+        watch = Stopwatch(device).start()  # the epoch's training, then with its evaluation
         bar = tqdm(total=steps_per_epoch, initial=prog.batch, leave=False,
                    desc=f'{phase} {epoch + 1}/{recipe.epochs}',
                    disable=(not progress) or (not is_main) or None)
@@ -692,7 +693,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
             bar.close()  # leave=False: it clears its line
             if stack is not None:
                 stack.write_back()
-            prog.elapsed += time.time() - t0
+            prog.elapsed += watch.elapsed()
             sums.all_reduce()  # the saved partial epoch covers every rank
             prog.batch, prog.partial = s.batch_index, sums.to_dicts()
             prog.estimate = timer.estimate if timer is not None else prog.estimate
@@ -707,7 +708,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
         sums.all_reduce()
         check_finite(sums, phase, epoch, steps_per_epoch,
                      kept_files(prog, run_dir, state_path, resume_state is not None))
-        train_seconds = time.time() - t0
+        train_seconds = watch.elapsed()
         claim_folder()
         accs = evaluate_epoch(trainees, data, epoch + 1, recipe.epochs, prog, run_dir,
                               test_every=test_every, is_main=is_main, recipe=recipe)
@@ -722,7 +723,7 @@ def train_phase(phase, trainees, data, recipe, run_dir, device, *, teacher=None,
                 write_csv(os.path.join(run_dir, f'log_{t.name}.csv'), prog.history[t.name],
                           fields)
         prog.epoch, prog.batch, prog.partial = epoch + 1, 0, None
-        prog.elapsed += time.time() - t0
+        prog.elapsed += watch.elapsed()
         save()
         log(format_epoch_line(phase, epoch + 1, recipe.epochs, lr, trainees, prog.history,
                               train_seconds, row_common['images_per_s']))
@@ -827,7 +828,6 @@ def format_epoch_line(phase, epoch, epochs, lr, trainees, history, seconds, imag
 
 def finish_phase(trainees, data, progress, teacher_test_logits=None):
     """The summary of each model: the selected epoch's test metrics, from its kept logits."""
-    from report import agreement, expected_calibration_error
     labels = data.test.labels
     summary = {}
     for t in trainees:

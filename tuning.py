@@ -17,7 +17,7 @@ import json
 import math
 import os
 import statistics
-import time
+import time  # wall-clock stamps (time.strftime): when a decision was made
 
 import torch
 import torch.fx as fx
@@ -30,7 +30,9 @@ from features import WithPoints, split_output, trace_points
 from distributed import all_reduce_sum
 from models import build_model
 from report import cpu_identity
-from train import autocast, choose_precision, precision_name
+from stacked import StudentStack, stacking_problem
+from timing import Stopwatch, seconds_per_call
+from train import autocast, choose_precision, precision_name, train_step, train_step_stacked
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
 PROBE_SLOWDOWN_LIMIT = 2.0   # a precision this much slower on the probe is not timed further
@@ -39,13 +41,6 @@ TIMED_STEPS = 5              # timed whole-batch steps per precision after warm-
 # flips with the load of the moment) always settles on fp32.
 BF16_MIN_SPEEDUP = 1.2
 CACHE_ENV = 'KD_CIFAR_CACHE_DIR'  # where the stored decisions go, instead of the user's cache
-
-
-def _seconds(fn, repeats):
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def _step_fn(model, images, labels, dtype, training):
@@ -86,8 +81,8 @@ def measure_precisions(model, batch_shape, device, training, num_classes=10, ste
     probe = {}
     for name, dtype in PRECISIONS.items():
         step = _step_fn(model, images[:quarter], labels[:quarter], dtype, training)
-        step()  # one-time kernel choices and allocations
-        probe[name] = _seconds(step, 1)
+        # after one warm-up call: one-time kernel choices and allocations
+        probe[name] = seconds_per_call(step, device, warmup=1)
     close = [n for n in PRECISIONS if probe[n] <= PROBE_SLOWDOWN_LIMIT * min(probe.values())]
     rates = {name: round(quarter / seconds, 1) for name, seconds in probe.items()}
     if len(close) > 1:  # a real contest: time the whole batch
@@ -98,7 +93,7 @@ def measure_precisions(model, batch_shape, device, training, num_classes=10, ste
             step_of[name]()
         for _ in range(steps):
             for name in close:
-                samples[name].append(_seconds(step_of[name], 1))
+                samples[name].append(seconds_per_call(step_of[name], device))
         for name in close:
             rates[name] = round(batch_shape[0] / statistics.median(samples[name]), 1)
     return rates
@@ -287,20 +282,20 @@ def fastest_teacher(teacher, batch_shape, device, precision, forwards_ahead, log
     except Exception as e:  # a model fx cannot trace stays eager
         log(f'teacher: BatchNorm folding is not possible for this model ({type(e).__name__})')
     scale = batch_shape[0] / len(quarter)
-    seconds = {name: scale * _seconds(lambda m=model: forward(m, quarter), 1)
+    seconds = {name: scale * seconds_per_call(lambda m=model: forward(m, quarter), device)
                for name, model in candidates.items()}
     # Folding does the same arithmetic as eager minus one pass over every folded activation,
     # so it is used whenever it reproduces the outputs; its timing is recorded, not obeyed.
     best = 'folded' if 'folded' in candidates else 'eager'
     record = {'estimated_forward_seconds': round(forwards_ahead * seconds[best], 1)}
     if compile_model:
-        start = time.perf_counter()
+        watch = Stopwatch(device).start()
         try:
             compiled = compile_frozen(candidates[best])
             forward(compiled, images)  # compiles
-            record['compile_seconds'] = round(time.perf_counter() - start, 1)
-            forward(compiled, images)
-            seconds['compiled'] = _seconds(lambda: forward(compiled, images), 1)
+            record['compile_seconds'] = round(watch.elapsed(), 1)
+            seconds['compiled'] = seconds_per_call(lambda: forward(compiled, images), device,
+                                                   warmup=1)
             if outputs_match(reference, forward(compiled, quarter), tolerance):
                 candidates['compiled'], best = compiled, 'compiled'
             else:
@@ -386,8 +381,6 @@ def decide_stacking(trainees, mode, compiled, num_classes, device, dist, teacher
     """(train the students as one vmapped stack?, record). mode: --stack-students; on / off
     decide; auto stacks on CUDA when a few timed steps of both ways say the stack is faster.
     compiled: --compile; num_classes: the models' output count (for the timed labels)."""
-    import torch
-    from stacked import stacking_problem, time_both
     if mode == 'off' or len(trainees) < 2:
         return False, {'mode': mode, 'stacked': False}
     problem = stacking_problem(trainees, dist.enabled, compiled)
@@ -409,3 +402,21 @@ def decide_stacking(trainees, mode, compiled, num_classes, device, dist, teacher
         f"{seconds['stacked'] * 1e3:.1f} ms -> {'stacked' if stacked else 'loop'}")
     return stacked, {'mode': 'auto', 'stacked': stacked,
                      'seconds_per_step': {k: round(v, 5) for k, v in seconds.items()}}
+
+
+def time_both(trainees, recipe, teacher, images, labels, teacher_precision, steps=3):
+    """Seconds per step of the plain loop and of the stack, {'loop': s, 'stacked': s}, on copies
+    of the trainees (theirs are untouched): `steps` timed steps after one warm-up step each."""
+    seconds = {}
+    for mode in ('loop', 'stacked'):
+        copies = copy.deepcopy(trainees)
+        stack = StudentStack(copies, recipe) if mode == 'stacked' else None
+
+        def step():
+            if stack is None:
+                train_step(copies, teacher, images, labels, recipe, teacher_precision)
+            else:
+                train_step_stacked(stack, teacher, images, labels, teacher_precision)
+
+        seconds[mode] = seconds_per_call(step, images.device, steps, warmup=1)
+    return seconds

@@ -8,6 +8,7 @@ randomly cropped (4-pixel zero padding) and flipped for all images at once, then
 There are no DataLoader workers: on a GPU the card never waits for PIL, and on a CPU the cores
 do model work instead of decoding.
 """
+import hashlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from datasets import (CIFAR10, DataError, DatasetArrays, ensure_dataset,  # noqa: F401
                       find_folder, get_dataset, load_dataset, read_batch)
+from losses import kd_loss as registered_kd
 
 # CIFAR-10's constants and readers under the names notebooks already use (datasets.py has them
 # for every dataset)
@@ -241,7 +243,6 @@ class CifarData:
 
     def val_fingerprint(self):
         """A short hash of the held-out image indices: equal fingerprints, same split."""
-        import hashlib
         indices = self.val_indices if self.val_indices is not None else torch.zeros(0)
         return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
@@ -322,7 +323,6 @@ def kd_loss_terms(student_logits, teacher_logits, labels, temperature=4.0, alpha
     teacher. Returns (loss, ce, kd) with kd the unweighted T^2 * KL term. (losses.py holds this
     loss with the others, as 'kd'.)
     """
-    from losses import kd_loss as registered_kd
     loss, parts = registered_kd(student_logits.float(), teacher_logits.float(), labels,
                                 temperature=temperature, alpha=alpha)
     return loss, parts['ce'], parts['kd']

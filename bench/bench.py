@@ -19,15 +19,30 @@
 Disk reads are done once, outside every timer. Results: a table on stdout and --json.
 """
 import argparse
+import copy
 import datetime
 import json
 import os
 import platform
 import shlex
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+import torchvision.transforms as T  # noqa: E402
+
+from losses import LOSSES  # noqa: E402
+from models import StudentNet, TeacherNet  # noqa: E402
+from report import cpu_identity  # noqa: E402
+from timing import Stopwatch, seconds_per_call  # noqa: E402
+from train import (Recipe, Trainee, choose_precision, make_optimizer, precision_name,  # noqa: E402
+                   train_step)
+from utils import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, kd_loss, load_cifar10,  # noqa: E402
+                   make_loaders)
 
 
 def parse_args(argv=None):
@@ -60,21 +75,14 @@ def parse_args(argv=None):
 # Machine and timing
 
 def cpu_model():
-    sys.path.insert(0, ROOT)
-    from report import cpu_identity
     return cpu_identity()[0]
 
 
 def machine_info(device):
-    import torch
     info = {'cpu': cpu_model(), 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
             'gpu': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
             'torch': torch.__version__, 'python': platform.python_version()}
-    try:
-        import torchvision
-        info['torchvision'] = torchvision.__version__
-    except ImportError:
-        info['torchvision'] = None
+    info['torchvision'] = torchvision.__version__
     try:
         info['load_average'] = os.getloadavg()
     except OSError:
@@ -82,22 +90,11 @@ def machine_info(device):
     return info
 
 
-def sync(device):
-    import torch
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------------------------------
 # The reference pipeline: torchvision dataset + PIL transforms + DataLoader workers
 
 def reference_dataset(data_dir, subset=None):
     """torchvision.datasets.CIFAR10 (train) with the usual PIL augmentation, optionally the first N."""
-    import torch
-    import torchvision
-    import torchvision.transforms as T
-    from utils import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-
     class CIFAR10(torchvision.datasets.CIFAR10):
         # The md5 checks fail on re-encoded mirrors of the python release (same format, other
         # bytes); the files are validated by utils.read_cifar_batch when the project reads them.
@@ -118,7 +115,6 @@ def reference_dataset(data_dir, subset=None):
 
 
 def reference_loader(dataset, batch_size, workers, device):
-    import torch
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                        num_workers=workers, drop_last=True,
                                        pin_memory=device.type == 'cuda')
@@ -126,7 +122,7 @@ def reference_loader(dataset, batch_size, workers, device):
 
 def time_batches(loader, num_batches, device):
     """Steady-state images/s over num_batches batches (after the first), moved to device."""
-    seen, t0, it = 0, None, iter(loader)
+    seen, watch, it = 0, Stopwatch(device), iter(loader)
     for i in range(num_batches + 1):
         try:
             x, y = next(it)
@@ -138,17 +134,14 @@ def time_batches(loader, num_batches, device):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if i == 0:
-            sync(device)
-            t0 = time.perf_counter()
+            watch.start()
             continue
         seen += len(y)
-    sync(device)
-    seconds = time.perf_counter() - t0
+    seconds = watch.elapsed()
     return {'images': seen, 'seconds': round(seconds, 4), 'images_per_s': seen / seconds}
 
 
 def bench_loader(arrays, data_dir, device, batch_size, workers, num_batches):
-    from utils import make_loaders
     data = make_loaders(batch_size=batch_size, device=device, val_fraction=0.0,
                         channels_last=True, arrays=arrays)
     project = time_batches(data.train, num_batches, device)
@@ -163,23 +156,16 @@ def bench_loader(arrays, data_dir, device, batch_size, workers, num_batches):
 # (b) train steps
 
 def time_steps(step, batch_size, num_steps, max_seconds, device):
-    for _ in range(2 if device.type == 'cuda' else 1):  # cuDNN picks its kernels in step 1
-        step()
-    sync(device)
-    t0, done = time.perf_counter(), 0
-    while done < num_steps:
-        step()
-        done += 1
-        if time.perf_counter() - t0 > max_seconds:
-            break
-    sync(device)
-    seconds = time.perf_counter() - t0
+    """num_steps timed steps, fewer when one step says they would take over max_seconds (the
+    device is synchronised around the timed steps only, so they run back to back)."""
+    # after one warm-up step (cuDNN picks its kernels in step 1), one probe step
+    one = seconds_per_call(step, device, warmup=1)
+    done = max(1, min(num_steps, int(max_seconds / max(one, 1e-9))))
+    seconds = seconds_per_call(step, device, done) * done
     return {'steps': done, 'seconds': round(seconds, 4), 'images_per_s': done * batch_size / seconds}
 
 
 def fp32_step(model, optimizer, images, labels):
-    import torch.nn.functional as F
-
     def step():
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -189,9 +175,6 @@ def fp32_step(model, optimizer, images, labels):
 
 
 def bench_steps(device, batch_size, num_steps, max_seconds):
-    import torch
-    from models import StudentNet, TeacherNet
-    from train import Recipe, Trainee, choose_precision, make_optimizer, precision_name, train_step
     recipe = Recipe()
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, 32, 32, generator=g).to(device)
@@ -219,8 +202,6 @@ def bench_steps(device, batch_size, num_steps, max_seconds):
 # (c) one KD + baseline epoch
 
 def fresh_models(device, memory_format):
-    import torch
-    from models import StudentNet, TeacherNet
     torch.manual_seed(0)
     teacher = TeacherNet().to(device, memory_format=memory_format).eval()
     for p in teacher.parameters():
@@ -231,12 +212,6 @@ def fresh_models(device, memory_format):
 
 def project_epoch(arrays, device, batch_size, subset):
     """make_loaders + one lockstep epoch of train.train_step (KD and baseline students)."""
-    import copy
-
-    import torch
-    from models import StudentNet
-    from train import Recipe, Trainee, choose_precision, train_step
-    from utils import make_loaders
     recipe = Recipe()
     teacher, init = fresh_models(device, torch.channels_last)
     teacher_precision = choose_precision('teacher', device, None)
@@ -246,8 +221,7 @@ def project_epoch(arrays, device, batch_size, subset):
         module.load_state_dict(copy.deepcopy(init))
         trainees.append(Trainee(name, module, kind, recipe, device,
                                 choose_precision(name, device, None)))
-    sync(device)
-    t0 = time.perf_counter()
+    watch = Stopwatch(device).start()
     data = make_loaders(batch_size=batch_size, device=device, val_fraction=0.0, subset=subset,
                         channels_last=True, arrays=arrays)
     data.train.set_epoch(0)
@@ -255,24 +229,16 @@ def project_epoch(arrays, device, batch_size, subset):
     for images, labels in data.train:
         train_step(trainees, teacher, images, labels, recipe, teacher_precision)
         seen += len(labels)
-    sync(device)
-    return {'images': seen, 'seconds': round(time.perf_counter() - t0, 3)}
+    return {'images': seen, 'seconds': round(watch.elapsed(), 3)}
 
 
 def reference_epochs(data_dir, device, batch_size, subset, workers):
     """fp32 NCHW: a KD-student epoch (teacher under no_grad), then a baseline-student epoch."""
-    import torch
-    import torch.nn.functional as F
-    from models import StudentNet
-    from losses import LOSSES
-    from train import Recipe, make_optimizer
-    from utils import kd_loss
     recipe = Recipe()
     teacher, init = fresh_models(device, torch.contiguous_format)
     dataset = reference_dataset(data_dir, subset)
     seen = 0
-    sync(device)
-    t0 = time.perf_counter()
+    watch = Stopwatch(device).start()
     for kind in ('kd', 'ce'):
         student = StudentNet()
         student.load_state_dict(init)
@@ -292,8 +258,7 @@ def reference_epochs(data_dir, device, batch_size, subset, workers):
             loss.backward()
             optimizer.step()
             seen += len(labels)
-    sync(device)
-    return {'images': seen // 2, 'seconds': round(time.perf_counter() - t0, 3)}
+    return {'images': seen // 2, 'seconds': round(watch.elapsed(), 3)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,10 +300,6 @@ def format_table(results):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
-    import torch
-    from utils import load_cifar10
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
@@ -355,9 +316,9 @@ def main(argv=None):
           f"python {machine['python']}")
     print(f'command  {command}\n', flush=True)
 
-    t0 = time.perf_counter()
+    watch = Stopwatch(device).start()
     arrays = load_cifar10(args.data_dir, download=False)
-    print(f'read CIFAR-10 from {args.data_dir} in {time.perf_counter() - t0:.1f}s', flush=True)
+    print(f'read CIFAR-10 from {args.data_dir} in {watch.elapsed():.1f}s', flush=True)
     results = {'date': date, 'machine': machine, 'device': str(device), 'command': command,
                'args': vars(args)}
 
@@ -372,7 +333,7 @@ def main(argv=None):
     results['epoch'] = {'project': project, 'reference': reference,
                         'speedup': reference['seconds'] / project['seconds']}
     assert project['images'] == reference['images'], (project, reference)
-    results['total_seconds'] = round(time.perf_counter() - t0, 1)
+    results['total_seconds'] = round(watch.elapsed(), 1)
 
     print('\n' + format_table(results))
     print(f"\ntotal {results['total_seconds']:.0f}s")

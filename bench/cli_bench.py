@@ -42,9 +42,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'bench'))
+
+import torch  # noqa: E402
+
+from bench import machine_info as bench_machine_info  # noqa: E402
+from timing import Stopwatch  # noqa: E402
+
+CPU = torch.device('cpu')  # the runs are subprocesses: nothing of this process to synchronise
 OURS_FLAGS = []  # --ours-flags, split
 MAIN = 'main.py'
 REFERENCE = os.path.join('bench', 'reference_kd.py')
@@ -95,9 +103,7 @@ def parse_args(argv=None):
 
 def machine_info():
     """bench.py's machine facts (CPU model, cores, versions, load), plus the thread settings."""
-    import torch
-    from bench import machine_info as bench_machine_info
-    info = bench_machine_info(torch.device('cpu'))
+    info = bench_machine_info(CPU)
     info.update(omp_num_threads=os.environ.get('OMP_NUM_THREADS'), executable=sys.executable)
     if 'load_average' in info:
         info['load_average'] = [round(x, 2) for x in info['load_average']]
@@ -121,10 +127,10 @@ def display(cmd, tmp):
 
 def run_timed(cmd, tmp):
     """Run cmd from the repository root; (wall seconds from start to exit, merged output)."""
-    t0 = time.perf_counter()
+    watch = Stopwatch(CPU).start()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=dict(os.environ))
-    seconds = time.perf_counter() - t0
+    seconds = watch.elapsed()
     if proc.returncode != 0:
         tail = '\n'.join(proc.stdout.splitlines()[-20:]).replace(tmp, '$TMP')
         raise RunFailed(f'exit {proc.returncode} after {seconds:.1f}s: {display(cmd, tmp)}\n'
@@ -275,7 +281,7 @@ def main(argv=None):
     log(f'command  {command}\n')
 
     py, dev, data = sys.executable, args.device, args.data_dir
-    t_start = time.perf_counter()
+    total = Stopwatch(CPU).start()
     tmp = tempfile.mkdtemp(prefix='cli_bench-')
     code = 0
     try:
@@ -362,7 +368,7 @@ def main(argv=None):
         code = 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        results['total_seconds'] = time.perf_counter() - t_start
+        results['total_seconds'] = total.elapsed()
 
     if code == 0:
         log('\n' + markdown(results))

@@ -32,10 +32,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'bench'))
+
+import torch  # noqa: E402
+
+from bench import machine_info as bench_machine_info  # noqa: E402
+from timing import Stopwatch  # noqa: E402
+
+CPU = torch.device('cpu')  # the runs are subprocesses: nothing of this process to synchronise
 
 
 class RunFailed(Exception):
@@ -71,8 +78,6 @@ def parse_args(argv=None):
 
 def machine_info(device):
     """bench.py's machine facts (CPU model, cores, GPU, versions, load) and the thread setting."""
-    import torch
-    from bench import machine_info as bench_machine_info
     info = bench_machine_info(torch.device(device))
     info.update(omp_num_threads=os.environ.get('OMP_NUM_THREADS'), executable=sys.executable)
     return info
@@ -90,10 +95,10 @@ def run_timed(argv, work, log):
     cmd = [sys.executable, 'main.py', *argv]
     shown = ' '.join(shlex.quote(a) for a in ['python', 'main.py', *argv]).replace(work, '$WORK')
     log(f'$ {shown}')
-    t0 = time.perf_counter()
+    watch = Stopwatch(CPU).start()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=dict(os.environ))
-    seconds = time.perf_counter() - t0
+    seconds = watch.elapsed()
     if proc.returncode != 0:
         tail = '\n'.join(proc.stdout.splitlines()[-20:])
         raise RunFailed(f'exit {proc.returncode} after {seconds:.1f}s: {shown}\n{tail}')
@@ -179,7 +184,7 @@ def markdown(results):
 
 def main(argv=None):
     args = parse_args(argv)
-    start = time.perf_counter()
+    total = Stopwatch(CPU).start()
     work = args.work_dir or tempfile.mkdtemp(prefix='fast_bench.')
     os.makedirs(work, exist_ok=True)
     log = print
@@ -215,7 +220,7 @@ def main(argv=None):
         log(f'FAILED: {e}')
         results['failed'] = str(e)
         rc = 1
-    results['total_seconds'] = round(time.perf_counter() - start, 1)
+    results['total_seconds'] = round(total.elapsed(), 1)
     with open(args.json, 'w') as f:
         json.dump(results, f, indent=2)
         f.write('\n')

@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +32,10 @@ sys.path.insert(0, os.path.join(ROOT, 'bench'))
 
 import torch  # noqa: E402
 
-from bench import machine_info, sync  # noqa: E402
+from bench import machine_info  # noqa: E402
 from models import build_model, count_macs  # noqa: E402
 from recipe import get_recipe, prepare_model  # noqa: E402
+from timing import seconds_per_call  # noqa: E402
 from train import Trainee, choose_precision, teacher_forward, train_step  # noqa: E402
 
 IMAGES, EPOCHS = 50_000, 10  # CIFAR-10's training set, the fast recipe's epochs
@@ -56,16 +56,10 @@ def parse_args(argv=None):
 
 
 def median_seconds(fn, device, repeats):
-    for _ in range(2):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """The median seconds of one call of fn over `repeats` calls, each timed alone (the device
+    synchronised around it), after two warm-up calls."""
+    seconds_per_call(fn, device, repeats=1, warmup=1)
+    return statistics.median(seconds_per_call(fn, device) for _ in range(repeats))
 
 
 def matmul_flops(dtype, device, repeats, n):

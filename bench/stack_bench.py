@@ -16,6 +16,16 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from models import StudentNet, TeacherNet  # noqa: E402
+from stacked import StudentStack  # noqa: E402
+from timing import seconds_per_call  # noqa: E402
+from train import (Recipe, Trainee, choose_precision, precision_name, train_step,  # noqa: E402
+                   train_step_stacked)
+from tuning import fold_batchnorm, measure_precisions, precision_from_rates  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -31,13 +41,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
-    import torch
-    from models import StudentNet, TeacherNet
-    from stacked import StudentStack, seconds_per_step
-    from train import (Recipe, Trainee, choose_precision, precision_name, train_step,
-                       train_step_stacked)
-    from tuning import fold_batchnorm, measure_precisions, precision_from_rates
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
                           if args.device == 'auto' else args.device)
     shape = (args.batch_size, 3, 32, 32)
@@ -61,7 +64,7 @@ def main(argv=None):
                         device, precision) for i in range(n)]
 
     def timed(step):
-        return seconds_per_step(step, device, args.steps, warmup=2)
+        return seconds_per_call(step, device, args.steps, warmup=2)
 
     one = students(1)
     grid = students(args.students)

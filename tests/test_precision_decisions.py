@@ -47,11 +47,12 @@ def test_measuring_takes_the_median_of_timed_steps_after_warm_up(monkeypatch):
         name = 'fp32' if dtype is None else 'bf16'
         return lambda: calls.append((name, len(images)))
 
-    def seconds(fn, repeats):
-        fn()
+    def seconds(fn, device, repeats=1, warmup=0):
+        for _ in range(warmup + repeats):
+            fn()
         return times[calls[-1]].pop(0)
     monkeypatch.setattr(tuning, '_step_fn', step_fn)
-    monkeypatch.setattr(tuning, '_seconds', seconds)
+    monkeypatch.setattr(tuning, 'seconds_per_call', seconds)
     rates = tuning.measure_precisions(torch.nn.Linear(1, 1), SHAPE, CPU, training=True)
     assert rates == {'fp32': 8.0, 'bf16': 16.0}
     # per precision: a quarter-batch warm-up and probe, a whole-batch warm-up, 5 timed steps

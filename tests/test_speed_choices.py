@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import recipe as r
+import timing
 from conftest import run_cli
 from models import build_model, model_names
 from teacher import cached_test_logits, logits_key, logits_path, save_test_logits
@@ -197,9 +198,8 @@ class _FakeData:
 
 
 def test_a_long_cpu_estimate_suggests_the_quick_run(monkeypatch):
-    import progress
     now = [0.0]
-    monkeypatch.setattr(progress.time, 'time', lambda: now[0])
+    monkeypatch.setattr(timing, 'perf_counter', lambda: now[0])
     lines = []
     quick = ['python main.py --train-teacher --epochs 3 --subset 2000 --out-dir quick']
     timer = DurationEstimate('teacher', 200, 352, _FakeData(), [object()], 1, 1,
@@ -238,12 +238,11 @@ def test_the_teacher_form_follows_no_timing_and_compiles_only_under_compile():
 def test_the_estimate_counts_the_last_epochs_test_time_augmentation(monkeypatch):
     """With 6 TTA views, the last epoch evaluates validation and test images 5 more times: the
     estimate grows by exactly that many forwards (a third of a training step per image)."""
-    import progress
     out = [type('R', (), {'loss': torch.zeros(())})()]
 
     def estimate(views):
         now = [0.0]
-        monkeypatch.setattr(progress.time, 'time', lambda: now[0])
+        monkeypatch.setattr(timing, 'perf_counter', lambda: now[0])
         timer = DurationEstimate('teacher', 10, 352, _FakeData(), [object()], 10, 1,
                                  torch.device('cpu'), lambda *_: None, final_views=views)
         for _ in range(2 + 20):

@@ -6,6 +6,7 @@ import torch
 from models import StudentNet, build_model
 from stacked import StudentStack, stacking_problem
 from train import Recipe, Trainee, train_step, train_step_stacked
+from tuning import time_both
 
 SETTINGS = [('kd', {'temperature': 4.0, 'alpha': 0.1}), ('dkd', {'temperature': 4.0}),
             ('ls', {'temperature': 2.0, 'alpha': 0.1}), ('ce', {})]
@@ -80,7 +81,6 @@ def test_what_cannot_be_stacked_is_said():
 
 
 def test_timing_both_ways_leaves_the_students_untouched():
-    from stacked import time_both
     recipe = Recipe(epochs=1)
     trainees = _trainees(recipe, dtype=torch.float32)
     before = [copy.deepcopy(t.module.state_dict()) for t in trainees]

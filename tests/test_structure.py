@@ -1,0 +1,280 @@
+"""The code's structure: imports at the top of files and flowing one way, one optimizer builder,
+one synchronising clock. Read from the source (ast), so these tests take well under a second."""
+import ast
+import glob
+import os
+
+import pytest
+import torch
+
+import recipe
+import timing
+from conftest import ROOT
+from models import StudentNet, build_model
+from progress import DurationEstimate
+from stacked import StudentStack
+from train import Recipe, Trainee
+
+PROJECT = sorted(glob.glob(os.path.join(ROOT, '*.py')))
+BENCH = sorted(glob.glob(os.path.join(ROOT, 'bench', '*.py')))
+MODULES = {os.path.splitext(os.path.basename(p))[0] for p in PROJECT}
+
+# Imports that stay inside functions, each for a reason given beside it in the code.
+LAZY = {
+    'matplotlib': 'optional: a run without it writes no plots',
+    'torch.utils.tensorboard': 'optional: --tensorboard needs the tensorboard package',
+    'torchvision': 'about a second to import, in every process; only a download and the '
+                   'recorded versions need it',
+}
+# bench/reference_kd.py is the reference code's training script, kept as its authors wrote it
+# (its own SGD and wall clock), to be compared against.
+REFERENCE = os.path.join(ROOT, 'bench', 'reference_kd.py')
+
+
+def _tree(path):
+    with open(path) as f:
+        return ast.parse(f.read(), path)
+
+
+def _name(path):
+    return os.path.relpath(path, ROOT)
+
+
+def _imported_modules(node):
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0:
+        return [node.module]
+    return []
+
+
+def _nested_imports(tree):
+    """(line, module) of every import inside a function or class."""
+    found = []
+    for scope in ast.walk(tree):
+        if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for node in ast.walk(scope):
+                found += [(node.lineno, m) for m in _imported_modules(node)]
+    return found
+
+
+def test_project_imports_are_at_the_top():
+    misplaced = []
+    for path in PROJECT + BENCH:
+        lines = open(path).read().splitlines()
+        for line, module in _nested_imports(_tree(path)):
+            allowed = any(module == m or module.startswith(m + '.') for m in LAZY)
+            if not allowed:
+                misplaced.append(f'{_name(path)}:{line}: {module}')
+    assert not misplaced, 'imports inside functions (move them to the top):\n' + \
+        '\n'.join(misplaced)
+    # each lazy import says why, on its line or the first lazy import line of its function
+    for path in PROJECT + BENCH:
+        lines = open(path).read().splitlines()
+        for scope in ast.walk(_tree(path)):
+            if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                nested = [n for n in ast.walk(scope) if _imported_modules(n)]
+                if nested and not any('#' in lines[n.lineno - 1] for n in nested):
+                    pytest.fail(f'{_name(path)}:{nested[0].lineno}: a lazy import without '
+                                f'a comment saying why')
+
+
+def _import_graph():
+    graph = {}
+    for path in PROJECT:
+        name = os.path.splitext(os.path.basename(path))[0]
+        graph[name] = set()
+        for node in ast.walk(_tree(path)):  # top-level and lazy imports alike
+            for module in _imported_modules(node):
+                top = module.split('.')[0]
+                if top in MODULES and top != name:
+                    graph[name].add(top)
+    return graph
+
+
+def _find_cycle(graph):
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = 'open'
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 'open':
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 'done'
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_import_graph_is_acyclic():
+    graph = _import_graph()
+    cycle = _find_cycle(graph)
+    assert cycle is None, 'an import cycle: ' + ' -> '.join(cycle)
+    # the graph flows from the command line down: nothing imports main or runner but main
+    assert not any('main' in deps for deps in graph.values())
+    assert [m for m, deps in graph.items() if 'runner' in deps] == ['main']
+    assert _find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer builder
+
+OPTIMIZERS = {name for name in dir(torch.optim) if isinstance(getattr(torch.optim, name), type)
+              and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)}
+
+
+def test_one_optimizer_builder():
+    built = []
+    for path in PROJECT + [p for p in BENCH if p != REFERENCE]:
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, 'id', None)
+                if name in OPTIMIZERS:
+                    built.append(f'{_name(path)}:{node.lineno}: {name}(')
+    assert [b.split(':')[0] for b in built] == ['recipe.py'], built
+
+
+@pytest.mark.parametrize('recipe_', [Recipe(epochs=1), Recipe(epochs=1, lr=0.05, momentum=0.8,
+                                                               weight_decay=1e-3)])
+def test_a_stack_and_the_loop_build_the_same_optimizer(recipe_):
+    torch.manual_seed(0)
+    trainees = [Trainee(f's{i}', StudentNet(), 'kd', recipe_, torch.device('cpu'))
+                for i in range(2)]
+    stack = StudentStack(trainees, recipe_)
+    loop, stacked = trainees[0].optimizer, stack.optimizer
+    assert type(stacked) is type(loop) and stacked.defaults == loop.defaults
+
+    def without_params(groups):
+        return [{k: v for k, v in g.items() if k != 'params'} for g in groups]
+    assert without_params(stacked.param_groups) == without_params(loop.param_groups)
+    assert stacked.param_groups[0]['lr'] == recipe_.lr
+    assert stacked.param_groups[0]['momentum'] == recipe_.momentum
+    assert stacked.param_groups[0]['weight_decay'] == recipe_.weight_decay
+    # the same parameters, stacked along a new first dimension
+    assert [p.shape[1:] for p in stacked.param_groups[0]['params']] == \
+        [p.shape for p in loop.param_groups[0]['params']]
+
+
+def test_make_optimizer_takes_extra_parameters_into_the_main_group():
+    connector = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    for recipe_, main in ((Recipe(), 'all'), (recipe.get_recipe('fast'), 'other')):
+        model = recipe.prepare_model(build_model('airbench94_small'), recipe_, None) \
+            if main == 'other' else StudentNet()
+        groups = recipe.param_groups(model, recipe_)
+        optimizer = recipe.make_optimizer(model, recipe_,
+                                          extra=list(connector.parameters()) + [frozen])
+        by_name = {g['group']: g for g in optimizer.param_groups}
+        held = {id(p) for p in by_name[main]['params']}
+        assert {id(p) for p in connector.parameters()} <= held and id(frozen) not in held
+        assert len(by_name[main]['params']) == len(groups[-1]['params']) + 2
+        # the other groups are untouched
+        assert [len(g['params']) for g in optimizer.param_groups[:-1]] == \
+            [len(g['params']) for g in groups[:-1]]
+    # given groups (the stacked tensors) are taken as they are
+    weight = torch.nn.Parameter(torch.ones(2, 3))
+    optimizer = recipe.make_optimizer([{'params': [weight], 'lr': 0.5, 'weight_decay': 0.0,
+                                        'group': 'all'}], Recipe(momentum=0.7))
+    assert optimizer.param_groups[0]['lr'] == 0.5 and optimizer.defaults['momentum'] == 0.7
+    assert optimizer.defaults['nesterov'] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# One synchronising clock
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda.synchronize and the stopwatch's clock replaced by recorders: `events` holds
+    'sync' and 'clock' in the order they happen; the clock advances 1 s per reading."""
+    events, now = [], [0.0]
+
+    def synchronize(device=None):
+        events.append('sync')
+
+    def clock():
+        events.append('clock')
+        now[0] += 1.0
+        return now[0]
+    monkeypatch.setattr(torch.cuda, 'synchronize', synchronize)
+    monkeypatch.setattr(timing, 'perf_counter', clock)
+    return events
+
+
+def test_timer_synchronises_around_the_timed_calls(fake_cuda):
+    events = fake_cuda
+    seconds = timing.seconds_per_call(lambda: events.append('call'), torch.device('cuda'),
+                                      repeats=3, warmup=1)
+    # the warm-up call, then: wait for it, read the clock, 3 calls, wait for them, read it
+    assert events == ['call', 'sync', 'clock', 'call', 'call', 'call', 'sync', 'clock']
+    assert seconds == pytest.approx(1.0 / 3)
+    events.clear()
+    watch = timing.Stopwatch('cuda:0').start()
+    events.append('work')
+    assert watch.elapsed() == 1.0 and watch.elapsed() == 2.0
+    assert events == ['sync', 'clock', 'work', 'sync', 'clock', 'sync', 'clock']
+    with pytest.raises(RuntimeError):
+        timing.Stopwatch('cpu').elapsed()
+    events.clear()
+    timing.seconds_per_call(lambda: None, torch.device('cpu'))  # a CPU: nothing to wait for
+    assert events == ['clock', 'clock']
+
+
+class _FakeLoader:
+    batch_size = 128
+
+
+class _FakeData:
+    train, num_val, num_test = _FakeLoader(), 5000, 10000
+
+
+def test_the_duration_estimate_uses_the_stopwatch(fake_cuda):
+    """The estimate's interval starts after the warm-up steps' work and ends after the timed
+    steps' work (a CUDA step returns once its kernels are queued)."""
+    events, lines = fake_cuda, []
+    timer = DurationEstimate('teacher', 10, 352, _FakeData(), [object()], 1, 1,
+                             torch.device('cuda'), lines.append)
+    for _ in range(2 + DurationEstimate.STEPS):
+        events.append('step')
+        timer.on_step(128, out=None)
+    timed = events[events.index('clock') + 1:]
+    assert events[:4] == ['step', 'step', 'sync', 'clock']
+    assert timed == ['step'] * DurationEstimate.STEPS + ['sync', 'clock']
+    assert timer.estimate['images_per_s'] == pytest.approx(128 * DurationEstimate.STEPS)
+    assert len(lines) == 1 and lines[0].startswith('teacher: ')
+
+
+def _clock_reads(tree):
+    """(line, what) of every clock read that is not timing's: time.time(), perf_counter,
+    monotonic, process_time (a wall-clock stamp uses time.strftime / localtime by name)."""
+    clocks = {'time', 'perf_counter', 'perf_counter_ns', 'monotonic', 'monotonic_ns',
+              'process_time', 'time_ns'}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                node.value.id == 'time' and node.attr in clocks:
+            found.append((node.lineno, f'time.{node.attr}'))
+        if isinstance(node, ast.ImportFrom) and node.module == 'time':
+            found += [(node.lineno, f'from time import {a.name}') for a in node.names
+                      if a.name in clocks]
+    return found
+
+
+def test_no_other_clock():
+    others = [f'{_name(path)}:{line}: {what}'
+              for path in PROJECT + BENCH if path not in (timing.__file__, REFERENCE)
+              for line, what in _clock_reads(_tree(path))]
+    assert not others, 'intervals measured outside timing.py:\n' + '\n'.join(others)
+    assert _clock_reads(ast.parse('import time\nt = time.perf_counter()\n')) == \
+        [(2, 'time.perf_counter')]

@@ -12,7 +12,7 @@ teacher_feats, batch, epoch, label_smoothing)`:
 - feats map the point names the method asked for (`points(...)`: 'stem', 'stage2', 'pooled',
   ... as models.py names them) to the tensors of this batch: B x C x H x W for stages, B x D for
   'pooled'; the teacher's are float32 copies without gradient;
-- batch: the loader's BatchInfo (the images' indices in the training set, for CRD's memory);
+- batch: the loader's utils.Batch (the images' indices in the training set, for CRD's memory);
 - it returns (loss, parts): parts maps every name of the registered `parts` to an unweighted
   scalar ('ce' the plain cross-entropy), as the logit losses do.
 Feature terms run in float32 with autocast off (float64 stays float64).
@@ -58,7 +58,7 @@ class BuildContext:
 
     student_shapes / teacher_shapes: {point: torch.Size} of every point of the two models,
     measured at batch 1 (a method picks the ones it reads); train_labels: N int64, the labels of
-    the training images by their index in the training set (the loader's BatchInfo.indices);
+    the training images by their index in the training set (the loader's Batch.indices);
     num_classes: C.
     """
     student_shapes: Mapping[str, torch.Size]

@@ -296,7 +296,7 @@ def train_step(trainees, teacher, images, labels, recipe=None, teacher_precision
     """One optimizer step for each trainee on the same batch; the teacher runs once, if needed.
 
     epoch: the 1-based epoch, for losses that ramp up (DKD's warm-up). batch: the loader's
-    BatchInfo (the images' training-set indices), for methods that index by sample (CRD).
+    utils.Batch (the images' training-set indices), for methods that index by sample (CRD).
     Returns a StepResult per trainee.
     """
     teacher_out = TeacherOut(None, {})

@@ -53,6 +53,9 @@ def ddp_run(cifar_dir, tmp_path_factory):
     return {'out': out, 'teacher': teacher, 'students': students, 'common': common}
 
 
+# a whole CLI run under torchrun (18 s here): the slow selection; the equivalence tests below
+# check the algorithm's distributed parts in every run of the suite
+@pytest.mark.slow
 def test_torchrun_teacher_then_students_write_once(ddp_run):
     from checkpoint import load_file
     from models import StudentNet, TeacherNet
@@ -89,6 +92,7 @@ def test_torchrun_teacher_then_students_write_once(ddp_run):
     assert results['config']['world_size'] == NPROC
 
 
+@pytest.mark.slow
 def test_torchrun_evaluate_matches_results(ddp_run):
     """--evaluate under torchrun prints the table once, with the accuracies of results.json."""
     proc, _ = torchrun(MAIN, '--evaluate', *ddp_run['common'], timeout=180)
@@ -342,13 +346,13 @@ def test_bad_batch_size_fails_fast_on_every_rank(cifar_dir, tmp_path):
 
 
 @pytest.mark.parametrize('mode', ['exit'])  # a hard crash: the harder case to notice
-def test_failure_on_one_rank_ends_the_job(ddp_run, cifar_dir, wrapper, tmp_path, mode):
+def test_failure_on_one_rank_ends_the_job(trained_run, cifar_dir, wrapper, tmp_path, mode):
     """Rank 1 fails at its 2nd step (an exception, or a hard exit): no hang, non-zero exit."""
     out = str(tmp_path / 'out')
     proc, seconds = torchrun(
         wrapper, '--epochs', '3', '--batch-size', '16', '--subset', '100', '--device', 'cpu',
         '--data-dir', cifar_dir, '--out-dir', out,
-        '--teacher-checkpoint', os.path.join(ddp_run['out'], 'best_teacher.pth'),
+        '--teacher-checkpoint', os.path.join(trained_run['out'], 'best_teacher.pth'),
         env={'FAULT_MODE': mode, 'FAULT_STEP': '2', 'FAULT_RANK': '1'}, timeout=240)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert 'rank: 1' in proc.stderr or 'rank      : 1' in proc.stderr, proc.stderr[-3000:]

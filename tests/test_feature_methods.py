@@ -388,7 +388,7 @@ def test_batches_name_their_images_and_ranks_slice_one_global_batch():
 # ---------------------------------------------------------------------------------------------
 # From the command line
 
-def test_every_feature_method_trains_from_the_command_line(trained_run, tmp_path):
+def test_every_feature_method_trains_from_the_command_line(trained_run, tmp_path, capsys):
     out = tmp_path / 'out'
     code = main.main(['--loss', 'kd', 'fitnet', 'at', 'crd', 'crd_kd', '--epochs', '1',
                       '--subset', '100', '--batch-size', '32', '--device', 'cpu', '--no-amp',
@@ -411,6 +411,24 @@ def test_every_feature_method_trains_from_the_command_line(trained_run, tmp_path
     results = json.loads((out / 'results.json').read_text())
     assert results['config']['students'][2] == {'name': 'at_b1000', 'loss': 'at',
                                                 'params': {'beta': 1000.0}}
+    # --evaluate rebuilds every student as the plain class and reproduces the run's numbers
+    assert main.main(['--evaluate', '--data-dir', trained_run['common'][1], '--out-dir',
+                      str(out), '--device', 'cpu']) == 0
+    table = capsys.readouterr().out
+    for name in names:
+        row = next(line for line in table.splitlines() if line.startswith(name))
+        assert f"{results['models'][name]['test_acc']:.2f}" in row
+
+
+def test_the_teacher_form_keeps_only_the_points_some_student_reads():
+    from distillers import plan_features
+    teacher = TeacherNet().eval()
+    students = [('cnn', loss, StudentNet()) for loss in ('kd', 'fitnet', 'at', 'crd')]
+    plan = plan_features(students, teacher, feature_points('resnet18', teacher), 'cpu', 10)
+    # fitnet's hint (stage2), at's stages zipped with the student's three, crd's embedding
+    assert sorted(plan.teacher_points) == ['pooled', 'stage1', 'stage2', 'stage3']
+    assert plan_features(students[:1], teacher, feature_points('resnet18', teacher), 'cpu',
+                         10) is None  # logit losses only: the teacher's form is unchanged
 
 
 def test_a_feature_method_on_a_model_without_points_is_refused(trained_run, tmp_path, capsys):

@@ -125,6 +125,7 @@ def test_the_stacked_grid_equals_the_loop(grid_run, tmp_path):
         assert worst < 1e-3, (name, worst)   # float32 rounding, amplified by training
 
 
+@pytest.mark.slow  # a second whole run (15 s); the command's flags are checked without it below
 def test_the_printed_confirm_command_runs_as_printed_with_the_runs_flags(grid_run):
     said = [line for line in grid_run['run'].stdout.splitlines() if 'Confirm it over seeds' in line]
     command = shlex.split(said[0].split('paired with the baseline: ', 1)[1])

@@ -316,6 +316,11 @@ class CRDBase(Distiller):
                     0, rows, updated / updated.pow(2).sum(1, keepdim=True).sqrt()))
         return loss
 
+    def batch_loss(self, labels, student_feats, teacher_feats, batch):
+        """The NCE loss of this batch's pooled features, against its keyed negatives."""
+        return self.crd(student_feats['pooled'], teacher_feats['pooled'], batch.indices,
+                        self.negatives(labels, batch))
+
     def negatives(self, labels, batch):
         """This rank's rows of the global batch's draw."""
         g = batch_generator(batch, self.train_labels.device)
@@ -337,8 +342,7 @@ def _world_size():
 class CRD(CRDBase):
     def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
                 label_smoothing):
-        crd = self.crd(student_feats['pooled'], teacher_feats['pooled'], batch.indices,
-                       self.negatives(labels, batch))
+        crd = self.batch_loss(labels, student_feats, teacher_feats, batch)
         return ce + self.params['beta'] * crd, {'ce': ce, 'crd': crd}
 
 
@@ -350,8 +354,7 @@ class CRD(CRDBase):
 class CRDWithKD(CRDBase):
     def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
                 label_smoothing):
-        crd = self.crd(student_feats['pooled'], teacher_feats['pooled'], batch.indices,
-                       self.negatives(labels, batch))
+        crd = self.batch_loss(labels, student_feats, teacher_feats, batch)
         t = self.params['temperature']
         # kd_loss at alpha 0 is exactly T^2 KL: the KD term with weight 1 next to CE
         kd, _ = kd_loss(s, teacher_logits.to(s.dtype), labels, temperature=t, alpha=0.0)

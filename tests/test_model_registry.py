@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import model_base  # the registry itself; models re-exports it
 import models
 from models import (MODELS, StudentNet, TeacherNet, build_model, count_macs, count_parameters,
                     model_names, register_model)
@@ -74,7 +75,9 @@ def test_unknown_name_lists_known_models():
 
 
 def test_register_and_duplicate(monkeypatch):
-    monkeypatch.setattr(models, 'MODELS', dict(MODELS))
+    registry = dict(MODELS)
+    monkeypatch.setattr(model_base, 'MODELS', registry)
+    monkeypatch.setattr(models, 'MODELS', registry)
 
     @register_model('tiny')
     def tiny(num_classes=10):

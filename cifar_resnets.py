@@ -1,0 +1,157 @@
+"""The CIFAR ResNets and Wide ResNets of RepDistiller (Tian et al., 2020) and mdistiller, registered
+by their names there. Module and parameter names follow their code (`downsample`, `convShortcut`,
+`block1.layer`, `fc`) so their published teacher checkpoints load with load_state_dict as they
+are.
+"""
+from collections import OrderedDict
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model_base import Classifier, init_like_reference, register_model, stage_points
+
+class ResNetBlock(nn.Module):
+    """BasicBlock of the CIFAR ResNets: as BasicBlock above, with the projection named `downsample`
+    (None for an identity shortcut) and no zero-initialized BN scale."""
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu_out = nn.ReLU()  # a module (no parameters): its input is the pre-activation point
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu_out(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet: 3x3 stem, three stages of n = (depth - 2) / 6 blocks at 32x32, 16x16, 8x8.
+
+    `widths` = (stem, stage1, stage2, stage3) channels.
+    """
+
+    def __init__(self, depth, widths, num_classes=10):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f'a CIFAR ResNet has depth 6n+2, not {depth}')
+        n = (depth - 2) // 6
+        stem, *stage_widths = widths
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        in_channels = stem
+        for i, (out_channels, stride) in enumerate(zip(stage_widths, (1, 2, 2)), 1):
+            blocks = [ResNetBlock(in_channels, out_channels, stride)]
+            blocks += [ResNetBlock(out_channels, out_channels) for _ in range(n - 1)]
+            self.add_module(f'layer{i}', nn.Sequential(*blocks))
+            in_channels = out_channels
+        self.fc = Classifier(in_channels, num_classes)
+        init_like_reference(self)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+    def feature_points(self):
+        # as mdistiller's resnet.py: feats = stem, layer1..3; preact = each stage's last block
+        # before its final ReLU; pooled_feat = the average-pooled embedding
+        stages = ['layer1', 'layer2', 'layer3']
+        last = [f'{s}.{len(getattr(self, s)) - 1}.relu_out:in' for s in stages]
+        return stage_points(stages, last, 'layer1:in', 'fc:in')
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block of Wide ResNets: BN-ReLU-conv3x3 twice, plus the shortcut."""
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.convShortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.convShortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        # an identity shortcut carries the raw input; a projection takes the pre-activated one
+        # (as in Zagoruyko & Komodakis' code, which the published WRN teachers were trained with)
+        return out + (x if self.convShortcut is None else self.convShortcut(pre))
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet WRN-depth-k for CIFAR (no dropout): stages of 16k-32k-64k channels, n = (depth - 4) / 6
+    blocks each, and a final BN-ReLU since the blocks are pre-activation."""
+
+    def __init__(self, depth, widen_factor, num_classes=10):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f'a Wide ResNet has depth 6n+4, not {depth}')
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        in_channels = 16
+        for i, (width, stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), 1):
+            out_channels = width * widen_factor
+            blocks = [WideBlock(in_channels, out_channels, stride)]
+            blocks += [WideBlock(out_channels, out_channels) for _ in range(n - 1)]
+            # the extra `layer` level only reproduces the reference key names (block1.layer.0...)
+            self.add_module(f'block{i}', nn.Sequential(OrderedDict(layer=nn.Sequential(*blocks))))
+            in_channels = out_channels
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU()  # a module (no parameters): its output is the last stage's point
+        self.fc = Classifier(in_channels, num_classes)
+        init_like_reference(self)
+        nn.init.zeros_(self.fc.bias)  # as the reference WRN does
+
+    def forward(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = self.relu(self.bn1(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+    def feature_points(self):
+        # as mdistiller's wrn.py: feats = conv1, block1, block2, relu(bn1(block3)); preact =
+        # the next BN applied to each stage's output (block2/block3's first bn1, then bn1).
+        # The reference calls those BNs a second time to get them, updating their running
+        # statistics twice per step; a hook reads the same values from the one call.
+        return stage_points(['block1', 'block2', 'relu'],
+                            ['block2.layer.0.bn1', 'block3.layer.0.bn1', 'bn1'], 'conv1',
+                            'fc:in')
+
+
+@register_model('resnet32x4')
+def resnet32x4(num_classes=10):
+    """ResNet-32x4, the usual CIFAR-100 teacher: 7.43M parameters at 100 classes."""
+    return CifarResNet(32, (32, 64, 128, 256), num_classes)
+
+
+@register_model('resnet8x4')
+def resnet8x4(num_classes=10):
+    """ResNet-8x4, resnet32x4's student: one block per stage, 1.23M parameters at 100 classes."""
+    return CifarResNet(8, (32, 64, 128, 256), num_classes)
+
+
+@register_model('wrn_40_2')
+def wrn_40_2(num_classes=10):
+    """WRN-40-2, a teacher: 2.26M parameters at 100 classes."""
+    return WideResNet(40, 2, num_classes)
+
+
+@register_model('wrn_16_2')
+def wrn_16_2(num_classes=10):
+    """WRN-16-2, wrn_40_2's student: 0.70M parameters at 100 classes."""
+    return WideResNet(16, 2, num_classes)
+

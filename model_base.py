@@ -1,0 +1,90 @@
+"""The model registry and what every family of networks shares: register_model / build_model,
+feature points by name, the float32 classifier and the reference initialisation.
+
+Feature points. Feature distillers (FitNets, AT, CRD, ...) read intermediate tensors by name:
+'stem' (the stem's output), 'stage1'..'stageN' (each stage's output), 'stage1_pre'..'stageN_pre'
+(each stage's pre-activation output) and 'pooled' (the embedding the classifier takes): the
+reference code's `feats[0]`, `feats[1:]`, `preact_feats[1:]` and `pooled_feat` (RepDistiller,
+mdistiller). Each maps to a module path, 'path' for the module's output or 'path:in' for its
+first input, so a model names its points without any change to its `forward`
+(`feature_points(name, model)`; features.py takes them with forward hooks or from the traced
+graph).
+"""
+import torch
+import torch.nn as nn
+
+MODELS = {}  # name -> constructor called as constructor(num_classes=...)
+POINTS = {}  # name -> {point name: 'module.path' or 'module.path:in'} given at registration
+
+
+def register_model(name, points=None):
+    """Decorator: make the class or function buildable as build_model(name, num_classes).
+
+    points: the model's feature points, {name: 'module.path' | 'module.path:in'} (see the
+    module docstring), for the feature distillers; a model whose class defines
+    `feature_points()` needs none, and a model without points still trains with every logit
+    loss.
+    """
+    def add(constructor):
+        # refuse silently replacing a model: a checkpoint saved under a name must keep meaning one network
+        if name in MODELS:
+            raise ValueError(f'model {name!r} is already registered (as {MODELS[name]!r})')
+        MODELS[name] = constructor
+        if points is not None:
+            POINTS[name] = dict(points)
+        return constructor
+    return add
+
+
+def feature_points(name, model):
+    """{point name: module path spec} of `model`, built as registered model `name`: the points
+    given to register_model, else its class's `feature_points()`, else {} (no points)."""
+    if name in POINTS:
+        return dict(POINTS[name])
+    method = getattr(model, 'feature_points', None)
+    return dict(method()) if callable(method) else {}
+
+
+def stage_points(stages, pre, stem, pooled):
+    """The standard points from lists of stage paths and their pre-activation paths."""
+    points = {'stem': stem}
+    for i, (stage, before) in enumerate(zip(stages, pre), 1):
+        points[f'stage{i}'] = stage
+        points[f'stage{i}_pre'] = before
+    points['pooled'] = pooled
+    return points
+
+
+def model_names():
+    return sorted(MODELS)
+
+
+def build_model(name, num_classes=10):
+    """A new, freshly initialized model registered as `name`."""
+    if name not in MODELS:
+        raise KeyError(f'unknown model {name!r}; known models: {", ".join(model_names())}')
+    return MODELS[name](num_classes=num_classes)
+
+
+class Classifier(nn.Linear):
+    """The last layer, computed in float32 even under autocast.
+
+    Soft targets at T=4 divide the logits by 4 before the softmax: logits rounded to bf16 (8
+    bits of mantissa) would quantise them visibly. The layer is tiny, so fp32 costs nothing.
+    Parameter names are nn.Linear's, so checkpoints are unaffected.
+    """
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))
+
+
+def init_like_reference(model):
+    """Kaiming-normal (fan_out) convolutions, BN scale 1 and shift 0: the init the published teachers used."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+

@@ -25,13 +25,14 @@ from losses import HYPER_PARAMETERS, expand_grid, get_loss, setting_name
 from memory import GridTooLarge, check_memory, peak_memory_mb
 from models import build_model, feature_points
 from outdir import planned_files, read_manifest, set_aside, write_manifest
-from recipe import RECIPE, get_recipe, loader_options, prepare_model, recipe_names, scaled_lr
+from recipe import RECIPE
 from recipe import STUDENT_ARCH as DEFAULT_STUDENT_ARCH  # noqa: F401  (runner's name, as before)
+from recipe import get_recipe, loader_options, prepare_model, recipe_names, scaled_lr
 from report import (describe_gains, device_name, print_table, ranked_students, read_results,
                     warmup_notes, write_results)
-from teacher import (SPLIT_KEYS, TeacherMismatch, check_data, load_for_inference, load_teacher,
-                     logits_key, logits_path, provenance_problems, rebuild, save_test_logits,
-                     store_test_logits, teacher_test_logits)
+from teacher import (NO_RECORD_SPLIT, SPLIT_KEYS, TeacherMismatch, check_data, load_for_inference,
+                     load_teacher, logits_key, logits_path, provenance_problems, rebuild,
+                     save_test_logits, store_test_logits, teacher_test_logits)
 from timing import Stopwatch
 from train import (PRECISION_DTYPES, STATE_FORMAT, StopSignal, Trainee, accuracy, choose_precision,
                    configure_backends, precision_name, predict, predict_views, train_phase)
@@ -587,6 +588,7 @@ def teacher_in_use(checkpoint, teacher_info):
     return {'checkpoint': checkpoint, 'sha256': teacher_info['sha256'],
             'arch': teacher_info['arch'], 'params': teacher_info['params'],
             'seeds': [record['seed']] if 'seed' in record else [],
+            **({} if teacher_info.get('record') else {'split': NO_RECORD_SPLIT}),
             **{k: record[k] for k in ('best_epoch', 'best_val_acc') if k in record}}
 
 

@@ -234,9 +234,7 @@ def check_data(path, record, split, full, arrays, log):
     when the record cannot tell.
     """
     if record is None:
-        log(f'note: {record_path(path)} does not exist, so it cannot be checked that the '
-            f'teacher trained on these images and held out the same validation images as '
-            f'these students ({", ".join(f"{k}={shown(k, v)}" for k, v in split.items())})')
+        log(no_record_note(path, len(full[1]), split))
         return
     recorded = recorded_split(record)
     if isinstance(recorded['subset'], int):  # older records kept a --subset >= the data as given
@@ -253,6 +251,19 @@ def check_data(path, record, split, full, arrays, log):
                               f'{arrays.train_sha256[:12]} here): point '
                               f'--data-dir at the data it was trained on, or train a teacher '
                               f'on this data.')
+
+
+NO_RECORD_SPLIT = 'no record: taken as trained on every training image (no held-out split)'
+
+
+def no_record_note(path, num_train, split):
+    """The line a run prints for a teacher without a record (a checkpoint of the reference code,
+    say): it is taken as trained on all num_train training images, as those scripts train, so
+    the students' validation images were not unseen by it."""
+    return (f'note: {path} has no record ({record_path(path)}), so it is taken as trained on all '
+            f'{num_train} training images, as the reference code trains: the students\' '
+            f'validation images (val_fraction={split.get("val_fraction")}) are not unseen by it, '
+            f'so its soft targets there are those of training images; results.json records this')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,10 +147,17 @@ def test_students_distil_from_a_wrapped_teacher_and_report_it(wrapped_teacher):
     r = wrapped_teacher['students']
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     assert "the weights are its 'model' entry" in r.stdout
-    assert 'best_teacher.json does not exist, so it cannot be checked that the teacher' in r.stdout
+    # a reference-format file has no record: taken as trained on every training image, so the
+    # students' validation images were not unseen by it; said, and recorded with the teacher
+    assert ('best_teacher.pth has no record (' in r.stdout
+            and 'so it is taken as trained on all 200 training images' in r.stdout
+            and "the students' validation images (val_fraction=0.1) are not unseen by it"
+            in r.stdout)
     with open(os.path.join(wrapped_teacher['folder'], 'results.json')) as f:
         results = json.load(f)
     teacher = results['models']['teacher']
+    assert teacher['split'] == ('no record: taken as trained on every training image '
+                                '(no held-out split)')
     # the teacher that ran, measured on this run's test images, not the stale 99%
     assert teacher['test_acc'] == pytest.approx(wrapped_teacher['expected'])
     assert teacher['sha256'] == file_sha256(os.path.join(wrapped_teacher['folder'],

@@ -53,6 +53,7 @@ def finite_float(text):
 
 def build_parser():
     defaults, fast = r.get_recipe('standard'), r.get_recipe('fast')
+    reference = r.get_recipe('reference')
     default = r.DEFAULTS  # every flag's default, in one place
     kd = LOSSES['kd'].defaults
     p = ArgumentParser(
@@ -73,10 +74,13 @@ def build_parser():
            'images their runs used (their --subset) and print the table (default: off)')
     a('--recipe', default=default['recipe'], choices=r.recipe_names(),
       help='training recipe: standard (SGD, warm-up then cosine, 200 epochs of batch 128, crop '
-           'and flip) or fast (airbench94\'s techniques: 10 epochs of batch 1024, patch '
+           'and flip), fast (airbench94\'s techniques: 10 epochs of batch 1024, patch '
            'whitening, triangular schedule, label smoothing 0.2, lookahead averaging, '
-           'test-time augmentation; default models airbench94 and airbench94_small). Flags given '
-           f'explicitly override its values (default: {r.RECIPE})')
+           'test-time augmentation; default models airbench94 and airbench94_small) or reference '
+           '(the benchmark tables\' recipe of RepDistiller and mdistiller: 240 epochs of batch 64, '
+           'lr 0.05, plain momentum, x0.1 at epochs 150, 180, 210; default models resnet32x4 and '
+           'resnet8x4). Flags given explicitly override its values (default: '
+           f'{r.RECIPE})')
     a('--dataset', default=default['dataset'], choices=dataset_names(),
       help=f'cifar10 (10 classes) or cifar100 (100 classes) (default: {r.DATASET})')
     a('--teacher-arch', default=default['teacher_arch'], choices=model_names(),
@@ -92,13 +96,17 @@ def build_parser():
            + '; several train one student per loss and setting, in lockstep '
            f'(default: {" ".join(default["loss"])})')
     a('--epochs', type=positive_int, default=default['epochs'],
-      help=f'epochs per model; --recipe fast: {fast.epochs} (default: {defaults.epochs})')
+      help=f'epochs per model; --recipe fast: {fast.epochs}, reference: {reference.epochs} '
+           f'(default: {defaults.epochs})')
     a('--batch-size', type=positive_int, default=default['batch_size'],
       help='global batch size, the same whatever the number of torchrun processes; '
-           f'--recipe fast: {fast.batch_size} (default: {defaults.batch_size})')
+           f'--recipe fast: {fast.batch_size}, reference: {reference.batch_size} (default: '
+           f'{defaults.batch_size})')
     a('--lr', type=finite_float, default=default['lr'],
       help=f'peak learning rate; standard: of SGD (default: {r.BASE_LR} * batch-size / '
-           f'{r.BATCH_SIZE}); fast: per 1,024 images, airbench\'s unit (default: {fast.lr:g})')
+           f'{r.BATCH_SIZE}); fast: per 1,024 images, airbench\'s unit (default: {fast.lr:g}); '
+           f'reference: {reference.lr:g} * batch-size / {reference.batch_size} (the tables use '
+           '0.01 for MobileNet and ShuffleNet students)')
     a('--weight-decay', type=finite_float, default=default['weight_decay'],
       help=f'weight decay; standard: of SGD (default: {defaults.weight_decay:g}); fast: per '
            f'1,024 images (default: {fast.weight_decay:g})')

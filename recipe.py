@@ -68,9 +68,15 @@ class Recipe:
     weight_decay: float = 5e-4
     """L2 weight decay, in the unit of lr_unit."""
     momentum: float = 0.9
-    """SGD momentum (always Nesterov)."""
+    """SGD momentum."""
+    nesterov: bool = True
+    """Nesterov momentum (the reference code's plain momentum: False)."""
     schedule: str = 'warmup_cosine'
-    """'warmup_cosine' (linear warm-up, then cosine to zero) or 'triangular'."""
+    """'warmup_cosine' (linear warm-up, then cosine to zero), 'triangular' or 'multistep'."""
+    milestones: tuple = ()
+    """multistep: the 0-based epochs from which the lr is multiplied by lr_decay once more."""
+    lr_decay: float = 0.1
+    """multistep: the factor at each milestone."""
     warmup_fraction: float = 0.03
     """warmup_cosine: share of all steps warmed up (but see `warmup_steps`)."""
     triangle: tuple = (0.2, 0.23, 0.07)
@@ -115,7 +121,8 @@ class Recipe:
     """Default of --student-arch."""
 
     def __post_init__(self):
-        choices = {'lr_unit': ('batch', 'per_1024'), 'schedule': ('warmup_cosine', 'triangular'),
+        choices = {'lr_unit': ('batch', 'per_1024'),
+                   'schedule': ('warmup_cosine', 'triangular', 'multistep'),
                    'padding_mode': ('constant', 'reflect'), 'flip': ('random', 'alternate'),
                    'tta': ('none', 'flip_shift'), 'select': ('best_val', 'last')}
         for key, allowed in choices.items():
@@ -164,6 +171,14 @@ register_recipe(Recipe(
     crop_padding=2,
     padding_mode='reflect', flip='alternate', lookahead_every=5, tta='flip_shift', select='last',
     test_every=0, teacher_arch='airbench94', student_arch='airbench94_small'))
+
+# The benchmark tables' recipe (RepDistiller train_student.py / mdistiller engine/cfg.py, CIFAR-100):
+# batch 64, lr 0.05 (their MobileNet / ShuffleNet students use 0.01: --lr 0.01), plain momentum
+# 0.9, weight decay 5e-4, 240 epochs, lr x 0.1 from epochs 150, 180 and 210 (their 1-based
+# "epoch > 150" is the 0-based epoch 150 on)
+register_recipe(Recipe(
+    name='reference', epochs=240, batch_size=64, lr=0.05, nesterov=False, schedule='multistep',
+    milestones=(150, 180, 210), lr_decay=0.1, teacher_arch='resnet32x4', student_arch='resnet8x4'))
 
 
 def scaled_lr(recipe, batch_size):
@@ -255,7 +270,7 @@ def make_optimizer(module, recipe, extra=()):
     extra = [p for p in extra if p.requires_grad]
     if extra:
         groups[-1]['params'] = list(groups[-1]['params']) + extra
-    return torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True)
+    return torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=recipe.nesterov)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +306,9 @@ def learning_rate(recipe, group_base_lr, step, steps_per_epoch):
     total = recipe.epochs * steps_per_epoch
     if recipe.schedule == 'warmup_cosine':
         return lr_at(step, total, warmup_steps(recipe, steps_per_epoch), group_base_lr)
+    if recipe.schedule == 'multistep':
+        epoch = step // steps_per_epoch
+        return group_base_lr * recipe.lr_decay ** sum(epoch >= m for m in recipe.milestones)
     return group_base_lr * triangular_factor(step, total, *recipe.triangle)
 
 

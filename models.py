@@ -21,8 +21,10 @@ import torch.nn.functional as F
 
 # the other families register themselves when imported; their names stay importable from here
 from airbench_nets import AirbenchGroup, AirbenchNet, airbench94, airbench94_small  # noqa: F401
-from cifar_resnets import (CifarResNet, ResNetBlock, WideBlock, WideResNet,  # noqa: F401
-                           resnet8x4, resnet32x4, wrn_16_2, wrn_40_2)
+from cifar_resnets import (Bottleneck, BottleneckResNet, CifarResNet, ResNetBlock,  # noqa: F401
+                           WideBlock, WideResNet, resnet8, resnet8x4, resnet14, resnet20, resnet32,
+                           resnet32x4, resnet44, resnet50, resnet56, resnet110, wrn_16_1, wrn_16_2,
+                           wrn_40_1, wrn_40_2)
 from model_base import (MODELS, POINTS, Classifier, build_model, feature_points,  # noqa: F401
                         init_like_reference, model_names, register_model, stage_points)
 

@@ -111,23 +111,23 @@ class WideResNet(nn.Module):
             self.add_module(f'block{i}', nn.Sequential(OrderedDict(layer=nn.Sequential(*blocks))))
             in_channels = out_channels
         self.bn1 = nn.BatchNorm2d(in_channels)
-        self.relu = nn.ReLU()  # a module (no parameters): its output is the last stage's point
         self.fc = Classifier(in_channels, num_classes)
         init_like_reference(self)
         nn.init.zeros_(self.fc.bias)  # as the reference WRN does
 
     def forward(self, x):
         out = self.block3(self.block2(self.block1(self.conv1(x))))
-        out = self.relu(self.bn1(out))
+        out = F.relu(self.bn1(out))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)
 
     def feature_points(self):
-        # as mdistiller's wrn.py: feats = conv1, block1, block2, relu(bn1(block3)); preact =
-        # the next BN applied to each stage's output (block2/block3's first bn1, then bn1).
-        # The reference calls those BNs a second time to get them, updating their running
-        # statistics twice per step; a hook reads the same values from the one call.
-        return stage_points(['block1', 'block2', 'relu'],
+        # as RepDistiller's and mdistiller's wrn.py: feats = conv1, block1, block2, block3 (the
+        # last stage before the final BN-ReLU); preact = the next BN applied to each stage's
+        # output (block2/block3's first bn1, then bn1). The reference calls those BNs a second
+        # time to get them, updating their running statistics twice per step; a hook reads the
+        # same values from the one call.
+        return stage_points(['block1', 'block2', 'block3'],
                             ['block2.layer.0.bn1', 'block3.layer.0.bn1', 'bn1'], 'conv1',
                             'fc:in')
 

@@ -58,14 +58,14 @@ def reference_cifar_resnet_feats(model, x):
 
 
 def reference_wrn_feats(model, x):
-    """mdistiller's WRN forward (models/cifar/wrn.py): feats f0..f3, preact via the next BN."""
+    """mdistiller's WRN forward (models/cifar/wrn.py): feats f0..f3 (f3 before the final BN-ReLU),
+    preact via the next BN."""
     f0 = model.conv1(x)
     f1 = model.block1(f0)
     f2 = model.block2(f1)
-    f3 = F.relu(model.bn1(model.block3(f2)))
-    pre = [f0, model.block2.layer[0].bn1(f1), model.block3.layer[0].bn1(f2),
-           model.bn1(model.block3(f2))]
-    return [f0, f1, f2, f3], pre, F.adaptive_avg_pool2d(f3, 1).flatten(1)
+    f3 = model.block3(f2)
+    pre = [f0, model.block2.layer[0].bn1(f1), model.block3.layer[0].bn1(f2), model.bn1(f3)]
+    return [f0, f1, f2, f3], pre, F.adaptive_avg_pool2d(F.relu(model.bn1(f3)), 1).flatten(1)
 
 
 @pytest.mark.parametrize('arch,reference', [('resnet8x4', reference_cifar_resnet_feats),

@@ -130,11 +130,11 @@ def reference_wrn(model, x):
         for block in stage.layer:
             out = block_forward(block, out)
         feats.append(out)
-    f0, f1, f2, f3 = feats
+    f0, f1, f2, f3 = feats  # f3: the last stage before the final BN-ReLU
     out = F.relu(model.bn1(f3))
     pooled = F.avg_pool2d(out, 8).reshape(-1, out.shape[1])
     pre = [f0, model.block2.layer[0].bn1(f1), model.block3.layer[0].bn1(f2), model.bn1(f3)]
-    return [f0, f1, f2, out], pre, pooled
+    return feats, pre, pooled
 
 
 def reference_resnet50(model, x):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from model_base import Classifier, init_like_reference, register_model, stage_points
 
 class ResNetBlock(nn.Module):
-    """BasicBlock of the CIFAR ResNets: as BasicBlock above, with the projection named `downsample`
+    """BasicBlock of the CIFAR ResNets: as models.BasicBlock, with the projection named `downsample`
     (None for an identity shortcut) and no zero-initialized BN scale."""
 
     def __init__(self, in_channels, out_channels, stride=1):

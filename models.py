@@ -27,6 +27,7 @@ from cifar_resnets import (Bottleneck, BottleneckResNet, CifarResNet, ResNetBloc
                            wrn_40_1, wrn_40_2)
 from model_base import (MODELS, POINTS, Classifier, build_model, feature_points,  # noqa: F401
                         init_like_reference, model_names, register_model, stage_points)
+from shufflenet_nets import ShuffleNetV1, ShuffleNetV2, shufflev1, shufflev2  # noqa: F401
 
 
 class BasicBlock(nn.Module):

@@ -153,3 +153,18 @@ def count_macs(model, input_size=(1, 3, 32, 32)):
     for h in handles:
         h.remove()
     return sum(macs) // input_size[0]
+
+
+def model_table(names=None):
+    """The README's model table, in Markdown: every registered model (or those in `names`) with
+    its parameters at 10 and 100 classes, its multiply-accumulates per 32x32 image (10 classes)
+    and the first paragraph of its docstring; the default pair first, then by name."""
+    lines = ['| model (`--teacher-arch` / `--student-arch`) | parameters, 10 classes | 100 classes '
+             '| multiply-accumulates per image | what it is |', '|---|---:|---:|---:|---|']
+    for name in sorted(names or MODELS,
+                       key=lambda n: (n not in ('resnet18', 'cnn'), n != 'resnet18', n)):
+        doc = ' '.join((MODELS[name].__doc__ or '').strip().split('\n\n')[0].split())
+        lines.append(f'| `{name}` | {count_parameters(build_model(name, 10)):,} | '
+                     f'{count_parameters(build_model(name, 100)):,} | '
+                     f'{count_macs(build_model(name, 10)) / 1e6:,.1f} M | {doc} |')
+    return '\n'.join(lines)

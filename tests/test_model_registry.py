@@ -145,3 +145,11 @@ def test_reference_init(name):
             assert m.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
     if name.startswith('wrn'):
         assert torch.all(model.fc.bias == 0)
+
+
+def test_the_model_table_lists_each_model_with_its_counts():
+    table = models.model_table(['resnet8', 'cnn']).splitlines()
+    assert table[0].startswith('| model (`--teacher-arch` / `--student-arch`) |')
+    assert table[2].startswith('| `cnn` | 1,166,506 | 1,189,636 | 85.8 M | A plain CNN')
+    assert table[3].startswith('| `resnet8` | 78,042 | 83,892 | 12.5 M | ResNet-8')
+    assert len(table) == 4

@@ -25,9 +25,11 @@ from cifar_resnets import (Bottleneck, BottleneckResNet, CifarResNet, ResNetBloc
                            WideBlock, WideResNet, resnet8, resnet8x4, resnet14, resnet20, resnet32,
                            resnet32x4, resnet44, resnet50, resnet56, resnet110, wrn_16_1, wrn_16_2,
                            wrn_40_1, wrn_40_2)
+from mobilenet_nets import InvertedResidual, MobileNetV2, mobilenetv2  # noqa: F401
 from model_base import (MODELS, POINTS, Classifier, build_model, feature_points,  # noqa: F401
                         init_like_reference, model_names, register_model, stage_points)
 from shufflenet_nets import ShuffleNetV1, ShuffleNetV2, shufflev1, shufflev2  # noqa: F401
+from vgg_nets import VGG, vgg8, vgg11, vgg13, vgg16, vgg19  # noqa: F401
 
 
 class BasicBlock(nn.Module):

@@ -271,7 +271,7 @@ def test_the_hard_label_term_uses_the_recipes_label_smoothing():
     plain = Trainee('b', build_model('cnn'), 'ce', r.Recipe(), CPU)
     assert plain.compute_loss(s, None, y, 1)[0].item() == pytest.approx(
         F.cross_entropy(s, y).item(), rel=1e-6)
-    assert 'label smoothing: fast 0.2, standard 0' in main.build_parser().format_help() \
+    assert 'label smoothing: fast 0.2, reference 0, standard 0' in main.build_parser().format_help() \
         .replace('\n', ' ').replace('  ', ' ')
     assert get_loss('dkd').fn(s, t, y, label_smoothing=0.2)[1]['ce'].item() == pytest.approx(
         ce.item(), rel=1e-5)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import atomic_write_text
-from losses import get_loss
+from losses import HYPER_PARAMETERS, get_loss
 
 MODEL_LABELS = {'teacher': 'Teacher (ResNet-18)', 'student_kd': 'Student (KD)',
                 'student_base': 'Student (baseline)'}
@@ -544,21 +544,35 @@ def curves_figure(run_dirs, teacher_acc=None, keeps_last=False):
     return fig
 
 
+GRID_LABELS = {'temperature': 'temperature T', 'alpha': 'α (weight of the labels)',
+               'beta': 'β (weight of the feature term)'}
+
+
+def grid_axes(models, loss):
+    """(row hyper-parameter, column hyper-parameter or None) of `loss`'s heat map: the first
+    two it takes, in HYPER_PARAMETERS order (kd: T and α; crd_kd: T and β; fitnet: β)."""
+    taken = {k for e in models.values() if e.get('loss') == loss
+             for k in (e.get('loss_params') or {})}
+    keys = [k for k in HYPER_PARAMETERS if k in taken]
+    return (keys[0] if keys else None), (keys[1] if len(keys) > 1 else None)
+
+
 def grid_cells(models):
-    """{loss: {(T, alpha): (validation accuracy, name)}} for every loss of a run that trained
-    some loss on two or more settings ({} otherwise)."""
+    """{loss: {(row value, column value): (validation accuracy, name)}} for every loss of a run
+    that trained some loss on two or more settings ({} otherwise); the axes are grid_axes'."""
     cells = {}
     for name, e in models.items():
         if name in ('teacher', 'student_base') or not e.get('loss') or e.get('best_val_acc') is None:
             continue
         params = e.get('loss_params') or {}
-        cells.setdefault(e['loss'], {})[(params.get('temperature'), params.get('alpha'))] = \
+        row, col = grid_axes(models, e['loss'])
+        cells.setdefault(e['loss'], {})[(params.get(row), params.get(col))] = \
             (e['best_val_acc'], name)
     return cells if any(len(c) > 1 for c in cells.values()) else {}
 
 
 def plot_grid(models, path, log=print):
-    """grid.png: a heat map per loss, temperature x alpha, of validation accuracy (see
+    """grid.png: a heat map per loss over its settings, of validation accuracy (see
     grid_figure). Nothing is drawn when no loss has two settings. Returns the path or None."""
     if not grid_cells(models):
         return None
@@ -571,7 +585,8 @@ def plot_grid(models, path, log=print):
 def grid_figure(models):
     """The figure of grid.png, or None when no loss has two settings.
 
-    One heat map per loss (rows: temperature T, columns: α), each cell the validation accuracy
+    One heat map per loss (rows and columns: the first two hyper-parameters it takes, e.g.
+    temperature T and α for kd, β for fitnet), each cell the validation accuracy
     (%, mean over seeds) and, under it, its difference to the baseline's. One colour scale for
     all panels, diverging around the baseline: blue above it, red below, white level.
     """
@@ -610,14 +625,15 @@ def grid_figure(models):
                 # white text on the saturated ends of the scale, black near the middle
                 ax.text(j, i, text, ha='center', va='center', fontsize=9,
                         color='w' if abs(norm(v) - 0.5) > 0.3 else 'k')
+        row_key, col_key = grid_axes(models, loss)
         if alphas == [None]:
             ax.set_xticks([])
-            ax.set_xlabel('α does not apply')
+            ax.set_xlabel('one setting' if col_key is None else GRID_LABELS[col_key])
         else:
             ax.set_xticks(range(len(alphas)), [f'{a:g}' for a in alphas])
-            ax.set_xlabel('α (weight of the labels)')
+            ax.set_xlabel(GRID_LABELS[col_key])
         ax.set_yticks(range(len(temps)), ['-' if t is None else f'{t:g}' for t in temps])
-        ax.set_ylabel('temperature T')
+        ax.set_ylabel(GRID_LABELS.get(row_key, 'no hyper-parameter'))
         ax.set_title(loss, fontsize=10)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[0].tolist(),
                  label='validation accuracy (%)')

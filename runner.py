@@ -843,22 +843,22 @@ def loss_settings(specs):
     return settings
 
 
-def describe_loss_settings(settings, alpha_given):
+def describe_loss_settings(settings, given=()):
     """['kd: T=4 (its default), alpha=0.1 (its default)', ...]: one line per loss of
-    loss_settings's result. alpha_given: --alpha was on the command line (said where it does not
-    apply)."""
+    loss_settings's result. given: the hyper-parameters given on the command line (where one
+    does not apply to a loss, its line says so: '--beta does not apply')."""
     symbols = {'temperature': 'T', 'alpha': 'alpha', 'beta': 'beta'}
     lines = []
     for name, values in settings.items():
         defaults = get_loss(name).defaults
         parts = []
-        for key, given in values.items():
-            text = ', '.join(f'{v:g}' for v in given)
-            if given == [defaults.get(key)]:
+        for key, used in values.items():
+            text = ', '.join(f'{v:g}' for v in used)
+            if used == [defaults.get(key)]:
                 text += ' (its default)'
             parts.append(f'{symbols.get(key, key)}={text}')
-        if alpha_given and 'alpha' not in defaults:
-            parts.append('--alpha does not apply')
+        parts += [f'--{key} does not apply' for key in HYPER_PARAMETERS
+                  if key in given and key not in defaults]
         lines.append(f'{name}: ' + ', '.join(parts))
     return lines
 
@@ -907,7 +907,8 @@ def resolved_configuration(config, device, world_size=1, specs=None, teacher_arc
         view['student arch'] = architecture(specs[0].arch, recipe.student_arch)
         view['teacher checkpoint'] = config.teacher_checkpoint
         view['teacher arch'] = teacher_arch
-        view['losses'] = describe_loss_settings(loss_settings(specs), config.alpha is not None)
+        view['losses'] = describe_loss_settings(
+            loss_settings(specs), [k for k in HYPER_PARAMETERS if getattr(config, k) is not None])
         distilled = distilled_names(specs)
         view['students'] = f'{len(distilled)}: ' + ', '.join(distilled)
         view['baseline'] = ('off (--no-baseline)' if config.no_baseline else

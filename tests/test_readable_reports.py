@@ -284,13 +284,27 @@ def test_grid_png_has_one_colour_scale_centred_on_the_baseline(tmp_path):
     (vmin, vmax), = norms
     assert (vmin + vmax) / 2 == pytest.approx(40.0)
     kd, dkd, _ = heat_maps
-    assert dkd.get_xlabel() == 'α does not apply' and kd.get_xlabel() == 'α (weight of the labels)'
+    assert dkd.get_xlabel() == 'one setting' and kd.get_xlabel() == 'α (weight of the labels)'
+    assert kd.get_ylabel() == dkd.get_ylabel() == 'temperature T'
     cells = [t.get_text() for t in kd.texts]
     assert '39.00\n-1.00' in cells   # kd_T2_a0.1: its accuracy and its difference to the baseline
     _check_layout_inside(fig)
     plt.close(fig)
     path = str(tmp_path / 'grid.png')
     assert plot_grid(models, path, log=pytest.fail) == path and os.path.getsize(path) > 10_000
+
+
+def test_grid_png_keeps_every_beta_of_a_feature_method():
+    """fitnet takes β alone: its settings are rows of β (they once all fell on one cell)."""
+    models = {'student_base': {'loss': 'ce', 'best_val_acc': 30.0},
+              'fitnet_b10': {'loss': 'fitnet', 'loss_params': {'beta': 10.0}, 'best_val_acc': 32.0},
+              'fitnet_b100': {'loss': 'fitnet', 'loss_params': {'beta': 100.0},
+                              'best_val_acc': 31.0}}
+    fig = grid_figure(models)
+    fitnet, = [ax for ax in fig.axes if ax.images]
+    assert fitnet.get_ylabel() == 'β (weight of the feature term)'
+    assert sorted(t.get_text() for t in fitnet.texts) == ['31.00\n+1.00', '32.00\n+2.00']
+    plt.close(fig)
 
 
 def _check_layout_inside(fig):

@@ -100,6 +100,12 @@ def test_configuration_of_a_grid_and_of_dkd():
     assert view['students'] == '4: kd_T2_a0.5, kd_T8_a0.5, dkd_T2, dkd_T8'
     assert view['baseline'] == 'off (--no-baseline)'
     assert view['lr'] == '0.05' and view['amp'] == 'bf16 (--amp)'
+    # a feature method's --beta does not reach kd, and --temperature does not reach fitnet
+    config = main.parse_config(['--loss', 'kd', 'fitnet', '--beta', '5', '--temperature', '2'])
+    view = resolved_configuration(config, torch.device('cpu'), specs=phase_specs(config),
+                                  teacher_arch='resnet18')
+    assert view['losses'] == ['kd: T=2, alpha=0.1 (its default), --beta does not apply',
+                              'fitnet: beta=5, --temperature does not apply']
     assert None not in view.values()
 
 

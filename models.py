@@ -6,14 +6,8 @@ them all, and every public name stays importable from here.
 `build_model(name, num_classes)` makes any of them; `register_model(name, points=...)` adds one
 (model_base.py holds the registry).
 
-Feature points. Feature distillers (FitNets, AT, CRD, ...) read intermediate tensors by name:
-'stem' (the stem's output), 'stage1'..'stageN' (each stage's output), 'stage1_pre'..'stageN_pre'
-(each stage's pre-activation output) and 'pooled' (the embedding the classifier takes): the
-reference code's `feats[0]`, `feats[1:]`, `preact_feats[1:]` and `pooled_feat` (RepDistiller,
-mdistiller). Each maps to a module path, 'path' for the module's output or 'path:in' for its
-first input, so a model names its points without any change to its `forward`
-(`feature_points(name, model)`; features.py takes them with forward hooks or from the traced
-graph).
+Every model names its feature points (stem, stages, pre-activations, pooled embedding) for the
+feature distillers: model_base.py's docstring says how.
 """
 import torch
 import torch.nn as nn

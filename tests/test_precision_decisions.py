@@ -256,6 +256,7 @@ def screen(raw):
     return lines + [''.join(line).rstrip()]
 
 
+@pytest.mark.slow  # a terminal run, then every printed command run in turn (17 s)
 def test_estimate_and_advice_on_their_own_lines_and_every_printed_command_runs(
         cifar_dir, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1',

@@ -27,6 +27,7 @@ RepDistiller's run scripts):
 - crd_kd: crd with KD, CE + T^2 KL (T = 4) + 0.8 * NCE, as RepDistiller's `-a 1 -b 0.8`.
 """
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -67,7 +68,7 @@ class BuildContext:
     num_classes: int
 
 
-class Distiller(nn.Module):
+class Distiller(nn.Module, ABC):
     """The base of feature methods (see the module docstring for the forward contract).
 
     Subclasses implement `points` (which points they read of two models with these shapes;
@@ -83,9 +84,9 @@ class Distiller(nn.Module):
                                                                context.teacher_shapes)
 
     @classmethod
+    @abstractmethod
     def points(cls, student_shapes, teacher_shapes):
         """(student point names, teacher point names) this method reads."""
-        raise NotImplementedError
 
     def forward(self, student_logits, teacher_logits, labels, *, student_feats, teacher_feats,
                 batch=None, epoch=1, label_smoothing=0.0):
@@ -97,9 +98,10 @@ class Distiller(nn.Module):
             return self.distill(s, teacher_logits, labels, ce, sf, tf, batch, epoch,
                                 label_smoothing)
 
+    @abstractmethod
     def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
                 label_smoothing):
-        raise NotImplementedError
+        """(loss, {part: unweighted scalar}) from float32 (or float64) logits and features."""
 
 
 def _as_float(x):

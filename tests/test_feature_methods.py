@@ -135,8 +135,9 @@ def test_a_registered_model_names_its_points_by_module_path():
 # The logit losses keep their numbers
 
 # 3 float64 steps of each logit loss (epoch 25) on a small StudentNet under a seeded wider one,
-# before feature distillers existed: loss of each step and the sum of the weights after (equal
-# to 1e-10: the thread count and the CPU's vector width change the last bits of float sums)
+# before feature distillers existed: loss of each step and the sum of the weights after, equal to
+# 1e-5 (the classifier computes in float32 even in a float64 model, so the CPU's vector width
+# changes float32 sums: an AVX2-only CPU and an AVX512 one differ by ~2e-6 relative)
 GOLDEN = {
     'kd': (['0x1.020a9d4265119p-2', '0x1.ebe91ec203ebdp-3', '0x1.e031aacec9ad8p-3'],
            '0x1.0773d1d6dc26ep+7'),
@@ -164,9 +165,9 @@ def test_logit_losses_keep_their_numbers():
                     torch.device('cpu'), loss_params=params[loss])
         values = [train_step([t], teacher, images[s], labels[s], recipe, None, epoch=25)[0]
                   .loss.item() for s in range(3)]
-        assert values == pytest.approx([float.fromhex(v) for v in losses], rel=1e-10), loss
+        assert values == pytest.approx([float.fromhex(v) for v in losses], rel=1e-5), loss
         assert sum(p.sum().item() for p in t.module.parameters()) == \
-            pytest.approx(float.fromhex(checksum), rel=1e-10), loss
+            pytest.approx(float.fromhex(checksum), rel=1e-5), loss
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-HYPER_PARAMETERS = ('temperature', 'alpha', 'beta')   # in grid and name order
-_ABBREVIATIONS = {'temperature': 'T', 'alpha': 'a', 'beta': 'b'}
+HYPER_PARAMETERS = ('temperature', 'alpha', 'beta', 'gamma')   # in grid and name order
+_ABBREVIATIONS = {'temperature': 'T', 'alpha': 'a', 'beta': 'b', 'gamma': 'g'}
 
 # Decoupled KD, as in the authors' configuration (mdistiller/engine/cfg.py, CFG.DKD)
 DKD_TCKD_WEIGHT = 1.0    # CFG.DKD.ALPHA
@@ -273,18 +273,18 @@ def _check_values(key, values):
             raise ValueError(f'temperature must be a positive number, got {v:g}')
         if key == 'alpha' and not 0 <= v <= 1:
             raise ValueError(f'alpha must be in [0, 1], got {v:g}')
-        if key == 'beta' and not (math.isfinite(v) and v >= 0):
-            raise ValueError(f'beta must be a number >= 0, got {v:g}')
+        if key in ('beta', 'gamma') and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f'{key} must be a number >= 0, got {v:g}')
     return values
 
 
-def expand_grid(loss_names, temperatures=None, alphas=None, betas=None):
+def expand_grid(loss_names, temperatures=None, alphas=None, betas=None, gammas=None):
     """[(loss_name, params)]: for each loss in order, every combination of the given values of
     the hyper-parameters it takes (its default where a list is None; values for a
     hyper-parameter it does not take are ignored), duplicates removed, order stable (loss, then
     temperature, alpha, beta). Unknown names raise KeyError, before anything is built."""
     specs = [get_loss(name) for name in loss_names]
-    given = {'temperature': temperatures, 'alpha': alphas, 'beta': betas}
+    given = {'temperature': temperatures, 'alpha': alphas, 'beta': betas, 'gamma': gammas}
     checked = {k: None if v is None else _check_values(k, v) for k, v in given.items()}
     out = []
     for spec in specs:

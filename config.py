@@ -66,8 +66,13 @@ class RunConfig:
     alpha: Optional[tuple]
     """--alpha values (the hard labels' weight, in [0, 1]); None: each loss's default."""
     beta: Optional[tuple]
-    """--beta values (>= 0: a feature method's distillation weight); None: each method's
-    default."""
+    """--beta values (>= 0: a method's distillation weight); None: each method's default."""
+    gamma: Optional[tuple]
+    """--gamma values (>= 0: a method's second weight, e.g. rkd's angle term, dist's intra-class
+    relation); None: each method's default."""
+    logit_standardization: Optional[tuple]
+    """--logit-standardization values, 'off' and / or 'on', for the losses that take the switch
+    (kd, dkd, dist); None: off."""
     no_baseline: bool
     """Train only the distilled students, not the cross-entropy baseline."""
     seeds: tuple
@@ -102,13 +107,14 @@ class RunConfig:
         for temperature in self.temperature or ():
             if temperature <= 0:
                 raise UsageError(f'--temperature must be > 0, got {temperature}')
-        for beta in self.beta or ():
-            if beta < 0:
-                raise UsageError(f'--beta must be >= 0, got {beta}')
-        for flag in ('loss', 'temperature', 'alpha', 'beta'):
+        for key in ('beta', 'gamma'):
+            for value in getattr(self, key) or ():
+                if value < 0:
+                    raise UsageError(f'--{key} must be >= 0, got {value}')
+        for flag in ('loss', 'temperature', 'alpha', 'beta', 'gamma', 'logit_standardization'):
             values = getattr(self, flag) or ()
             if len(set(values)) != len(values):
-                raise UsageError(f'--{flag} must not repeat a value')
+                raise UsageError(f'--{flag.replace("_", "-")} must not repeat a value')
         if self.lr < 0:
             raise UsageError(f'--lr must be >= 0, got {self.lr}')
         if self.weight_decay < 0:
@@ -189,7 +195,8 @@ def resolve(args):
                     else recipe.test_every or recipe.epochs),  # 0: the last epoch only
         teacher_arch=given['teacher_arch'], student_arch=given['student_arch'],
         loss=tuple(given['loss']), temperature=values('temperature'), alpha=values('alpha'),
-        beta=values('beta'),
+        beta=values('beta'), gamma=values('gamma'),
+        logit_standardization=values('logit_standardization'),
         no_baseline=given['no_baseline'],
         seeds=tuple(given['seeds']) if per_seed else (given['seed'],), per_seed_folders=per_seed,
         teacher_checkpoint=(checkpoint if checkpoint is not None
@@ -203,7 +210,8 @@ def resolve(args):
 # every flag a RunConfig holds, by argparse name ('phase' is --train-teacher / --evaluate,
 # 'seeds' is --seed or --seeds)
 FLAGS = ('phase', 'recipe', 'dataset', 'teacher_arch', 'student_arch', 'loss', 'epochs',
-         'batch_size', 'lr', 'weight_decay', 'temperature', 'alpha', 'beta', 'seeds', 'data_dir',
+         'batch_size', 'lr', 'weight_decay', 'temperature', 'alpha', 'beta', 'gamma',
+         'logit_standardization', 'seeds', 'data_dir',
          'out_dir', 'device', 'subset', 'val_fraction', 'split_seed', 'test_every', 'no_baseline',
          'teacher_checkpoint', 'amp', 'stack_students', 'compile', 'resume', 'restart',
          'tensorboard')

@@ -119,11 +119,23 @@ def build_parser():
            'teacher (kd: (1-alpha)*T^2*KL; ls: 10*(1-alpha)*T^2*KL); dkd keeps CE weight 1; '
            f'several values make a grid (default: {kd["alpha"]})')
     a('--beta', type=finite_float, nargs='+', default=default['beta'], metavar='B',
-      help='weight >= 0 of a feature method\'s distillation term (fitnet, at, crd, crd_kd: '
-           'loss = CE + beta*term); several values make a grid (default: each method\'s '
-           'authors\' value: ' + ', '.join(f'{n} {spec.defaults["beta"]:g}'
-                                           for n, spec in LOSSES.items()
-                                           if 'beta' in spec.defaults) + ')')
+      help='weight >= 0 of a method\'s distillation term (loss = CE + beta*term; rkd: of its '
+           'distance term; dist: of its inter-class relation); several values make a grid '
+           '(default: each method\'s authors\' value: '
+           + ', '.join(f'{n} {spec.defaults["beta"]:g}' for n, spec in LOSSES.items()
+                       if 'beta' in spec.defaults) + ')')
+    a('--gamma', type=finite_float, nargs='+', default=default['gamma'], metavar='G',
+      help='weight >= 0 of a method\'s second term (rkd: its angle term; dist: its intra-class '
+           'relation); several values make a grid (default: each method\'s authors\' value: '
+           + ', '.join(f'{n} {spec.defaults["gamma"]:g}' for n, spec in LOSSES.items()
+                       if 'gamma' in spec.defaults) + ')')
+    a('--logit-standardization', nargs='+', choices=('off', 'on'),
+      default=default['logit_standardization'], metavar='{off,on}',
+      help='logit standardisation (Sun et al., CVPR 2024) for ' + ', '.join(
+          n for n, spec in LOSSES.items() if spec.takes_ls)
+      + ': both logits z-scored per image before the distillation term; on, kd and dkd take '
+        'their authors\' T=2 unless --temperature is given and their distillation weight x10 '
+        '(kd, = ls) or x9 (dkd); "off on" makes both a grid (default: off)')
     a('--seed', type=int, default=default['seed'],
       help='seed of initialization, data order and augmentation (default: '
            f'{default["seed"]})')

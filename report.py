@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import atomic_write_text
-from losses import HYPER_PARAMETERS, get_loss
+from losses import HYPER, HYPER_PARAMETERS, get_loss
 
 MODEL_LABELS = {'teacher': 'Teacher (ResNet-18)', 'student_kd': 'Student (KD)',
                 'student_base': 'Student (baseline)'}
@@ -254,8 +254,9 @@ def describe_loss(entry):
     if not loss:
         return '-'
     params = entry.get('loss_params') or {}
-    short = {'temperature': 'T', 'alpha': 'α'}
-    return loss + ''.join(f' {short.get(k, k)}={v:g}' for k, v in params.items())
+    short = {'temperature': 'T', 'alpha': 'α', 'beta': 'β', 'gamma': 'γ'}
+    return loss + ''.join(' LS' if HYPER[k].switch else f' {short.get(k, k)}={v:g}'
+                          for k, v in params.items() if v is not False)
 
 
 def describe_gains(results):
@@ -544,16 +545,24 @@ def curves_figure(run_dirs, teacher_acc=None, keeps_last=False):
     return fig
 
 
-GRID_LABELS = {'temperature': 'temperature T', 'alpha': 'α (weight of the labels)',
-               'beta': 'β (weight of the feature term)'}
+GRID_LABELS = {k: h.label for k, h in HYPER.items()}
+
+
+def _param(entry, key):
+    """A setting's value of `key`; the switch reads off where its params do not name it."""
+    params = entry.get('loss_params') or {}
+    return params.get(key, False) if HYPER[key].switch else params.get(key)
 
 
 def grid_axes(models, loss):
     """(row hyper-parameter, column hyper-parameter or None) of `loss`'s heat map: the first
-    two it takes, in HYPER_PARAMETERS order (kd: T and α; crd_kd: T and β; fitnet: β)."""
-    taken = {k for e in models.values() if e.get('loss') == loss
-             for k in (e.get('loss_params') or {})}
-    keys = [k for k in HYPER_PARAMETERS if k in taken]
+    two that vary among its settings, in HYPER_PARAMETERS order, else the first two it takes
+    (kd: T and α; crd_kd: T and β; fitnet: β; dist gridded over γ alone: γ)."""
+    entries = [e for e in models.values() if e.get('loss') == loss]
+    taken = {k for e in entries for k in (e.get('loss_params') or {})}
+    varying = [k for k in HYPER_PARAMETERS if k in taken
+               and len({_param(e, k) for e in entries}) > 1]
+    keys = varying + [k for k in HYPER_PARAMETERS if k in taken and k not in varying]
     return (keys[0] if keys else None), (keys[1] if len(keys) > 1 else None)
 
 
@@ -564,9 +573,8 @@ def grid_cells(models):
     for name, e in models.items():
         if name in ('teacher', 'student_base') or not e.get('loss') or e.get('best_val_acc') is None:
             continue
-        params = e.get('loss_params') or {}
         row, col = grid_axes(models, e['loss'])
-        cells.setdefault(e['loss'], {})[(params.get(row), params.get(col))] = \
+        cells.setdefault(e['loss'], {})[(row and _param(e, row), col and _param(e, col))] = \
             (e['best_val_acc'], name)
     return cells if any(len(c) > 1 for c in cells.values()) else {}
 
@@ -630,9 +638,10 @@ def grid_figure(models):
             ax.set_xticks([])
             ax.set_xlabel('one setting' if col_key is None else GRID_LABELS[col_key])
         else:
-            ax.set_xticks(range(len(alphas)), [f'{a:g}' for a in alphas])
+            ax.set_xticks(range(len(alphas)), [HYPER[col_key].text(a) for a in alphas])
             ax.set_xlabel(GRID_LABELS[col_key])
-        ax.set_yticks(range(len(temps)), ['-' if t is None else f'{t:g}' for t in temps])
+        ax.set_yticks(range(len(temps)), ['-' if t is None else HYPER[row_key].text(t)
+                                          for t in temps])
         ax.set_ylabel(GRID_LABELS.get(row_key, 'no hyper-parameter'))
         ax.set_title(loss, fontsize=10)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[0].tolist(),

@@ -21,7 +21,7 @@ from config import UsageError, flag_args  # noqa: F401  (runner's names, as befo
 from datasets import effective_subset, get_dataset, load_dataset
 from distillers import plan_features
 from distributed import barrier, init_distributed
-from losses import HYPER_PARAMETERS, expand_grid, get_loss, setting_name
+from losses import HYPER, HYPER_PARAMETERS, expand_grid, get_loss, setting_name, takes
 from memory import GridTooLarge, check_memory, peak_memory_mb
 from models import build_model, feature_points
 from outdir import planned_files, read_manifest, set_aside, write_manifest
@@ -140,7 +140,9 @@ def quick_run_commands(config, teacher_arch):
     commands = [['--train-teacher', *QUICK_RUN, *arch, *common, '--out-dir', folder]]
     if config.phase == 'students':
         commands.append([*QUICK_RUN, *flag_args(config, ('student_arch', 'loss', 'temperature',
-                                                          'alpha', 'beta', 'no_baseline')),
+                                                          'alpha', 'beta', 'gamma',
+                                                          'logit_standardization',
+                                                          'no_baseline')),
                          *common, '--out-dir', folder])
     return command_lines(commands)
 
@@ -157,8 +159,7 @@ def fast_run_commands(config):
                                                      + ('subset',)), '--out-dir', folder]
     commands = [['--train-teacher', *common]]
     if config.phase == 'students':
-        commands.append([*flag_args(config, ('loss', 'temperature', 'alpha', 'beta',
-                                              'no_baseline')),
+        commands.append([*flag_args(config, ('loss', *HYPER_PARAMETERS, 'no_baseline')),
                          *common])
     return command_lines(commands)
 
@@ -181,7 +182,8 @@ def student_specs(config):
     setting (kd_T4_a0.1, dkd_T4, ...), and the best of them on validation also becomes
     best_student_kd.pth.
     """
-    grid = expand_grid(config.loss, config.temperature, config.alpha, config.beta)
+    grid = expand_grid(config.loss, config.temperature, config.alpha, config.beta, config.gamma,
+                       config.logit_standardization)
     arch = config.student_model
     if len(grid) == 1:
         specs = [ModelSpec('student_kd', arch, *grid[0])]
@@ -840,6 +842,11 @@ def loss_settings(specs):
         for key, value in spec.params.items():
             if value not in entry.setdefault(key, []):
                 entry[key].append(value)
+    for loss, entry in settings.items():  # a switch seen on somewhere: say where it was off too
+        switch = entry.get('logit_standardization')
+        if switch and any('logit_standardization' not in s.params for s in specs
+                          if s.loss == loss):
+            switch.insert(0, False)
     return settings
 
 
@@ -847,18 +854,21 @@ def describe_loss_settings(settings, given=()):
     """['kd: T=4 (its default), alpha=0.1 (its default)', ...]: one line per loss of
     loss_settings's result. given: the hyper-parameters given on the command line (where one
     does not apply to a loss, its line says so: '--beta does not apply')."""
-    symbols = {'temperature': 'T', 'alpha': 'alpha', 'beta': 'beta'}
+    symbols = {'temperature': 'T', 'alpha': 'alpha', 'beta': 'beta', 'gamma': 'gamma',
+               'logit_standardization': 'logit standardisation'}
     lines = []
     for name, values in settings.items():
-        defaults = get_loss(name).defaults
+        spec = get_loss(name)
+        on = any(values.get('logit_standardization', []))
+        defaults = spec.defaults_for(on)
         parts = []
         for key, used in values.items():
-            text = ', '.join(f'{v:g}' for v in used)
-            if used == [defaults.get(key)]:
+            text = ', '.join(HYPER[key].text(v) for v in used)
+            if used == [defaults.get(key)] and not HYPER[key].switch:
                 text += ' (its default)'
             parts.append(f'{symbols.get(key, key)}={text}')
-        parts += [f'--{key} does not apply' for key in HYPER_PARAMETERS
-                  if key in given and key not in defaults]
+        parts += [f'{HYPER[key].flag} does not apply' for key in HYPER_PARAMETERS
+                  if key in given and not takes(spec, key)]
         lines.append(f'{name}: ' + ', '.join(parts))
     return lines
 
@@ -977,7 +987,7 @@ def rerun_command(models, config):
     lines += warmup_notes({n: models[n] for n in distilled}, epochs)
     params = best.get('loss_params') or {}
     flags = ['--loss', best['loss']] + [x for k in HYPER_PARAMETERS if k in params
-                                        for x in (f'--{k}', str(params[k]))]
+                                        for x in (HYPER[k].flag, HYPER[k].arg(params[k]))]
     # everything else that made this run's numbers, so the seeds confirm this very setting
     keep = ['--epochs', str(epochs)] + flag_args(
         config, DATA_FLAGS + ('subset', 'student_arch', 'batch_size', 'lr', 'weight_decay',

@@ -12,6 +12,7 @@ import distillers  # noqa: F401  (registers the feature methods: the registry is
 from losses import LOSSES, expand_grid, get_loss, register_loss, setting_name
 
 LOGIT = [name for name, spec in LOSSES.items() if spec.fn is not None]
+FEATURE_METHODS = ['fitnet', 'at', 'crd', 'crd_kd']
 
 DISTILL = ['kd', 'dkd', 'ls']
 DISTILL_PARTS = {'kd': ['kd'], 'dkd': ['tckd', 'nckd'], 'ls': ['kd']}
@@ -254,14 +255,21 @@ def test_half_inputs_give_float32(name, dtype):
 # Registry
 
 def test_registry_entries():
-    assert LOGIT == ['ce', 'kd', 'dkd', 'ls']
-    assert [n for n in LOSSES if n not in LOGIT] == ['fitnet', 'at', 'crd', 'crd_kd']
-    for name in ('fitnet', 'at', 'crd', 'crd_kd'):
+    assert LOGIT == ['ce', 'kd', 'dkd', 'ls', 'dist']
+    assert [n for n in LOSSES if n not in LOGIT] == FEATURE_METHODS
+    for name in FEATURE_METHODS:
         spec = get_loss(name)
         assert spec.uses_teacher and spec.parts[0] == 'ce' and '--beta' in spec.help
+        assert spec.help.endswith('.') and not spec.takes_ls
     assert dict(get_loss('kd').defaults) == {'temperature': 4.0, 'alpha': 0.1}
     assert dict(get_loss('dkd').defaults) == {'temperature': 4.0}
     assert dict(get_loss('ls').defaults) == {'temperature': 2.0, 'alpha': 0.1}
+    assert dict(get_loss('dist').defaults) == {'temperature': 4.0, 'beta': 2.0, 'gamma': 2.0}
+    # the logit standardisation switch: kd, dkd and dist take it; kd and dkd then default to T 2
+    assert [n for n in LOSSES if LOSSES[n].takes_ls] == ['kd', 'dkd', 'dist']
+    assert dict(get_loss('dkd').defaults_for(True)) == {'temperature': 2.0,
+                                                        'logit_standardization': True}
+    assert dict(get_loss('dist').defaults_for(True))['temperature'] == 4.0
     for name in LOGIT:
         spec = LOSSES[name]
         assert spec.name == name
@@ -273,6 +281,7 @@ def test_registry_entries():
         assert params['epoch'].default == 1
         hypers = {k: p.default for k, p in params.items()
                   if p.kind is p.KEYWORD_ONLY and k != 'epoch'}
+        assert hypers.pop('logit_standardization', None) is (False if spec.takes_ls else None)
         assert hypers == dict(spec.defaults)
         with pytest.raises(dataclasses.FrozenInstanceError):
             spec.name = 'other'
@@ -291,8 +300,8 @@ def test_register_refuses_duplicates_and_unknown_hyper_parameters():
     before = dict(LOSSES)
     with pytest.raises(ValueError, match='already registered'):
         register_loss('kd', help='x.', parts=('ce',))(lambda s, t, y, *, epoch=1: None)
-    with pytest.raises(ValueError, match='gamma'):
-        register_loss('new', defaults={'gamma': 1.0}, help='x.', parts=('ce',))
+    with pytest.raises(ValueError, match='delta'):
+        register_loss('new', defaults={'delta': 1.0}, help='x.', parts=('ce',))
     assert LOSSES == before
     try:
         @register_loss('tmp_test_loss', help='x.', parts=('ce',))

@@ -302,8 +302,28 @@ def test_grid_png_keeps_every_beta_of_a_feature_method():
                               'best_val_acc': 31.0}}
     fig = grid_figure(models)
     fitnet, = [ax for ax in fig.axes if ax.images]
-    assert fitnet.get_ylabel() == 'β (weight of the feature term)'
+    assert fitnet.get_ylabel() == 'β (weight of the distillation term)'
     assert sorted(t.get_text() for t in fitnet.texts) == ['31.00\n+1.00', '32.00\n+2.00']
+    plt.close(fig)
+
+
+def test_grid_png_draws_a_loss_over_the_hyper_parameters_that_vary():
+    """dist takes T, β and γ: gridded over γ and the LS switch, those are its axes (the fixed T
+    and β would put every setting on one cell)."""
+    base = {'temperature': 4.0, 'beta': 2.0}
+    models = {'student_base': {'loss': 'ce', 'best_val_acc': 30.0}}
+    for gamma, ls, acc in ((1.0, False, 31.0), (2.0, False, 32.0), (1.0, True, 33.0),
+                           (2.0, True, 34.0)):
+        params = {**base, 'gamma': gamma, **({'logit_standardization': True} if ls else {})}
+        models[f'dist_{gamma}_{ls}'] = {'loss': 'dist', 'loss_params': params,
+                                        'best_val_acc': acc}
+    fig = grid_figure(models)
+    dist, = [ax for ax in fig.axes if ax.images]
+    assert dist.get_ylabel() == 'γ (weight of the second term)'
+    assert dist.get_xlabel() == 'logit standardisation'
+    assert [t.get_text() for t in dist.get_xticklabels()] == ['off', 'on']
+    assert sorted(t.get_text() for t in dist.texts) == ['31.00\n+1.00', '32.00\n+2.00',
+                                                        '33.00\n+3.00', '34.00\n+4.00']
     plt.close(fig)
 
 

@@ -5,7 +5,8 @@ next to the logit losses; the contract a method implements is in distiller_base.
 each with its authors' CIFAR-100 configuration (mdistiller engine/cfg.py, else the authors'
 repository), by family:
 - hint_methods.py: fitnet (FitNets), at (attention transfer);
-- contrastive.py: crd, crd_kd (contrastive representation distillation).
+- contrastive.py: crd, crd_kd (contrastive representation distillation);
+- reviewkd.py: reviewkd (knowledge review: attention-based fusion, hierarchical context loss).
 """
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 # isort: off  (the registry lists methods in the order their modules register them)
 import hint_methods  # noqa: F401  (registers its methods)
 import contrastive  # noqa: F401  (registers its methods)
+import reviewkd  # noqa: F401  (registers its methods)
 # isort: on
 from contrastive import contrast_loss, draw_negatives  # noqa: F401  (re-exported)
 from distiller_base import BuildContext, Distiller, stage_names  # noqa: F401  (re-exported)

@@ -77,6 +77,11 @@ def _as_map(feat):
     return feat[:, :, None, None] if feat.dim() == 2 else feat
 
 
+def _spatial(shape):
+    """(H, W) of a 1 x C x H x W point, (1, 1) of a 1 x D pooled one."""
+    return tuple(shape[2:]) if len(shape) == 4 else (1, 1)
+
+
 @register_distiller('reviewkd', defaults={'beta': REVIEWKD_WEIGHT},
                     warmup_epochs=REVIEWKD_WARMUP_EPOCHS, parts=('ce', 'reviewkd'),
                     help='loss = CE + beta*min(epoch/20, 1)*sum_j HCL(ABF_j(S_j..S_n), T_j) '
@@ -152,8 +157,3 @@ class ReviewKD(Distiller):
         hcl = hcl_loss(self.review(student_feats), targets)
         warmup = min(float(epoch) / REVIEWKD_WARMUP_EPOCHS, 1.0)
         return ce + self.params['beta'] * warmup * hcl, {'ce': ce, 'reviewkd': hcl}
-
-
-def _spatial(shape):
-    """(H, W) of a 1 x C x H x W point, (1, 1) of a 1 x D pooled one."""
-    return tuple(shape[2:]) if len(shape) == 4 else (1, 1)

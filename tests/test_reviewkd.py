@@ -13,6 +13,7 @@ from distillers import BuildContext, build_distiller, point_shapes
 from losses import get_loss
 from models import StudentNet, TeacherNet, build_model, feature_points
 from recipe import get_recipe
+from reviewkd import hcl_loss
 from train import Trainee, train_step
 from tuning import fold_batchnorm
 
@@ -185,7 +186,6 @@ def test_reviewkd_equals_authors_code():
 
 
 def test_the_hierarchical_context_loss_weights_its_pyramid():
-    from reviewkd import hcl_loss
     gen = torch.Generator().manual_seed(1)
     fs, ft = (torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen) for _ in range(2))
 

@@ -97,8 +97,9 @@ class ReviewKD(Distiller):
     and 'pooled' (mdistiller feats[1:] + pooled_feat against preact_feats[1:] + pooled_feat;
     the reference's zip drops the student's stem, which is therefore not read). When the two
     have different numbers of stages, the deepest ones are paired (stage N-k+1..N of each, k the
-    smaller count) and the shallower stages of the deeper model are left out (mdistiller's config
-    names one pair of equal depth; its zip would pair the shallowest instead).
+    smaller count) and the shallower stages of the deeper model are left out (mdistiller's CIFAR
+    config names one pair of equal depth; for a deeper student its zips leave out the same
+    stages, for a deeper teacher they would pair the outputs with its shallowest stages).
 
     One ABF per level, built from the shapes (mdistiller's IN_CHANNELS = the student's channels,
     OUT_CHANNELS = the teacher's, SHAPES / OUT_SHAPES = the student's / teacher's spatial sizes

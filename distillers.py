@@ -5,6 +5,8 @@ next to the logit losses; the contract a method implements is in distiller_base.
 each with its authors' CIFAR-100 configuration (mdistiller engine/cfg.py, else the authors'
 repository), by family:
 - hint_methods.py: fitnet (FitNets), at (attention transfer);
+- relation_methods.py: sp (similarity-preserving KD), rkd (relational KD), pkt (probabilistic
+  knowledge transfer), kdsvd (KD with SVD);
 - contrastive.py: crd, crd_kd (contrastive representation distillation);
 - reviewkd.py: reviewkd (knowledge review: attention-based fusion, hierarchical context loss).
 """
@@ -14,6 +16,7 @@ import torch
 
 # isort: off  (the registry lists methods in the order their modules register them)
 import hint_methods  # noqa: F401  (registers its methods)
+import relation_methods  # noqa: F401  (registers its methods)
 import contrastive  # noqa: F401  (registers its methods)
 import reviewkd  # noqa: F401  (registers its methods)
 # isort: on

@@ -69,6 +69,11 @@ class AirbenchNet(nn.Module):
         return stage_points(groups, [f'{g}.norm2' for g in groups], 'groups.0:in',
                             'classifier:in')
 
+    def bn_before_relu(self):
+        # the pre-activation points are these BNs; the activation after them is a GELU, which
+        # OFD's margins (the mean of the negative side a ReLU zeroes) only approximate
+        return {f'stage{i}_pre': f'groups.{i - 1}.norm2' for i in range(1, len(self.groups) + 1)}
+
     def freeze_norm_scales(self):
         """Keep every BatchNorm's scale at its value (1 from the start): only the biases train,
         as in airbench94 (the fast recipe calls this; the parameter groups then give those

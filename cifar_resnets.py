@@ -70,6 +70,11 @@ class CifarResNet(nn.Module):
         last = [f'{s}.{len(getattr(self, s)) - 1}.relu_out:in' for s in stages]
         return stage_points(stages, last, 'layer1:in', 'fc:in')
 
+    def bn_before_relu(self):
+        # as mdistiller's resnet.py get_bn_before_relu: each stage's last block's bn2
+        return {f'stage{i}_pre': f'{s}.{len(getattr(self, s)) - 1}.bn2'
+                for i, s in enumerate(['layer1', 'layer2', 'layer3'], 1)}
+
 
 class WideBlock(nn.Module):
     """Pre-activation block of Wide ResNets: BN-ReLU-conv3x3 twice, plus the shortcut."""
@@ -130,6 +135,11 @@ class WideResNet(nn.Module):
         return stage_points(['block1', 'block2', 'block3'],
                             ['block2.layer.0.bn1', 'block3.layer.0.bn1', 'bn1'], 'conv1',
                             'fc:in')
+
+    def bn_before_relu(self):
+        # as mdistiller's wrn.py get_bn_before_relu: the pre-activation points are these BNs
+        return {'stage1_pre': 'block2.layer.0.bn1', 'stage2_pre': 'block3.layer.0.bn1',
+                'stage3_pre': 'bn1'}
 
 
 class Bottleneck(nn.Module):
@@ -194,6 +204,11 @@ class BottleneckResNet(nn.Module):
         stages = ['layer1', 'layer2', 'layer3', 'layer4']
         last = [f'{s}.{len(getattr(self, s)) - 1}.relu_out:in' for s in stages]
         return stage_points(stages, last, 'layer1:in', 'linear:in')
+
+    def bn_before_relu(self):
+        # as mdistiller's resnetv2.py get_bn_before_relu: each stage's last block's bn3
+        return {f'stage{i}_pre': f'{s}.{len(getattr(self, s)) - 1}.bn3'
+                for i, s in enumerate(['layer1', 'layer2', 'layer3', 'layer4'], 1)}
 
 
 @register_model('resnet8')

@@ -99,6 +99,12 @@ class MobileNetV2(nn.Module):
         points['pooled'] = 'classifier:in'
         return points
 
+    def bn_before_relu(self):
+        # as mdistiller's mobilenetv2.py get_bn_before_relu: the projection BN of the last
+        # block of groups 1, 2, 4 and 6 (no ReLU follows in the network: the reference's)
+        return {f'stage{i}_pre': f'blocks.{group}.{len(self.blocks[group]) - 1}.conv.7'
+                for i, group in enumerate((1, 2, 4, 6), 1)}
+
 
 @register_model('mobilenetv2')
 def mobilenetv2(num_classes=10):

@@ -9,21 +9,31 @@ mdistiller). Each maps to a module path, 'path' for the module's output or 'path
 first input, so a model names its points without any change to its `forward`
 (`feature_points(name, model)`; features.py takes them with forward hooks or from the traced
 graph).
+
+BatchNorms before the ReLUs. OFD (Heo et al.) draws a margin per channel from the BatchNorm
+whose output the ReLU at each pre-activation point takes (mdistiller's `get_bn_before_relu`):
+a model names them as {'stage1_pre': 'module.path', ...}, the path of an nn.BatchNorm2d whose
+channels are the point's (`bn_before_relu(name, model)`). Where the point adds a shortcut to
+the BN's output (a residual block), the BN is the residual branch's last one, as in the
+reference. A model that names none trains with every other method.
 """
 import torch
 import torch.nn as nn
 
 MODELS = {}  # name -> constructor called as constructor(num_classes=...)
 POINTS = {}  # name -> {point name: 'module.path' or 'module.path:in'} given at registration
+BN_BEFORE_RELU = {}  # name -> {pre-activation point: 'module.path' of a BN} given at registration
 
 
-def register_model(name, points=None):
+def register_model(name, points=None, bn_before_relu=None):
     """Decorator: make the class or function buildable as build_model(name, num_classes).
 
     points: the model's feature points, {name: 'module.path' | 'module.path:in'} (see the
     module docstring), for the feature distillers; a model whose class defines
     `feature_points()` needs none, and a model without points still trains with every logit
-    loss.
+    loss. bn_before_relu: {pre-activation point: 'module.path' of its BatchNorm2d} (see the
+    module docstring), for OFD's margins; a model whose class defines `bn_before_relu()` needs
+    none.
     """
     def add(constructor):
         # refuse silently replacing a model: a checkpoint saved under a name must keep meaning one network
@@ -32,6 +42,8 @@ def register_model(name, points=None):
         MODELS[name] = constructor
         if points is not None:
             POINTS[name] = dict(points)
+        if bn_before_relu is not None:
+            BN_BEFORE_RELU[name] = dict(bn_before_relu)
         return constructor
     return add
 
@@ -42,6 +54,16 @@ def feature_points(name, model):
     if name in POINTS:
         return dict(POINTS[name])
     method = getattr(model, 'feature_points', None)
+    return dict(method()) if callable(method) else {}
+
+
+def bn_before_relu(name, model):
+    """{pre-activation point: module path of the BatchNorm2d before its ReLU} of `model`, built
+    as registered model `name` (None: look at the model only): the names given to
+    register_model, else its class's `bn_before_relu()`, else {} (none named)."""
+    if name in BN_BEFORE_RELU:
+        return dict(BN_BEFORE_RELU[name])
+    method = getattr(model, 'bn_before_relu', None)
     return dict(method()) if callable(method) else {}
 
 

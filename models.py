@@ -20,8 +20,9 @@ from cifar_resnets import (Bottleneck, BottleneckResNet, CifarResNet, ResNetBloc
                            resnet32x4, resnet44, resnet50, resnet56, resnet110, wrn_16_1, wrn_16_2,
                            wrn_40_1, wrn_40_2)
 from mobilenet_nets import InvertedResidual, MobileNetV2, mobilenetv2  # noqa: F401
-from model_base import (MODELS, POINTS, Classifier, build_model, feature_points,  # noqa: F401
-                        init_like_reference, model_names, register_model, stage_points)
+from model_base import (BN_BEFORE_RELU, MODELS, POINTS, Classifier,  # noqa: F401
+                        bn_before_relu, build_model, feature_points, init_like_reference,
+                        model_names, register_model, stage_points)
 from shufflenet_nets import ShuffleNetV1, ShuffleNetV2, shufflev1, shufflev2  # noqa: F401
 from vgg_nets import VGG, vgg8, vgg11, vgg13, vgg16, vgg19  # noqa: F401
 
@@ -82,6 +83,10 @@ class TeacherNet(nn.Module):
         return stage_points(stages, [f'{s}.1.relu_out:in' for s in stages], 'layer1:in',
                             'linear:in')
 
+    def bn_before_relu(self):
+        # as mdistiller's ResNets: each stage's last block's bn2
+        return {f'stage{i}_pre': f'layer{i}.1.bn2' for i in range(1, 5)}
+
 
 def conv_bn_relu(in_channels, out_channels, pool=False):
     # Pooling sits between the convolution and BatchNorm (as in airbench): the second convolution
@@ -122,6 +127,10 @@ class StudentNet(nn.Module):
         return stage_points(['features.2', 'features.4', 'features.6'],
                             ['features.2.1', 'features.4.1', 'features.6.1'], 'features.0',
                             'classifier:in')
+
+    def bn_before_relu(self):
+        # the pre-activation points are these BNs
+        return {f'stage{i}_pre': f'features.{j}.1' for i, j in enumerate((2, 4, 6), 1)}
 
 
 def count_parameters(model):

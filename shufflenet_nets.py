@@ -92,6 +92,12 @@ class ShuffleNetV1(nn.Module):
         last = [f'{s}.{len(getattr(self, s)) - 1}.relu_out:in' for s in stages]
         return stage_points(stages, last, 'layer1:in', 'linear:in')
 
+    def bn_before_relu(self):
+        # mdistiller names none (OFD refuses a ShuffleNet teacher there); the rule of its
+        # ResNets: each stage's last unit (stride 1, an added shortcut) has bn3 before relu_out
+        return {f'stage{i}_pre': f'{s}.{len(getattr(self, s)) - 1}.bn3'
+                for i, s in enumerate(['layer1', 'layer2', 'layer3'], 1)}
+
 
 class ShuffleV2Block(nn.Module):
     """ShuffleNet V2 basic unit: the channels split in halves; the second goes through 1x1 conv,
@@ -184,7 +190,9 @@ class ShuffleNetV2(nn.Module):
         # as mdistiller's ShuffleNetv2.py: feats = the stem's ReLU output, layer1..3 (before the
         # last 1x1 conv); preact = each stage's last unit's cat([x1, branch]) before the ReLU and
         # the shuffle (so its channels are in another order than the stage's); pooled_feat =
-        # the average-pooled embedding after the last conv
+        # the average-pooled embedding after the last conv. No bn_before_relu: half of each
+        # pre-activation's channels come from no BatchNorm (x1), so no BN gives its margins
+        # (mdistiller names none either)
         stages = ['layer1', 'layer2', 'layer3']
         last = [f'{s}.{len(getattr(self, s)) - 1}.relu_out:in' for s in stages]
         return stage_points(stages, last, 'layer1:in', 'linear:in')

@@ -85,6 +85,11 @@ class VGG(nn.Module):
         return stage_points([f'relu{i}' for i in range(1, 5)],
                             [f'block{i}' for i in range(1, 5)], 'relu0', 'classifier:in')
 
+    def bn_before_relu(self):
+        # as mdistiller's vgg.py get_bn_before_relu: block1..4's last layer, a BN
+        return {f'stage{i}_pre': f'block{i}.{len(getattr(self, f"block{i}")) - 1}'
+                for i in range(1, 5)}
+
 
 @register_model('vgg8')
 def vgg8(num_classes=10):

@@ -39,19 +39,23 @@ class BuildContext:
     student_shapes / teacher_shapes: {point: torch.Size} of every point of the two models,
     measured at batch 1 (a method picks the ones it reads); train_labels: N int64, the labels of
     the training images by their index in the training set (the loader's Batch.indices);
-    num_classes: C.
+    num_classes: C; teacher_bn: {pre-activation point: (weight, bias)}, detached copies of the
+    affine parameters of the teacher's BatchNorm before the ReLU at that point
+    (model_base.bn_before_relu; OFD's margins), None when the teacher names none.
     """
     student_shapes: Mapping[str, torch.Size]
     teacher_shapes: Mapping[str, torch.Size]
     train_labels: torch.Tensor
     num_classes: int
+    teacher_bn: Mapping[str, tuple] = None
 
 
 class Distiller(nn.Module, ABC):
     """The base of feature methods (see the module docstring for the forward contract).
 
     Subclasses implement `points` (which points they read of two models with these shapes;
-    ValueError, a message for the user, when a model lacks them) and `distill`, the loss from
+    ValueError, a message for the user, when a model lacks them), may override
+    `check_teacher` (anything else the teacher must give), and implement `distill`, the loss from
     float32 (or float64) logits and features; the base handles dtypes and autocast.
     params: the hyper-parameters (HYPER_PARAMETERS names), defaults filled in.
     """
@@ -61,11 +65,18 @@ class Distiller(nn.Module, ABC):
         self.params = dict(params)
         self.student_points, self.teacher_points = self.points(context.student_shapes,
                                                                context.teacher_shapes)
+        self.check_teacher(self.teacher_points, context.teacher_bn)
 
     @classmethod
     @abstractmethod
     def points(cls, student_shapes, teacher_shapes):
         """(student point names, teacher point names) this method reads."""
+
+    @classmethod
+    def check_teacher(cls, teacher_points, teacher_bn):
+        """ValueError (a message for the user) when the teacher lacks something besides its
+        points that the method needs at `teacher_points` (teacher_bn as BuildContext's); called
+        when a run is planned, before any training, and when the method is built."""
 
     def forward(self, student_logits, teacher_logits, labels, *, student_feats, teacher_feats,
                 batch=None, epoch=1, label_smoothing=0.0):

@@ -12,7 +12,8 @@ import distillers  # noqa: F401  (registers the feature methods: the registry is
 from losses import LOSSES, expand_grid, get_loss, register_loss, setting_name
 
 LOGIT = [name for name, spec in LOSSES.items() if spec.fn is not None]
-FEATURE_METHODS = ['fitnet', 'at', 'sp', 'rkd', 'pkt', 'kdsvd', 'crd', 'crd_kd', 'reviewkd']
+FEATURE_METHODS = ['fitnet', 'at', 'nst', 'vid', 'ofd', 'sp', 'rkd', 'pkt', 'kdsvd', 'crd',
+                   'crd_kd', 'reviewkd']
 
 DISTILL = ['kd', 'dkd', 'ls']
 DISTILL_PARTS = {'kd': ['kd'], 'dkd': ['tckd', 'nckd'], 'ls': ['kd']}

@@ -210,7 +210,7 @@ def feature_plan(specs, teacher, teacher_info, device, num_classes):
                 for s in specs]
     try:
         return plan_features(students, teacher, feature_points(teacher_info['arch'], teacher),
-                             device, num_classes)
+                             device, num_classes, teacher_arch=teacher_info['arch'])
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -389,30 +389,45 @@ def test_batches_name_their_images_and_ranks_slice_one_global_batch():
 # ---------------------------------------------------------------------------------------------
 # From the command line
 
-def test_every_feature_method_trains_from_the_command_line(trained_run, tmp_path, capsys):
+def test_every_method_trains_from_the_command_line_in_one_grid(trained_run, tmp_path, capsys):
+    """Every registered loss, one lockstep run: a checkpoint each (the plain student), its parts
+    in its CSV, the methods' own state in the resume state, results.md ranking them all, and
+    --evaluate reproducing the run's numbers."""
+    from losses import LOSSES, setting_name
+    methods = [n for n in LOSSES if n != 'ce']
     out = tmp_path / 'out'
-    code = main.main(['--loss', 'kd', 'fitnet', 'at', 'crd', 'crd_kd', '--epochs', '1',
-                      '--subset', '100', '--batch-size', '32', '--device', 'cpu', '--no-amp',
-                      '--data-dir', trained_run['common'][1], '--out-dir', str(out),
-                      '--teacher-checkpoint',
+    code = main.main(['--loss', *methods, '--epochs', '1', '--subset', '100', '--batch-size',
+                      '32', '--device', 'cpu', '--no-amp', '--data-dir', trained_run['common'][1],
+                      '--out-dir', str(out), '--teacher-checkpoint',
                       os.path.join(trained_run['out'], 'best_teacher.pth')])
     assert code == 0
-    names = ['kd_T4_a0.1', 'fitnet_b100', 'at_b1000', 'crd_b0.8', 'crd_kd_T4_b0.8']
+    names = [setting_name(n, LOSSES[n].defaults) for n in methods]
+    assert names[:5] == ['kd_T4_a0.1', 'dkd_T4', 'ls_T2_a0.1', 'dist_T4_b2_g2', 'fitnet_b100']
+    assert 'rkd_b25_g50' in names and 'reviewkd_b5' in names
     for name in names + ['student_base', 'student_kd']:
         weights = torch.load(out / f'best_{name}.pth', weights_only=True)
         StudentNet().load_state_dict(weights)  # strict: the plain student, nothing else
     header = {n: open(out / f'log_{n}.csv').readline().strip().split(',') for n in names}
-    assert {'train_ce', 'train_fitnet', 'train_at', 'train_crd', 'train_kd'} <= set(header['crd_b0.8'])
     rows = {n: open(out / f'log_{n}.csv').read().splitlines()[1].split(',') for n in names}
+    for method, name in zip(methods, names):  # each logs its own parts, finite
+        for part in LOSSES[method].parts:
+            value = float(rows[name][header[name].index(f'train_{part}')])
+            assert math.isfinite(value), (name, part)
     at_column = header['at_b1000'].index('train_at')
     assert float(rows['at_b1000'][at_column]) > 0 and rows['fitnet_b100'][at_column] == ''
     state = torch.load(out / 'last_students.pt', weights_only=True)
-    assert set(state['distillers']) == {'fitnet_b100', 'at_b1000', 'crd_b0.8', 'crd_kd_T4_b0.8'}
+    feature = [name for method, name in zip(methods, names) if LOSSES[method].distiller]
+    assert set(state['distillers']) == set(feature)
     assert state['distillers']['crd_b0.8']['memory_s'].shape == (90, 128)  # one row per image
+    assert {'margin0', 'margin1', 'margin2'} <= set(state['distillers']['ofd_b0.001'])
+    assert {'log_scales.0', 'log_scales.2'} <= set(state['distillers']['vid_b1'])
     results = json.loads((out / 'results.json').read_text())
-    assert results['config']['students'][2] == {'name': 'at_b1000', 'loss': 'at',
-                                                'params': {'beta': 1000.0}}
+    assert results['config']['students'][names.index('at_b1000')] == {
+        'name': 'at_b1000', 'loss': 'at', 'params': {'beta': 1000.0}}
+    ranked = (out / 'results.md').read_text()
+    assert all(f'| {name} ' in ranked or f'{name} |' in ranked for name in names)
     # --evaluate rebuilds every student as the plain class and reproduces the run's numbers
+    capsys.readouterr()
     assert main.main(['--evaluate', '--data-dir', trained_run['common'][1], '--out-dir',
                       str(out), '--device', 'cpu']) == 0
     table = capsys.readouterr().out

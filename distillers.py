@@ -94,6 +94,16 @@ class FeaturePlan:
                                self.num_classes, self.teacher_bn)
         return build_distiller(loss_name, params, context)
 
+    def state_bytes(self, loss_name, params, arch, train_labels):
+        """About how much memory one student's method holds while training: its parameters with
+        their gradients and momentum (3 copies) and its buffers (CRD's memories), in bytes; 0
+        for a logit loss. Its activations are left out."""
+        distiller = self.build(loss_name, params, arch, train_labels)
+        if distiller is None:
+            return 0
+        return 3 * sum(p.numel() * p.element_size() for p in distiller.parameters()) + \
+            sum(b.numel() * b.element_size() for b in distiller.buffers())
+
 
 def plan_features(students, teacher, teacher_points, device, num_classes, teacher_arch=None):
     """The FeaturePlan of `students` [(arch, loss name, student module built as arch)] against

@@ -45,16 +45,20 @@ def available_bytes(device):
     return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
 
 
-def check_memory(specs, device, num_classes, batch_shape, log):
+def check_memory(specs, device, num_classes, batch_shape, log, extra=None):
     """Say how much memory the models need; refuse (GridTooLarge), before training, a grid that
-    cannot fit, with the number of models that can. Returns the estimate in bytes."""
+    cannot fit, with the number of models that can. extra: {model name: bytes} a model needs
+    beside the network (its feature method's connectors and memories). Returns the estimate in
+    bytes."""
     per_student = bytes_per_student(specs[0].arch, num_classes, batch_shape)
     free = available_bytes(device)
-    need = per_student * len(specs)
+    methods = sum((extra or {}).values())
+    need = per_student * len(specs) + methods
     log(f'memory: about {per_student / 2**20:.0f} MB per model, {need / 2**20:.0f} MB for '
-        f'{len(specs)}; {free / 2**20:.0f} MB free on {device.type}')
+        f'{len(specs)}' + (f' with their methods\' {methods / 2**20:.0f} MB' if methods else '')
+        + f'; {free / 2**20:.0f} MB free on {device.type}')
     if need > 0.9 * free:
-        fits = max(0, int(0.9 * free // per_student))
+        fits = max(0, int(0.9 * free // (need / len(specs))))
         raise GridTooLarge(f'{len(specs)} models of {specs[0].arch} need about {need / 2**30:.1f} '
                          f'GB, but {device.type} has {free / 2**30:.1f} GB free: it holds about '
                          f'{fits}. Use fewer --loss / --temperature / --alpha values, or a '

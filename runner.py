@@ -412,7 +412,10 @@ def train_phase_for_seeds(config, device, dist, arrays, log, stop, teacher=None,
         if phase == 'students' else None
     batch_shape = (config.batch_size // dist.world_size, 3, 32, 32)
     try:
-        memory_estimate = check_memory(specs, device, config.num_classes, batch_shape, main_log)
+        extra = {s.name: features.state_bytes(s.loss, s.params, s.arch, data.train.labels)
+                 for s in specs} if features is not None else None
+        memory_estimate = check_memory(specs, device, config.num_classes, batch_shape, main_log,
+                                       extra)
     except GridTooLarge as e:
         raise UsageError(str(e)) from None
     # every refusal that needs no timing comes before any timing

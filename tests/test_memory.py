@@ -42,3 +42,29 @@ def test_the_peak_is_measured_and_recorded(trained_run):
         assert phases[phase]['peak_memory_mb'] > 0
         assert phases[phase]['config']['memory_estimate_mb'] > 0
     assert 'peak memory' in trained_run['students'].stdout
+
+
+def test_feature_methods_add_their_connectors_and_memories():
+    """crd holds two N x 128 memories and its embeddings; fitnet its regressor: the check
+    counts them beside the networks."""
+    from distillers import plan_features
+    from models import StudentNet, TeacherNet, feature_points
+    teacher = TeacherNet().eval()
+    specs = [ModelSpec(loss, 'cnn', loss, {}) for loss in ('kd', 'fitnet', 'crd')]
+    plan = plan_features([(s.arch, s.loss, StudentNet()) for s in specs], teacher,
+                         feature_points('resnet18', teacher), 'cpu', 10, 'resnet18')
+    labels = torch.arange(1000) % 10
+    extra = {s.name: plan.state_bytes(s.loss, s.params, s.arch, labels) for s in specs}
+    crd = plan.build('crd', {}, 'cnn', labels)
+    assert extra['kd'] == 0
+    # memories, Z, the labels by index (int64), and the embeddings' weights three times
+    assert extra['crd'] == 2 * 1000 * 128 * 4 + 8 + 1000 * 8 + 3 * 4 * sum(
+        p.numel() for p in crd.parameters())
+    fitnet = plan.build('fitnet', {}, 'cnn', labels)
+    assert extra['fitnet'] == 3 * 4 * sum(p.numel() for p in fitnet.parameters()) + \
+        sum(b.numel() * b.element_size() for b in fitnet.buffers())
+    shape = (128, 3, 32, 32)
+    lines = []
+    need = memory.check_memory(specs, torch.device('cpu'), 10, shape, lines.append, extra)
+    assert need == 3 * memory.bytes_per_student('cnn', 10, shape) + sum(extra.values())
+    assert "with their methods'" in lines[0]

@@ -149,6 +149,7 @@ def test_trainee_takes_the_registry_defaults(loss, expected):
      '--data-dir', 'my data', '--out-dir', 'runs/a', '--device', 'cpu'],
     ['--evaluate', '--recipe', 'fast', '--restart', '--subset', '100'],
     ['--loss', 'fitnet', 'at', '--beta', '50', '500'],
+    ['--loss', 'rkd', 'dist', 'kd', '--gamma', '10', '50', '--logit-standardization', 'off', 'on'],
 ])
 def test_flag_args_round_trips(argv):
     """flag_args gives back a command line that resolves to the same configuration (what the
@@ -156,3 +157,30 @@ def test_flag_args_round_trips(argv):
     config = main.parse_config(argv)
     assert isinstance(config, RunConfig)
     assert main.parse_config(flag_args(config, FLAGS)) == config
+
+
+def test_gamma_and_the_switch_from_the_command_line():
+    """--gamma and --logit-standardization make grids of the losses that take them, say so in
+    the configuration, and refuse bad values (exit 2)."""
+    from runner import describe_loss_settings, loss_settings, student_specs
+    config = main.parse_config(['--loss', 'kd', 'rkd', 'fitnet', '--gamma', '10', '50',
+                                '--logit-standardization', 'off', 'on'])
+    specs = student_specs(config)
+    assert [s.name for s in specs] == ['kd_T4_a0.1', 'kd_T2_a0.1_ls', 'rkd_b25_g10',
+                                       'rkd_b25_g50', 'fitnet_b100', 'student_base']
+    assert specs[1].params == {'temperature': 2.0, 'alpha': 0.1, 'logit_standardization': True}
+    lines = describe_loss_settings(loss_settings(specs), ['gamma', 'logit_standardization'])
+    assert lines == [
+        'kd: T=4, 2, alpha=0.1 (its default), logit standardisation=off, on, '
+        '--gamma does not apply',
+        'rkd: beta=25 (its default), gamma=10, 50, --logit-standardization does not apply',
+        'fitnet: beta=100 (its default), --gamma does not apply, '
+        '--logit-standardization does not apply']
+    for argv, message in ((['--gamma', '-1'], '--gamma must be >= 0'),
+                          (['--gamma', '2', '2'], '--gamma must not repeat'),
+                          (['--logit-standardization', 'on', 'on'],
+                           '--logit-standardization must not repeat')):
+        with pytest.raises(UsageError, match=message):
+            main.parse_config(['--loss', 'rkd', *argv])
+    with pytest.raises(UsageError, match="invalid choice: 'yes'"):
+        main.parse_config(['--logit-standardization', 'yes'])

@@ -1,4 +1,5 @@
-"""bench/reference_kd.py and bench/cli_bench.py end to end on the tiny CIFAR files (one thread)."""
+"""The benchmarks (bench/reference_kd.py, cli_bench.py, stack_bench.py, roofline.py,
+methods_bench.py) end to end on the tiny CIFAR files (one thread)."""
 import json
 import os
 import subprocess
@@ -7,7 +8,9 @@ import sys
 import pytest
 import torch
 
+import distillers  # noqa: F401  (registers the feature methods)
 from conftest import ROOT
+from losses import LOSSES
 from models import StudentNet, TeacherNet
 
 pytestmark = pytest.mark.slow  # long end-to-end runs: python -m pytest -m slow
@@ -103,3 +106,18 @@ def test_roofline_reports_rates_against_the_peak_and_the_floors_they_imply(tmp_p
     assert lines[1].startswith('(a) matrix-multiply peak: bf16 ')
     assert any(line.strip().startswith('airbench94_small') for line in lines)
     assert lines[-1].strip().startswith('KD + baseline, a seed')
+
+
+def test_methods_bench_times_every_registered_method(tmp_path):
+    out = tmp_path / 'methods.json'
+    proc = run_script('methods_bench.py', '--teacher', 'resnet8x4', '--student', 'resnet8',
+                      '--batch-size', 4, '--steps', 1, '--train-size', 200, '--device', 'cpu',
+                      '--json', out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(out) as f:
+        results = json.load(f)
+    # every method, the baseline first; kdsvd refuses stages of other channel counts
+    assert list(results['seconds_per_step']) == [n for n in LOSSES if n != 'kdsvd']
+    assert 'channel' in results['refused']['kdsvd'] and 'kdsvd' in proc.stdout
+    assert all(v > 0 for v in results['seconds_per_step'].values())
+    assert results['teacher_seconds'] > 0 and "the teacher's forward" in proc.stdout

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,11 +39,23 @@ def write_cifar(folder, train_per_batch=40, test_size=100, seed=0):
     return folder
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (-n N), each worker's in-process torch gets its share of the cores:
+    N workers each running a pool of every core would spin against one another."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope='session', autouse=True)
 def precision_cache(tmp_path_factory):
     """The stored CPU precision decisions go to a folder of the test session, never the user's
-    cache; every run of the session shares it (measured once, as on a user's machine)."""
-    folder = str(tmp_path_factory.mktemp('cache'))
+    cache; every run of the session shares it (measured once, as on a user's machine), the
+    parallel workers' included: their folders have the session's folder as parent."""
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        folder = str(tmp_path_factory.getbasetemp().parent / 'shared_cache')
+    else:
+        folder = str(tmp_path_factory.mktemp('cache'))
     previous = os.environ.get('KD_CIFAR_CACHE_DIR')
     os.environ['KD_CIFAR_CACHE_DIR'] = folder
     yield folder

@@ -345,6 +345,7 @@ def test_bad_batch_size_fails_fast_on_every_rank(cifar_dir, tmp_path):
     assert seconds < 110
 
 
+@pytest.mark.slow  # two ResNet-18 ranks under torchrun: 18 s on 2 cores
 @pytest.mark.parametrize('mode', ['exit'])  # a hard crash: the harder case to notice
 def test_failure_on_one_rank_ends_the_job(trained_run, cifar_dir, wrapper, tmp_path, mode):
     """Rank 1 fails at its 2nd step (an exception, or a hard exit): no hang, non-zero exit."""

@@ -107,6 +107,7 @@ def test_torchrun_trains_a_grid(grid_run, tmp_path):
     assert results['config']['stacking']['stacked'] is False   # DDP wraps each student
 
 
+@pytest.mark.slow  # the whole grid again, stacked (21 s); test_stacked checks the steps
 def test_the_stacked_grid_equals_the_loop(grid_run, tmp_path):
     """The same grid and seed with the students stacked into one vmapped computation."""
     out = tmp_path / 'stacked'

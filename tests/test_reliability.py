@@ -91,6 +91,9 @@ def uninterrupted(trained_run, tmp_path_factory):
     return out
 
 
+# the sigterm test below resumes mid-epoch to the same numbers in the default selection; a
+# SIGKILL (no handler) and its resume is the slow selection's
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(trained_run, uninterrupted, tmp_path):
     proc = start_cli(student_args(trained_run, tmp_path))
     wait_for_epoch(tmp_path / 'last_students.pt', 1, proc)

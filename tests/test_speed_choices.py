@@ -153,6 +153,7 @@ def test_selected_students_report_the_selected_epochs_test_accuracy(trained_run)
         assert float(row[header.index('test_acc')]) == pytest.approx(entry['test_acc'])
 
 
+@pytest.mark.slow  # 4 epochs with the ResNet-18 teacher: 21 s on 2 cores
 def test_test_every_leaves_the_skipped_epochs_empty(trained_run, tmp_path):
     out = str(tmp_path / 'run')
     r = run_cli('--epochs', '4', '--test-every', '3', '--val-fraction', '0.1', '--subset', '100',
@@ -176,7 +177,8 @@ def test_test_every_leaves_the_skipped_epochs_empty(trained_run, tmp_path):
 
 def test_the_estimate_is_printed_once_and_recorded(trained_run, tmp_path):
     out = str(tmp_path / 'run')
-    r = run_cli('--epochs', '2', '--subset', '100', '--batch-size', '8', '--device', 'cpu',
+    # batch 16: 6 steps an epoch, the 2 of warm-up and some timed ones
+    r = run_cli('--epochs', '2', '--subset', '100', '--batch-size', '16', '--device', 'cpu',
                 '--data-dir', trained_run['common'][1], '--out-dir', out, '--teacher-checkpoint',
                 os.path.join(trained_run['out'], 'best_teacher.pth'), '--no-baseline')
     assert r.returncode == 0, r.stderr

@@ -31,6 +31,7 @@ def copy_teacher(trained_run, folder):
     return os.path.join(folder, 'best_teacher.pth')
 
 
+@pytest.mark.slow  # a ResNet-18 epoch, stopped, then refused runs: 21 s on 2 cores
 def test_students_refuse_the_teacher_of_an_interrupted_restart(trained_run, tmp_path, capsys):
     """The issue's sequence: a finished teacher, then --train-teacher --restart stopped by
     Ctrl-C after its first epoch, which has overwritten best_teacher.pth."""

@@ -20,7 +20,9 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from config import UsageError  # noqa: E402
 from models import StudentNet, TeacherNet  # noqa: E402
+from runner import resolve_device  # noqa: E402
 from stacked import StudentStack  # noqa: E402
 from timing import seconds_per_call  # noqa: E402
 from train import (Recipe, Trainee, choose_precision, precision_name, train_step,  # noqa: E402
@@ -36,13 +38,17 @@ def parse_args(argv=None):
     p.add_argument('--batch-size', type=int, default=128, help='(default: 128)')
     p.add_argument('--steps', type=int, default=5, help='timed steps per way (default: 5)')
     p.add_argument('--json', default=None, help='where to write the results (default: none)')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except UsageError as e:
+        p.error(str(e))  # exit 2, the message alone
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
-                          if args.device == 'auto' else args.device)
+    device = args.device
     shape = (args.batch_size, 3, 32, 32)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True

@@ -11,6 +11,7 @@ import main
 import train
 from conftest import run_cli
 from losses import LOSSES, DistillLoss, ce_loss
+from models import build_model
 from runner import print_configuration, resolved_configuration, phase_specs
 
 FAST = ['--epochs', '1', '--subset', '100', '--batch-size', '32', '--device', 'cpu']
@@ -187,3 +188,17 @@ def test_the_second_ctrl_c_message(monkeypatch, capsys, kept, needle):
     assert main.main(['--epochs', '1']) == 143
     err = capsys.readouterr().err
     assert needle in err and 'last finished epoch' not in err
+
+
+def test_resume_without_a_saved_state_says_so_and_trains_from_the_start(cifar_dir, tmp_path,
+                                                                        capsys):
+    """--resume in a folder with no state: a job script may always pass it; the run says that it
+    starts from the beginning, then trains and writes its checkpoint."""
+    out = tmp_path / 'empty'
+    code = main.main(['--train-teacher', '--resume', '--teacher-arch', 'cnn', '--no-amp', *FAST,
+                      '--data-dir', cifar_dir, '--out-dir', str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert f'--resume: no saved teacher state in {out}; starting from the beginning' in stdout
+    assert 'resuming seed' not in stdout
+    build_model('cnn').load_state_dict(torch.load(out / 'best_teacher.pth', weights_only=True))

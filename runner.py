@@ -5,6 +5,7 @@ main.py parses the command line, config.resolve turns it into one frozen RunConf
 run(config) does the rest, here, with explicit arguments, so it can be driven from Python as well:
 run(main.parse_config(['--train-teacher', '--epochs', '3'])).
 """
+import argparse
 import os
 import shlex
 import shutil
@@ -69,6 +70,15 @@ def resolve_device(name):
     elif device.type != 'cpu':
         raise UsageError(f'--device {name!r} is not supported (use auto, cpu, cuda or cuda:N)')
     return device
+
+
+def device_arg(text):
+    """argparse `type=` of a --device flag (the benchmarks'): resolve_device(text), its refusal
+    raised as argparse's, so the script exits 2 with the message alone."""
+    try:
+        return resolve_device(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def check_out_dir(path):

@@ -38,6 +38,7 @@ import torchvision.transforms as T  # noqa: E402
 from losses import LOSSES  # noqa: E402
 from models import StudentNet, TeacherNet  # noqa: E402
 from report import cpu_identity  # noqa: E402
+from runner import device_arg  # noqa: E402
 from timing import Stopwatch, seconds_per_call  # noqa: E402
 from train import (Recipe, Trainee, choose_precision, make_optimizer, precision_name,  # noqa: E402
                    train_step)
@@ -49,7 +50,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--data-dir', default='./data',
                    help='folder holding cifar-10-batches-py (default: ./data)')
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N (default: auto)')
+    p.add_argument('--device', default='auto', type=device_arg,
+                   help='auto, cpu, cuda or cuda:N (default: auto)')
     p.add_argument('--subset', type=int, default=5000,
                    help='training images for the epoch of (c) (default: 5000)')
     p.add_argument('--batches', type=int, default=100,
@@ -302,8 +304,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
-                          if args.device == 'auto' else args.device)
+    device = args.device
     machine = machine_info(device)
     command = ' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     date = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
@@ -320,7 +321,7 @@ def main(argv=None):
     arrays = load_cifar10(args.data_dir, download=False)
     print(f'read CIFAR-10 from {args.data_dir} in {watch.elapsed():.1f}s', flush=True)
     results = {'date': date, 'machine': machine, 'device': str(device), 'command': command,
-               'args': vars(args)}
+               'args': dict(vars(args), device=str(device))}
 
     print('(a) loaders ...', flush=True)
     results['loader'] = bench_loader(arrays, args.data_dir, device, args.batch_size,

@@ -23,13 +23,12 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from config import UsageError  # noqa: E402
 from distillers import plan_features  # noqa: E402
 from losses import LOSSES  # noqa: E402
 from models import build_model, feature_points  # noqa: E402
 from recipe import get_recipe  # noqa: E402
 from report import cpu_identity  # noqa: E402
-from runner import resolve_device  # noqa: E402
+from runner import device_arg  # noqa: E402
 from timing import seconds_per_call  # noqa: E402
 from train import Trainee, train_step  # noqa: E402
 from tuning import fold_batchnorm  # noqa: E402
@@ -46,14 +45,10 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int, default=3, help='timed steps per method (default: 3)')
     p.add_argument('--train-size', type=int, default=45000,
                    help='training images CRD\'s memory holds (default: 45000)')
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N (default: auto)')
+    p.add_argument('--device', default='auto', type=device_arg,
+                   help='auto, cpu, cuda or cuda:N (default: auto)')
     p.add_argument('--json', default=None, help='where to write the results (default: none)')
-    args = p.parse_args(argv)
-    try:
-        args.device = resolve_device(args.device)
-    except UsageError as e:
-        p.error(str(e))  # exit 2, the message alone
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -20,9 +20,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from config import UsageError  # noqa: E402
 from models import StudentNet, TeacherNet  # noqa: E402
-from runner import resolve_device  # noqa: E402
+from runner import device_arg  # noqa: E402
 from stacked import StudentStack  # noqa: E402
 from timing import seconds_per_call  # noqa: E402
 from train import (Recipe, Trainee, choose_precision, precision_name, train_step,  # noqa: E402
@@ -32,18 +31,14 @@ from tuning import fold_batchnorm, measure_precisions, precision_from_rates  # n
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N (default: auto)')
+    p.add_argument('--device', default='auto', type=device_arg,
+                   help='auto, cpu, cuda or cuda:N (default: auto)')
     p.add_argument('--students', type=int, default=7,
                    help='students in the grid, the baseline included (default: 7)')
     p.add_argument('--batch-size', type=int, default=128, help='(default: 128)')
     p.add_argument('--steps', type=int, default=5, help='timed steps per way (default: 5)')
     p.add_argument('--json', default=None, help='where to write the results (default: none)')
-    args = p.parse_args(argv)
-    try:
-        args.device = resolve_device(args.device)
-    except UsageError as e:
-        p.error(str(e))  # exit 2, the message alone
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):

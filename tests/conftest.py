@@ -102,6 +102,14 @@ def trained_run(cifar_dir, tmp_path_factory):
     return {'out': out, 'teacher': teacher, 'students': students, 'common': common}
 
 
+def run_bench(script, *args, timeout=300, env=None):
+    """python bench/SCRIPT ARGS in a subprocess on one thread; returns the CompletedProcess.
+    The environment is read at the call, so the session's precision cache applies."""
+    full_env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'bench', script), *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
 def write_cifar100(folder, train_size=200, test_size=100, seed=0):
     """Write train, test and meta as CIFAR-100's python release does (uint8 N x 3072).
 

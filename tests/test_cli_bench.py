@@ -1,27 +1,16 @@
 """The benchmarks (bench/reference_kd.py, cli_bench.py, stack_bench.py, roofline.py,
 methods_bench.py) end to end on the tiny CIFAR files (one thread)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import distillers  # noqa: F401  (registers the feature methods)
-from conftest import ROOT
+from conftest import run_bench
 from losses import LOSSES
 from models import StudentNet, TeacherNet
 
 pytestmark = pytest.mark.slow  # long end-to-end runs: python -m pytest -m slow
-
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-
-
-def run_script(script, *args, timeout=300, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'bench', script), *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(ENV, **(env or {})))
 
 
 def test_reference_kd_writes_both_students(cifar_dir, tmp_path):
@@ -29,7 +18,7 @@ def test_reference_kd_writes_both_students(cifar_dir, tmp_path):
     torch.manual_seed(0)
     torch.save(TeacherNet().state_dict(), teacher)
     out = tmp_path / 'out'
-    proc = run_script('reference_kd.py', '--epochs', 1, '--subset', 64, '--data-dir', cifar_dir,
+    proc = run_bench('reference_kd.py', '--epochs', 1, '--subset', 64, '--data-dir', cifar_dir,
                       '--teacher-checkpoint', teacher, '--out-dir', out, '--device', 'cpu')
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '[kd] epoch 1/1' in proc.stdout and '[base] epoch 1/1' in proc.stdout
@@ -46,7 +35,7 @@ def test_cli_bench_times_both_ways(cifar_dir, tmp_path):
     results_path = tmp_path / 'cli_results.json'
     scratch = tmp_path / 'scratch'  # TMPDIR: where the bench's mkdtemp folder goes
     scratch.mkdir()
-    proc = run_script('cli_bench.py', '--data-dir', cifar_dir, '--subset', 64, '--epochs', 1,
+    proc = run_bench('cli_bench.py', '--data-dir', cifar_dir, '--subset', 64, '--epochs', 1,
                       '--quick-subset', 64, '--skip', 'a', 'b', 'd',
                       '--json', results_path, env={'TMPDIR': str(scratch)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -69,7 +58,7 @@ def test_cli_bench_times_both_ways(cifar_dir, tmp_path):
 
 def test_stack_bench_times_single_loop_and_stacked(tmp_path):
     out = tmp_path / 'stack.json'
-    proc = run_script('stack_bench.py', '--device', 'cpu', '--students', 3, '--batch-size', 8,
+    proc = run_bench('stack_bench.py', '--device', 'cpu', '--students', 3, '--batch-size', 8,
                       '--steps', 1, '--json', out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(out) as f:
@@ -81,7 +70,7 @@ def test_stack_bench_times_single_loop_and_stacked(tmp_path):
 
 def test_roofline_reports_rates_against_the_peak_and_the_floors_they_imply(tmp_path):
     out = tmp_path / 'roofline.json'
-    proc = run_script('roofline.py', '--batch-size', 32, '--matrix', 256, '--repeats', 1,
+    proc = run_bench('roofline.py', '--batch-size', 32, '--matrix', 256, '--repeats', 1,
                       '--json', out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(out) as f:
@@ -110,7 +99,7 @@ def test_roofline_reports_rates_against_the_peak_and_the_floors_they_imply(tmp_p
 
 def test_methods_bench_times_every_registered_method(tmp_path):
     out = tmp_path / 'methods.json'
-    proc = run_script('methods_bench.py', '--teacher', 'resnet8x4', '--student', 'resnet8',
+    proc = run_bench('methods_bench.py', '--teacher', 'resnet8x4', '--student', 'resnet8',
                       '--batch-size', 4, '--steps', 1, '--train-size', 200, '--device', 'cpu',
                       '--json', out)
     assert proc.returncode == 0, proc.stdout + proc.stderr

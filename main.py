@@ -13,17 +13,17 @@ import math
 import os
 import sys
 
-import recipe as r
-from checkpoint import CheckpointError
-from config import UsageError, resolve
-from datasets import dataset_names
-from distributed import shutdown_distributed
-from losses import LOSSES
-from models import model_names
-from runner import resume_command, run
-from train import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
-from tuning import BF16_MIN_SPEEDUP, CACHE_ENV, decisions_path
-from utils import DataError
+from kd.recipes import recipe as r
+from kd.files.checkpoint import CheckpointError
+from kd.run.config import UsageError, resolve
+from kd.data.datasets import dataset_names
+from kd.engine.distributed import shutdown_distributed
+from kd.methods.losses import LOSSES
+from kd.models import model_names
+from kd.run.runner import resume_command, run
+from kd.engine.loop import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
+from kd.run.tuning import BF16_MIN_SPEEDUP, CACHE_ENV, decisions_path
+from kd.data.loader import DataError
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -35,15 +35,16 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 
-from losses import LOSSES  # noqa: E402
-from models import StudentNet, TeacherNet  # noqa: E402
-from report import cpu_identity  # noqa: E402
-from runner import device_arg  # noqa: E402
-from timing import Stopwatch, seconds_per_call  # noqa: E402
-from train import (Recipe, Trainee, choose_precision, make_optimizer, precision_name,  # noqa: E402
+from kd.methods.losses import LOSSES  # noqa: E402
+from kd.models import StudentNet, TeacherNet  # noqa: E402
+from kd.report.report import cpu_identity  # noqa: E402
+from kd.run.runner import device_arg  # noqa: E402
+from kd.engine.timing import Stopwatch, seconds_per_call  # noqa: E402
+from kd.engine.loop import (Recipe, Trainee, choose_precision, make_optimizer, precision_name,  # noqa: E402
                    train_step)
-from utils import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, kd_loss, load_cifar10,  # noqa: E402
-                   make_loaders)
+from kd.data.loader import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_cifar10,  # noqa: E402
+                            make_loaders)
+from kd.methods.plain_kd import kd_loss  # noqa: E402
 
 
 def parse_args(argv=None):

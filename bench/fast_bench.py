@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(ROOT, 'bench'))
 import torch  # noqa: E402
 
 from bench import machine_info as bench_machine_info  # noqa: E402
-from timing import Stopwatch  # noqa: E402
+from kd.engine.timing import Stopwatch  # noqa: E402
 
 CPU = torch.device('cpu')  # the runs are subprocesses: nothing of this process to synchronise
 

@@ -23,16 +23,16 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from distillers import plan_features  # noqa: E402
-from losses import LOSSES  # noqa: E402
-from models import build_model, feature_points  # noqa: E402
-from recipe import get_recipe  # noqa: E402
-from report import cpu_identity  # noqa: E402
-from runner import device_arg  # noqa: E402
-from timing import seconds_per_call  # noqa: E402
-from train import Trainee, train_step  # noqa: E402
-from tuning import fold_batchnorm  # noqa: E402
-from utils import Batch  # noqa: E402
+from kd.methods.plan import plan_features  # noqa: E402
+from kd.methods.losses import LOSSES  # noqa: E402
+from kd.models import build_model, feature_points  # noqa: E402
+from kd.recipes.recipe import get_recipe  # noqa: E402
+from kd.report.report import cpu_identity  # noqa: E402
+from kd.run.runner import device_arg  # noqa: E402
+from kd.engine.timing import seconds_per_call  # noqa: E402
+from kd.engine.loop import Trainee, train_step  # noqa: E402
+from kd.run.tuning import fold_batchnorm  # noqa: E402
+from kd.data.loader import Batch  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 import torchvision.transforms as transforms  # noqa: E402
 
-from models import StudentNet, TeacherNet  # noqa: E402
+from kd.models import StudentNet, TeacherNet  # noqa: E402
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

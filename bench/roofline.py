@@ -33,10 +33,10 @@ sys.path.insert(0, os.path.join(ROOT, 'bench'))
 import torch  # noqa: E402
 
 from bench import machine_info  # noqa: E402
-from models import build_model, count_macs  # noqa: E402
-from recipe import get_recipe, prepare_model  # noqa: E402
-from timing import seconds_per_call  # noqa: E402
-from train import Trainee, choose_precision, teacher_forward, train_step  # noqa: E402
+from kd.models import build_model, count_macs  # noqa: E402
+from kd.recipes.recipe import get_recipe, prepare_model  # noqa: E402
+from kd.engine.timing import seconds_per_call  # noqa: E402
+from kd.engine.loop import Trainee, choose_precision, teacher_forward, train_step  # noqa: E402
 
 IMAGES, EPOCHS = 50_000, 10  # CIFAR-10's training set, the fast recipe's epochs
 

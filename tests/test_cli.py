@@ -10,12 +10,12 @@ import torch
 
 import main
 from conftest import ROOT, run_cli, snapshot
-from models import StudentNet, TeacherNet
+from kd.models import StudentNet, TeacherNet
 
 SNIPPET = r'''
 import torch
-from models import TeacherNet, StudentNet
-from utils import get_cifar10_loaders
+from kd.models import TeacherNet, StudentNet
+from kd.data.loader import get_cifar10_loaders
 device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 teacher = TeacherNet().to(device)
 teacher.load_state_dict(torch.load('best_teacher.pth'))

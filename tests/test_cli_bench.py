@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-import distillers  # noqa: F401  (registers the feature methods)
+from kd.methods import plan as distillers  # noqa: F401  (registers the feature methods)
 from conftest import run_bench
-from losses import LOSSES
-from models import StudentNet, TeacherNet
+from kd.methods.losses import LOSSES
+from kd.models import StudentNet, TeacherNet
 
 pytestmark = pytest.mark.slow  # long end-to-end runs: python -m pytest -m slow
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import main
-import recipe
-from config import FLAGS, RunConfig, UsageError, flag_args
-from losses import LOSSES
-from runner import phase_specs, resolved_configuration, run
-from train import Trainee
+from kd.recipes import recipe
+from kd.run.config import FLAGS, RunConfig, UsageError, flag_args
+from kd.methods.losses import LOSSES
+from kd.run.runner import phase_specs, resolved_configuration, run
+from kd.engine.loop import Trainee
 
 CPU = torch.device('cpu')
 
@@ -162,7 +162,7 @@ def test_flag_args_round_trips(argv):
 def test_gamma_and_the_switch_from_the_command_line():
     """--gamma and --logit-standardization make grids of the losses that take them, say so in
     the configuration, and refuse bad values (exit 2)."""
-    from runner import describe_loss_settings, loss_settings, student_specs
+    from kd.run.runner import describe_loss_settings, loss_settings, student_specs
     config = main.parse_config(['--loss', 'kd', 'rkd', 'fitnet', '--gamma', '10', '50',
                                 '--logit-standardization', 'off', 'on'])
     specs = student_specs(config)

@@ -10,13 +10,13 @@ import torch
 
 import main
 from conftest import run_cli, snapshot
-from datasets import DatasetArrays, content_sha256, effective_subset, load_dataset
-from models import build_model
-from report import agreement
-from runner import describe_subset, evaluation_differences
-from teacher import TeacherMismatch, check_data, load_for_inference, logits_path
-from train import accuracy, predict
-from utils import make_loaders
+from kd.data.datasets import DatasetArrays, content_sha256, effective_subset, load_dataset
+from kd.models import build_model
+from kd.engine.metrics import agreement
+from kd.run.runner import describe_subset, evaluation_differences
+from kd.run.teacher import TeacherMismatch, check_data, load_for_inference, logits_path
+from kd.engine.loop import accuracy, predict
+from kd.data.loader import make_loaders
 
 # the small cnn teacher: these runs check which images and logits a run uses, not the model
 FAST = ['--batch-size', '32', '--device', 'cpu', '--no-amp', '--teacher-arch', 'cnn']

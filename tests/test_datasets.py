@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import write_cifar, write_cifar100
-import datasets
-from datasets import (CIFAR10, CIFAR100, DATASETS, DataError, DatasetSpec, dataset_names,
+from kd.data import datasets
+from kd.data.datasets import (CIFAR10, CIFAR100, DATASETS, DataError, DatasetSpec, dataset_names,
                       ensure_dataset, find_folder, get_dataset, load_dataset, read_batch)
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import distillers  # noqa: F401  (registers the feature methods)
-from losses import LOSSES, expand_grid, get_loss, setting_name
+from kd.methods import plan as distillers  # noqa: F401  (registers the feature methods)
+from kd.methods.losses import LOSSES, expand_grid, get_loss, setting_name
 
 # ---------------------------------------------------------------------------------------------
 # The authors' code

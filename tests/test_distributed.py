@@ -57,8 +57,8 @@ def ddp_run(cifar_dir, tmp_path_factory):
 # check the algorithm's distributed parts in every run of the suite
 @pytest.mark.slow
 def test_torchrun_teacher_then_students_write_once(ddp_run):
-    from checkpoint import load_file
-    from models import StudentNet, TeacherNet
+    from kd.files.checkpoint import load_file
+    from kd.models import StudentNet, TeacherNet
     out = ddp_run['out']
     for phase, proc in (('teacher', ddp_run['teacher']), ('students', ddp_run['students'])):
         lines = proc.stdout.splitlines()
@@ -112,7 +112,7 @@ BATCH, STEPS = 16, 2
 
 
 def _make_inputs(path):
-    from models import StudentNet, TeacherNet
+    from kd.models import StudentNet, TeacherNet
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     inputs = {
@@ -140,14 +140,14 @@ def _train_and_evaluate(inputs, ddp, rank, world):
     """
     from dataclasses import replace
 
-    from checkpoint import plain_state_dict
-    from models import StudentNet, TeacherNet, build_model
-    from recipe import get_recipe, lookahead_step
-    from train import Recipe, Trainee, evaluate, predict, predict_views, train_step
-    from distillers import BuildContext, build_distiller, point_shapes
-    from features import WithPoints
-    from models import feature_points
-    from utils import Batch, make_loaders
+    from kd.files.checkpoint import plain_state_dict
+    from kd.models import StudentNet, TeacherNet, build_model
+    from kd.recipes.recipe import get_recipe, lookahead_step
+    from kd.engine.loop import Recipe, Trainee, evaluate, predict, predict_views, train_step
+    from kd.methods.plan import BuildContext, build_distiller, point_shapes
+    from kd.models.features import WithPoints
+    from kd.models import feature_points
+    from kd.data.loader import Batch, make_loaders
     device = torch.device('cpu')
     recipe = Recipe(lr=0.1)
     # the fast recipe's student: parameter groups, label smoothing, frozen-scale BatchNorm,
@@ -302,7 +302,7 @@ WRAPPER = textwrap.dedent('''\
     """main.py with a fault injected on one rank at the N-th train_step (test only)."""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import main, train
+    import main; from kd.engine import loop as train
     rank, mode = int(os.environ['RANK']), os.environ['FAULT_MODE']
     at, on = int(os.environ['FAULT_STEP']), int(os.environ['FAULT_RANK'])
     original, calls = train.train_step, [0]
@@ -368,7 +368,7 @@ def test_failure_on_one_rank_ends_the_job(trained_run, cifar_dir, wrapper, tmp_p
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_ranks_together_and_resume_finishes(ddp_run, cifar_dir,
                                                                        wrapper, tmp_path):
-    from checkpoint import load_file
+    from kd.files.checkpoint import load_file
     out = str(tmp_path / 'out')
     args = ['--epochs', '2', '--batch-size', '16', '--subset', '100', '--device', 'cpu',
             '--data-dir', cifar_dir, '--out-dir', out,
@@ -406,10 +406,10 @@ def test_sigterm_to_torchrun_stops_ranks_together_and_resume_finishes(ddp_run, c
 @pytest.mark.parametrize('world_size, expected_checks', [(1, 25), (2, 3)])
 def test_stop_requests_are_agreed_every_few_batches_only_over_processes(
         monkeypatch, tmp_path, world_size, expected_checks):
-    import train
-    from distributed import DistInfo
-    from models import StudentNet
-    from utils import make_loaders
+    from kd.engine import loop as train
+    from kd.engine.distributed import DistInfo
+    from kd.models import StudentNet
+    from kd.data.loader import make_loaders
     arrays = (torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8), torch.arange(100) % 10,
               torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10) % 10)
     data = make_loaders(batch_size=4, val_fraction=0.0, arrays=arrays)
@@ -427,9 +427,9 @@ def test_stop_requests_are_agreed_every_few_batches_only_over_processes(
 
 def test_ddp_students_skip_the_buffer_broadcast_and_sync_their_batchnorm(tmp_path):
     import torch.distributed as dist
-    import train
-    from distributed import SyncBatchNorm2d
-    from models import StudentNet
+    from kd.engine import loop as train
+    from kd.engine.distributed import SyncBatchNorm2d
+    from kd.models import StudentNet
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=0,
                             world_size=1)
     try:

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import main
-import recipe as r
+from kd.recipes import recipe as r
 from conftest import ROOT, run_cli
-from losses import get_loss
-from models import AirbenchNet, build_model
-from stacked import stacking_problem
-from train import (Trainee, TrainingInterrupted, predict, predict_views,
+from kd.methods.losses import get_loss
+from kd.models import AirbenchNet, build_model
+from kd.engine.stacked import stacking_problem
+from kd.engine.loop import (Trainee, TrainingInterrupted, predict, predict_views,
                    train_phase, train_step)
-from utils import CifarLoader, make_loaders
+from kd.data.loader import CifarLoader, make_loaders
 
 FAST = r.get_recipe('fast')
 CPU = torch.device('cpu')
@@ -413,7 +413,7 @@ def test_the_fast_workflow_through_its_benchmark_and_the_command_line(cifar_dir,
 def test_a_teacher_without_a_record_is_taken_to_be_the_recipes_teacher(tmp_path):
     """A bare state_dict (no best_teacher.json beside it) under --recipe fast is rebuilt as the
     fast recipe's teacher, airbench94, not the standard recipe's resnet18."""
-    from teacher import load_teacher
+    from kd.run.teacher import load_teacher
     torch.manual_seed(0)
     reference = build_model('airbench94')
     path = tmp_path / 'teacher.pth'
@@ -433,7 +433,7 @@ def test_a_teacher_without_a_record_is_taken_to_be_the_recipes_teacher(tmp_path)
 def test_evaluate_runs_each_checkpoint_in_the_precision_its_run_tested_it_in():
     """bf16 and fp32 round differently: --evaluate reproduces a run's test accuracy only in the
     recorded precision, so it uses it unless --amp / --no-amp say otherwise, and says so."""
-    from runner import evaluation_precision
+    from kd.run.runner import evaluation_precision
     said = []
     assert evaluation_precision({'precision': 'bf16'}, False, CPU, None, said.append) \
         == torch.bfloat16

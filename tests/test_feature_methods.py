@@ -12,13 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import main
-from distillers import (BuildContext, build_distiller, contrast_loss, draw_negatives,
+from kd.methods.plan import (BuildContext, build_distiller, contrast_loss, draw_negatives,
                         point_shapes)
-from models import MODELS, StudentNet, TeacherNet, build_model, feature_points
-from recipe import get_recipe
-from train import Trainee, train_step
-from tuning import fold_batchnorm
-from utils import Batch
+from kd.models import MODELS, StudentNet, TeacherNet, build_model, feature_points
+from kd.recipes.recipe import get_recipe
+from kd.engine.loop import Trainee, train_step
+from kd.run.tuning import fold_batchnorm
+from kd.data.loader import Batch
 
 # ---------------------------------------------------------------------------------------------
 # Points
@@ -79,7 +79,7 @@ def test_points_are_the_reference_feats(arch, reference):
             m.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     feats, pre, pooled = reference(model, x)
-    from features import WithPoints
+    from kd.models.features import WithPoints
     with torch.no_grad():
         _, got = WithPoints(model, feature_points(arch, model))(x)
         feats, pre, pooled = reference(model, x)
@@ -99,7 +99,7 @@ def test_the_folded_teacher_gives_the_eager_features(arch):
             m.running_var.uniform_(0.5, 2.0)
     points = feature_points(arch, model)
     x = torch.randn(2, 3, 32, 32)
-    from features import WithPoints
+    from kd.models.features import WithPoints
     with torch.no_grad():
         logits, eager = WithPoints(model, points)(x)
         folded_logits, folded = fold_batchnorm(model, points)(x)
@@ -110,7 +110,7 @@ def test_the_folded_teacher_gives_the_eager_features(arch):
 
 
 def test_a_registered_model_names_its_points_by_module_path():
-    from models import POINTS, register_model
+    from kd.models import POINTS, register_model
 
     @register_model('tiny_test_net', points={'stage1': 'body.0', 'stage2': 'body.2',
                                              'pooled': 'head:in'})
@@ -357,7 +357,7 @@ def test_crd_trains_its_heads_with_the_student_and_keeps_them_out_of_the_checkpo
 
 
 def test_batches_name_their_images_and_ranks_slice_one_global_batch():
-    from utils import make_loaders
+    from kd.data.loader import make_loaders
     g = torch.Generator().manual_seed(0)
     arrays = (torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, generator=g),
               torch.randint(0, 10, (50,), generator=g),
@@ -393,7 +393,7 @@ def test_every_method_trains_from_the_command_line_in_one_grid(trained_run, tmp_
     """Every registered loss, one lockstep run: a checkpoint each (the plain student), its parts
     in its CSV, the methods' own state in the resume state, results.md ranking them all, and
     --evaluate reproducing the run's numbers."""
-    from losses import LOSSES, setting_name
+    from kd.methods.losses import LOSSES, setting_name
     methods = [n for n in LOSSES if n != 'ce']
     out = tmp_path / 'out'
     code = main.main(['--loss', *methods, '--epochs', '1', '--subset', '100', '--batch-size',
@@ -437,7 +437,7 @@ def test_every_method_trains_from_the_command_line_in_one_grid(trained_run, tmp_
 
 
 def test_the_teacher_form_keeps_only_the_points_some_student_reads():
-    from distillers import plan_features
+    from kd.methods.plan import plan_features
     teacher = TeacherNet().eval()
     students = [('cnn', loss, StudentNet()) for loss in ('kd', 'fitnet', 'at', 'crd')]
     plan = plan_features(students, teacher, feature_points('resnet18', teacher), 'cpu', 10)
@@ -448,7 +448,7 @@ def test_the_teacher_form_keeps_only_the_points_some_student_reads():
 
 
 def test_a_feature_method_on_a_model_without_points_is_refused(trained_run, tmp_path, capsys):
-    from models import register_model
+    from kd.models import register_model
 
     @register_model('pointless_test_net')
     def pointless(num_classes=10):
@@ -470,8 +470,8 @@ def test_a_feature_method_on_a_model_without_points_is_refused(trained_run, tmp_
 def test_compiled_forms_give_the_eager_features_and_steps():
     """--compile: the teacher's compiled form returns its points, and a feature student
     compiled with its hooks takes the eager steps."""
-    from tuning import compile_frozen
-    from features import WithPoints
+    from kd.run.tuning import compile_frozen
+    from kd.models.features import WithPoints
     torch.manual_seed(0)
     teacher = TeacherNet().eval()
     tp = feature_points('resnet18', teacher)

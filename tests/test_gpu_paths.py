@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import distributed
-from models import StudentNet, build_model, model_names
-from train import Recipe, Trainee, choose_precision, configure_backends, train_step
-from utils import CifarLoader
+from kd.engine import distributed
+from kd.models import StudentNet, build_model, model_names
+from kd.engine.loop import Recipe, Trainee, choose_precision, configure_backends, train_step
+from kd.data.loader import CifarLoader
 
 CUDA = torch.device('cuda')
 

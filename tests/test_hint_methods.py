@@ -13,16 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import main
-from distillers import BuildContext, build_distiller, plan_features, point_shapes
-from hint_methods import ofd_margin
-from losses import get_loss
-from model_base import BN_BEFORE_RELU
-from models import (MODELS, StudentNet, TeacherNet, bn_before_relu, build_model, feature_points,
+from kd.methods.plan import BuildContext, build_distiller, plan_features, point_shapes
+from kd.methods.hints import ofd_margin
+from kd.methods.losses import get_loss
+from kd.models.registry import BN_BEFORE_RELU
+from kd.models import (MODELS, StudentNet, TeacherNet, bn_before_relu, build_model, feature_points,
                     register_model)
-from recipe import get_recipe
-from train import Trainee, train_step
-from tuning import fold_batchnorm
-from utils import Batch
+from kd.recipes.recipe import get_recipe
+from kd.engine.loop import Trainee, train_step
+from kd.run.tuning import fold_batchnorm
+from kd.data.loader import Batch
 
 # resnet32x4 (teacher) and resnet8x4 (student) at 100 classes: point_shapes at batch 1
 # (checked against the models in test_ofd_margins_are_the_authors_from_a_real_teacher)

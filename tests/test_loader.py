@@ -17,7 +17,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 import utils
-from utils import (CIFAR10_MEAN, CIFAR10_STD, CifarLoader, DataError, crop_flip,
+from kd.data.loader import (CIFAR10_MEAN, CIFAR10_STD, CifarLoader, DataError, crop_flip,
                    get_cifar10_loaders, load_cifar10, make_loaders, read_cifar_batch,
                    split_train_val)
 

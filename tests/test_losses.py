@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import utils
-import distillers  # noqa: F401  (registers the feature methods: the registry is then whole)
-from losses import LOSSES, expand_grid, get_loss, register_loss, setting_name
+from kd.methods import plan as distillers  # noqa: F401  (registers the feature methods: the registry is then whole)
+from kd.methods.losses import LOSSES, expand_grid, get_loss, register_loss, setting_name
 
 LOGIT = [name for name, spec in LOSSES.items() if spec.fn is not None]
 FEATURE_METHODS = ['fitnet', 'at', 'nst', 'vid', 'ofd', 'sp', 'rkd', 'pkt', 'kdsvd', 'crd',

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-import memory
-from models import build_model, count_parameters
-from runner import ModelSpec
+from kd.run import memory
+from kd.models import build_model, count_parameters
+from kd.run.runner import ModelSpec
 
 
 def test_a_students_estimate_counts_weights_gradients_momentum_and_activations():
@@ -47,8 +47,8 @@ def test_the_peak_is_measured_and_recorded(trained_run):
 def test_feature_methods_add_their_connectors_and_memories():
     """crd holds two N x 128 memories and its embeddings; fitnet its regressor: the check
     counts them beside the networks."""
-    from distillers import plan_features
-    from models import StudentNet, TeacherNet, feature_points
+    from kd.methods.plan import plan_features
+    from kd.models import StudentNet, TeacherNet, feature_points
     teacher = TeacherNet().eval()
     specs = [ModelSpec(loss, 'cnn', loss, {}) for loss in ('kd', 'fitnet', 'crd')]
     plan = plan_features([(s.arch, s.loss, StudentNet()) for s in specs], teacher,

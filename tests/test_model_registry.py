@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import model_base  # the registry itself; models re-exports it
-import models
-from models import (MODELS, StudentNet, TeacherNet, build_model, count_macs, count_parameters,
+from kd.models import registry as model_base  # the registry itself; models re-exports it
+import kd.models as models
+from kd.models import (MODELS, StudentNet, TeacherNet, build_model, count_macs, count_parameters,
                     model_names, register_model)
 
 NEW = ['resnet32x4', 'resnet8x4', 'wrn_16_2', 'wrn_40_2']

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import StudentNet, TeacherNet, count_macs, count_parameters
+from kd.models import StudentNet, TeacherNet, count_macs, count_parameters
 from utils import kd_loss, kd_loss_terms
 
 
@@ -83,7 +83,7 @@ def test_bf16_logits_give_an_fp32_loss():
 
 
 def test_compiled_and_wrapped_models_save_plain_state_dicts():
-    from checkpoint import plain_state_dict, strip_prefixes
+    from kd.files.checkpoint import plain_state_dict, strip_prefixes
     model = StudentNet()
     compiled = torch.compile(model)  # wrapping only: nothing is compiled until it is called
     assert any(k.startswith('_orig_mod.') for k in compiled.state_dict())

@@ -16,7 +16,7 @@ import termios
 import pytest
 
 from conftest import ROOT, run_cli, snapshot
-from outdir import owned_files, set_aside, write_manifest
+from kd.run.outdir import owned_files, set_aside, write_manifest
 
 SUBSET = '40'   # of the 100 test images of cifar_dir: --evaluate must take these 40, not 100
 GRID = ['--loss', 'kd', 'ls', '--temperature', '2', '4']

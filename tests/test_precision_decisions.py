@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import main
-import tuning
+from kd.run import tuning
 from conftest import ROOT, run_cli, snapshot
-from distributed import DistInfo
-from runner import ModelSpec, fast_run_commands, quick_run_commands, resume_command
-from train import STATE_FORMAT
-from tuning import PrecisionDecisions, decide_precisions, precision_from_rates
+from kd.engine.distributed import DistInfo
+from kd.run.runner import ModelSpec, fast_run_commands, quick_run_commands, resume_command
+from kd.engine.loop import STATE_FORMAT
+from kd.run.tuning import PrecisionDecisions, decide_precisions, precision_from_rates
 
 CPU = torch.device('cpu')
 SHAPE = (8, 3, 32, 32)

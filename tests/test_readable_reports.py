@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from losses import LOSSES, expand_grid, get_loss, setting_name
-from report import (aggregate_models, curves_figure, describe_gains, gains, grid_figure,
+from kd.methods.losses import LOSSES, expand_grid, get_loss, setting_name
+from kd.report.report import (aggregate_models, curves_figure, describe_gains, gains, grid_figure,
                     plot_curves, plot_grid, print_table, results_table)
 from main import parse_config
-from runner import rerun_command
-from train import EPOCH_LINE_WIDTH, csv_fields, format_epoch_line
+from kd.run.runner import rerun_command
+from kd.engine.loop import EPOCH_LINE_WIDTH, csv_fields, format_epoch_line
 
 matplotlib = pytest.importorskip('matplotlib')
 matplotlib.use('Agg')

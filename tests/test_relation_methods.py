@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillers import BuildContext, build_distiller, point_shapes
-from losses import get_loss
-from models import StudentNet, feature_points
-from recipe import get_recipe
-from train import Trainee, train_step
-from tuning import fold_batchnorm
-from utils import Batch
+from kd.methods.plan import BuildContext, build_distiller, point_shapes
+from kd.methods.losses import get_loss
+from kd.models import StudentNet, feature_points
+from kd.recipes.recipe import get_recipe
+from kd.engine.loop import Trainee, train_step
+from kd.run.tuning import fold_batchnorm
+from kd.data.loader import Batch
 
 # resnet32x4 (teacher) and resnet8x4 (student) on 100 classes have the same points' shapes
 # (distillers.point_shapes of build_model(arch, 100)), at batch 1

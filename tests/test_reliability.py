@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import main
-from checkpoint import CheckpointError, atomic_save, load_weights
+from kd.files.checkpoint import CheckpointError, atomic_save, load_weights
 from conftest import ROOT, run_cli, snapshot
-from models import StudentNet, TeacherNet
+from kd.models import StudentNet, TeacherNet
 
 EPOCHS = '3'
 
@@ -173,7 +173,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
 WRITER = r'''
 import sys, torch
 sys.path.insert(0, {root!r})
-from checkpoint import atomic_save
+from kd.files.checkpoint import atomic_save
 i = 0
 while True:
     i += 1
@@ -346,7 +346,7 @@ def _fake_cuda(monkeypatch, current_device):
 
 
 def test_a_state_listing_more_gpus_than_the_machine_has_resumes(monkeypatch):
-    from checkpoint import capture_rng_state, restore_rng_state
+    from kd.files.checkpoint import capture_rng_state, restore_rng_state
     state = capture_rng_state()   # taken on this CPU machine: no CUDA state in it
     assert 'cuda' not in state
     # an older state that listed the generators of 8 visible GPUs

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from report import (aggregate_models, agreement, describe_gain, expected_calibration_error,
-                    kd_gain, mean, paired_difference, plot_curves, read_csv, results_markdown,
+from kd.engine.metrics import agreement, expected_calibration_error
+from kd.report.report import (aggregate_models, describe_gain, kd_gain, mean, paired_difference, plot_curves, read_csv, results_markdown,
                     results_table, sample_std, t_quantile_975)
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import main
-import train
+from kd.engine import loop as train
 from conftest import run_cli
-from losses import LOSSES, DistillLoss, ce_loss
-from models import build_model
-from runner import print_configuration, resolved_configuration, phase_specs
+from kd.methods.losses import LOSSES, DistillLoss, ce_loss
+from kd.models import build_model
+from kd.run.runner import print_configuration, resolved_configuration, phase_specs
 
 FAST = ['--epochs', '1', '--subset', '100', '--batch-size', '32', '--device', 'cpu']
 
@@ -114,7 +114,7 @@ def test_configuration_of_a_grid_and_of_dkd():
 # Stopping: what the messages say is kept
 
 def tiny_data():
-    from utils import make_loaders
+    from kd.data.loader import make_loaders
     g = torch.Generator().manual_seed(0)
     arrays = (torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g),
               torch.arange(40) % 10,
@@ -130,7 +130,7 @@ def train_with_loss(monkeypatch, tmp_path, fn, stop=None, epochs=2):
         out = ce_loss(s, t, labels, epoch=epoch)
         return fn(out, epoch) if len(labels) > 2 else out  # not the part-names probe
     monkeypatch.setitem(LOSSES, 'ce', DistillLoss('ce', loss, {}, False, ''))
-    from models import build_model
+    from kd.models import build_model
     os.makedirs(tmp_path, exist_ok=True)
     recipe = train.Recipe(epochs=epochs)
     trainee = train.Trainee('teacher', build_model('wrn_16_2', 10), 'ce', recipe,

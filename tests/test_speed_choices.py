@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import recipe as r
-import timing
+from kd.recipes import recipe as r
+from kd.engine import timing
 from conftest import run_cli
-from models import build_model, model_names
-from teacher import cached_test_logits, logits_key, logits_path, save_test_logits
-from progress import DurationEstimate, format_duration
-from tuning import fastest_teacher, fold_batchnorm, measure_precisions
+from kd.models import build_model, model_names
+from kd.run.teacher import cached_test_logits, logits_key, logits_path, save_test_logits
+from kd.engine.progress import DurationEstimate, format_duration
+from kd.run.tuning import fastest_teacher, fold_batchnorm, measure_precisions
 
 
 def _randomise_batchnorm(model, seed=0):

@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 
-from models import StudentNet, build_model
-from stacked import StudentStack, stacking_problem
-from train import Recipe, Trainee, train_step, train_step_stacked
-from tuning import time_both
+from kd.models import StudentNet, build_model
+from kd.engine.stacked import StudentStack, stacking_problem
+from kd.engine.loop import Recipe, Trainee, train_step, train_step_stacked
+from kd.run.tuning import time_both
 
 SETTINGS = [('kd', {'temperature': 4.0, 'alpha': 0.1}), ('dkd', {'temperature': 4.0}),
             ('ls', {'temperature': 2.0, 'alpha': 0.1}), ('ce', {})]

@@ -7,17 +7,16 @@ import os
 import pytest
 import torch
 
-import recipe
-import timing
+from kd.recipes import recipe
+from kd.engine import timing
 from conftest import ROOT
-from models import StudentNet, build_model
-from progress import DurationEstimate
-from stacked import StudentStack
-from train import Recipe, Trainee
+from kd.models import StudentNet, build_model
+from kd.engine.progress import DurationEstimate
+from kd.engine.stacked import StudentStack
+from kd.engine.loop import Recipe, Trainee
 
-PROJECT = sorted(glob.glob(os.path.join(ROOT, '*.py')))
+PROJECT = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "kd", "**", "*.py"), recursive=True))
 BENCH = sorted(glob.glob(os.path.join(ROOT, 'bench', '*.py')))
-MODULES = {os.path.splitext(os.path.basename(p))[0] for p in PROJECT}
 
 # Imports that stay inside functions, each for a reason given beside it in the code.
 LAZY = {
@@ -79,16 +78,34 @@ def test_project_imports_are_at_the_top():
                                 f'a comment saying why')
 
 
+def _module_name(path):
+    """'kd.engine.loop' for kd/engine/loop.py, 'kd.models' for kd/models/__init__.py."""
+    parts = os.path.splitext(os.path.relpath(path, ROOT))[0].split(os.sep)
+    return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+PROJECT_MODULES = {_module_name(p) for p in PROJECT}
+
+
+def _import_targets(node):
+    """The project modules an import statement reaches (`from kd.methods import hints` reaches
+    kd.methods.hints, `from kd.models import build_model` the package kd.models)."""
+    targets = []
+    if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+        targets = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in PROJECT_MODULES
+                   else node.module for a in node.names]
+    return {t for t in targets if t in PROJECT_MODULES}
+
+
 def _import_graph():
     graph = {}
     for path in PROJECT:
-        name = os.path.splitext(os.path.basename(path))[0]
+        name = _module_name(path)
         graph[name] = set()
         for node in ast.walk(_tree(path)):  # top-level and lazy imports alike
-            for module in _imported_modules(node):
-                top = module.split('.')[0]
-                if top in MODULES and top != name:
-                    graph[name].add(top)
+            graph[name] |= _import_targets(node) - {name}
     return graph
 
 
@@ -117,14 +134,55 @@ def _find_cycle(graph):
     return None
 
 
-def test_import_graph_is_acyclic():
+FACES = ('main', 'models', 'utils', 'train')   # the top level people use
+# what each layer of the package may not import (the graph flows from the command line down)
+FORBIDDEN = {
+    'kd.models': ('kd.methods', 'kd.data', 'kd.recipes', 'kd.engine', 'kd.files', 'kd.report',
+                  'kd.run'),
+    'kd.data': ('kd.models', 'kd.methods', 'kd.recipes', 'kd.engine', 'kd.report', 'kd.run'),
+    'kd.files': ('kd.models', 'kd.methods', 'kd.data', 'kd.engine', 'kd.report', 'kd.run'),
+    'kd.methods': ('kd.recipes', 'kd.report', 'kd.run'),
+    'kd.recipes': ('kd.methods', 'kd.engine', 'kd.report', 'kd.run'),
+    'kd.engine': ('kd.report', 'kd.run'),
+    'kd.report': ('kd.run',),
+    'kd.run': (),
+}
+
+
+def _layer(module):
+    return next((layer for layer in FORBIDDEN if module == layer
+                 or module.startswith(layer + '.')), None)
+
+
+def _reaches(module, layer):
+    return module == layer or module.startswith(layer + '.')
+
+
+def test_import_graph_is_acyclic_and_layered():
     graph = _import_graph()
     cycle = _find_cycle(graph)
     assert cycle is None, 'an import cycle: ' + ' -> '.join(cycle)
-    # the graph flows from the command line down: nothing imports main or runner but main
-    assert not any('main' in deps for deps in graph.values())
-    assert [m for m, deps in graph.items() if 'runner' in deps] == ['main']
     assert _find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+    # nothing imports the command line; nothing in the package imports the faces
+    assert not any('main' in deps for deps in graph.values())
+    inward = [f'{m} -> {d}' for m, deps in graph.items() if m.startswith('kd')
+              for d in deps if d in FACES]
+    assert not inward, inward
+    wrong = [f'{m} -> {d}' for m, deps in graph.items() if _layer(m)
+             for d in deps for banned in FORBIDDEN[_layer(m)] if _reaches(d, banned)]
+    assert not wrong, 'imports against the layering:\n' + '\n'.join(sorted(wrong))
+
+
+def test_the_top_level_holds_the_faces_and_one_package():
+    top = sorted(os.path.splitext(os.path.basename(p))[0] for p in PROJECT
+                 if os.path.dirname(p) == ROOT)
+    assert [m for m in top if m not in FACES] == [], top
+    packages = [d for d in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, d, '__init__.py'))]
+    assert packages == ['kd']
+    # a folder per domain
+    assert sorted(d for d in os.listdir(os.path.join(ROOT, 'kd'))
+                  if os.path.isfile(os.path.join(ROOT, 'kd', d, '__init__.py'))) == \
+        sorted(layer.split('.')[1] for layer in FORBIDDEN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +201,7 @@ def test_one_optimizer_builder():
                 name = f.attr if isinstance(f, ast.Attribute) else getattr(f, 'id', None)
                 if name in OPTIMIZERS:
                     built.append(f'{_name(path)}:{node.lineno}: {name}(')
-    assert [b.split(':')[0] for b in built] == ['recipe.py'], built
+    assert [b.split(':')[0] for b in built] == [os.path.join('kd', 'recipes', 'recipe.py')], built
 
 
 @pytest.mark.parametrize('recipe_', [Recipe(epochs=1), Recipe(epochs=1, lr=0.05, momentum=0.8,

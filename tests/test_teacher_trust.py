@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import main
-from checkpoint import CheckpointError, file_sha256, load_file, load_weights
+from kd.files.checkpoint import CheckpointError, file_sha256, load_file, load_weights
 from conftest import run_cli, snapshot
-from models import StudentNet, TeacherNet
-from teacher import TeacherMismatch, check_data, refuse_other_split
+from kd.models import StudentNet, TeacherNet
+from kd.run.teacher import TeacherMismatch, check_data, refuse_other_split
 from test_reliability import start_cli, wait_for_epoch
-from train import accuracy, predict
-from utils import get_cifar10_loaders
+from kd.engine.loop import accuracy, predict
+from kd.data.loader import get_cifar10_loaders
 
 FAST = ['--epochs', '1', '--subset', '100', '--batch-size', '32', '--device', 'cpu', '--no-amp']
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from models import StudentNet, TeacherNet
-from train import Recipe, Trainee, choose_precision, lr_at, train_step, warmup_steps
+from kd.models import StudentNet, TeacherNet
+from kd.engine.loop import Recipe, Trainee, choose_precision, lr_at, train_step, warmup_steps
 
 
 def test_warmup_then_cosine_to_zero():

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from features import WithPoints
-from models import build_model, count_parameters, feature_points
-from tuning import fold_batchnorm
+from kd.models.features import WithPoints
+from kd.models import build_model, count_parameters, feature_points
+from kd.run.tuning import fold_batchnorm
 
 NAMES = ['shufflev1', 'shufflev2']
 

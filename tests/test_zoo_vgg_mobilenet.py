@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distillers import point_shapes
-from features import WithPoints
-from models import build_model, count_parameters, feature_points, model_names
-from tuning import fold_batchnorm
+from kd.methods.plan import point_shapes
+from kd.models.features import WithPoints
+from kd.models import build_model, count_parameters, feature_points, model_names
+from kd.run.tuning import fold_batchnorm
 
 # name: (parameters at 10 classes, at 100 classes)
 PARAMS = {

@@ -1,0 +1,106 @@
+"""The contract of feature distillers: methods that read intermediate features and own
+parameters of their own (mdistiller's Distiller, distillers/_base.py, as a loss module rather
+than a wrapper of the two networks).
+
+A method is a `Distiller` subclass registered with `losses.register_distiller`, so it is a name
+in the same registry as the logit losses (`--loss fitnet at crd`). One instance is built per
+student (`distillers.build_distiller`): it owns the method's connectors, embeddings and
+memories, which train with the student under its optimizer and schedule, are saved in the
+resume state and are wrapped by DistributedDataParallel with it, but never enter best_*.pth
+(the plain student).
+
+The contract, in `Distiller.forward(student_logits, teacher_logits, labels, *, student_feats,
+teacher_feats, batch, epoch, label_smoothing)`:
+- logits are B x C (any floating dtype), labels B int64;
+- feats map the point names the method asked for (`points(...)`: 'stem', 'stage2',
+  'stage2_pre', 'pooled', ... as model_base names them) to the tensors of this batch:
+  B x C x H x W for stages, B x D for 'pooled'; the teacher's are float32 copies without
+  gradient;
+- batch: the loader's utils.Batch (the images' indices in the training set, for CRD's memory);
+- epoch: the 1-based epoch, for warm-ups;
+- it returns (loss, parts): parts maps every name of the registered `parts` to an unweighted
+  scalar ('ce' the plain cross-entropy), as the logit losses do.
+Feature terms run in float32 with autocast off (float64 stays float64).
+"""
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from kd.methods.losses import hard_label_ce
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method's constructor may use besides its hyper-parameters.
+
+    student_shapes / teacher_shapes: {point: torch.Size} of every point of the two models,
+    measured at batch 1 (a method picks the ones it reads); train_labels: N int64, the labels of
+    the training images by their index in the training set (the loader's Batch.indices);
+    num_classes: C; teacher_bn: {pre-activation point: (weight, bias)}, detached copies of the
+    affine parameters of the teacher's BatchNorm before the ReLU at that point
+    (model_base.bn_before_relu; OFD's margins), None when the teacher names none.
+    """
+    student_shapes: Mapping[str, torch.Size]
+    teacher_shapes: Mapping[str, torch.Size]
+    train_labels: torch.Tensor
+    num_classes: int
+    teacher_bn: Mapping[str, tuple] = None
+
+
+class Distiller(nn.Module, ABC):
+    """The base of feature methods (see the module docstring for the forward contract).
+
+    Subclasses implement `points` (which points they read of two models with these shapes;
+    ValueError, a message for the user, when a model lacks them), may override
+    `check_teacher` (anything else the teacher must give), and implement `distill`, the loss from
+    float32 (or float64) logits and features; the base handles dtypes and autocast.
+    params: the hyper-parameters (HYPER_PARAMETERS names), defaults filled in.
+    """
+
+    def __init__(self, params, context):
+        super().__init__()
+        self.params = dict(params)
+        self.student_points, self.teacher_points = self.points(context.student_shapes,
+                                                               context.teacher_shapes)
+        self.check_teacher(self.teacher_points, context.teacher_bn)
+
+    @classmethod
+    @abstractmethod
+    def points(cls, student_shapes, teacher_shapes):
+        """(student point names, teacher point names) this method reads."""
+
+    @classmethod
+    def check_teacher(cls, teacher_points, teacher_bn):
+        """ValueError (a message for the user) when the teacher lacks something besides its
+        points that the method needs at `teacher_points` (teacher_bn as BuildContext's); called
+        when a run is planned, before any training, and when the method is built."""
+
+    def forward(self, student_logits, teacher_logits, labels, *, student_feats, teacher_feats,
+                batch=None, epoch=1, label_smoothing=0.0):
+        with torch.autocast(student_logits.device.type, enabled=False):
+            s = _as_float(student_logits)
+            ce = hard_label_ce(s, labels, label_smoothing)
+            sf = {k: _as_float(student_feats[k]) for k in self.student_points}
+            tf = {k: teacher_feats[k].to(s.dtype) for k in self.teacher_points}
+            return self.distill(s, teacher_logits, labels, ce, sf, tf, batch, epoch,
+                                label_smoothing)
+
+    @abstractmethod
+    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
+                label_smoothing):
+        """(loss, {part: unweighted scalar}) from float32 (or float64) logits and features."""
+
+
+def _as_float(x):
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def stage_names(shapes):
+    """'stage1', 'stage2', ... present in a {point: shape} map, in order."""
+    n = 0
+    while f'stage{n + 1}' in shapes:
+        n += 1
+    return [f'stage{i}' for i in range(1, n + 1)]

@@ -183,26 +183,46 @@ def _load_failure_reason(path, error):
         return 'it is empty (0 bytes)'
     message = str(error)
     if head.startswith(b'PK\x03\x04'):  # torch.save's zip format, or another zip archive
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return ('it is a truncated or damaged zip archive (an interrupted write, copy or '
-                    'download?): PyTorch cannot find its table of contents')
-        if not any(n.endswith('data.pkl') for n in names):
-            shown = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
-            return f'it is a zip archive of something else, not a PyTorch file (it holds {shown})'
-        if 'PytorchStreamReader' in message or 'CRC' in message or 'zip archive' in message:
-            return 'it is a damaged PyTorch file: a part of its zip archive cannot be read'
+        reason = _zip_reason(path, message)
+        if reason:
+            return reason
     elif head[:1] != b'\x80':  # neither zip nor pickle (whose first opcode is PROTO)
-        try:
-            text = head.decode('utf-8')
-        except UnicodeDecodeError:
-            text = None
-        if text is not None and '\x00' not in text:
-            first = text.strip().splitlines()[0][:40] if text.strip() else ''
-            return f'it is a text file, not a PyTorch file (it begins {first!r})'
-        return 'it is not a PyTorch file (its first bytes are not those of torch.save\'s format)'
+        return _not_pickle_reason(head)
+    return _refusal_reason(path, message) or _unpickler_reason(error, message)
+
+
+def _zip_reason(path, message):
+    """What is wrong with a zip archive that torch.load could not read, or None when it looks
+    like a PyTorch file and the unpickler's message says more."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return ('it is a truncated or damaged zip archive (an interrupted write, copy or '
+                'download?): PyTorch cannot find its table of contents')
+    if not any(n.endswith('data.pkl') for n in names):
+        shown = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
+        return f'it is a zip archive of something else, not a PyTorch file (it holds {shown})'
+    if 'PytorchStreamReader' in message or 'CRC' in message or 'zip archive' in message:
+        return 'it is a damaged PyTorch file: a part of its zip archive cannot be read'
+    return None
+
+
+def _not_pickle_reason(head):
+    """What a file is that begins with neither a zip's nor a pickle's bytes: text, or other."""
+    try:
+        text = head.decode('utf-8')
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and '\x00' not in text:
+        first = text.strip().splitlines()[0][:40] if text.strip() else ''
+        return f'it is a text file, not a PyTorch file (it begins {first!r})'
+    return 'it is not a PyTorch file (its first bytes are not those of torch.save\'s format)'
+
+
+def _refusal_reason(path, message):
+    """What a weights-only load refused to do (import, call or build something, or read a
+    plain pickle's opcode), from the unpickler's message; None when it names none of these."""
     found = re.search(r'GLOBAL (\S+) (?:was not an allowed global|whose module)', message)
     if found:
         name = re.sub(r'^(posix|nt)\.', 'os.', found.group(1))
@@ -225,6 +245,12 @@ def _load_failure_reason(path, error):
         opcode = _PICKLE_OPCODES.get(chr(code), f'byte {code}')
         return (f'it is not a file written by torch.save: its pickle stream uses the opcode '
                 f'{opcode}, which a weights-only load does not read')
+    return None
+
+
+def _unpickler_reason(error, message):
+    """A truncated file, a plain pickle, a damaged archive, or else the unpickler's own reason
+    without PyTorch's advice around it."""
     if 'Invalid magic number' in message:
         return 'it is a plain pickle, not a file written by torch.save'
     if isinstance(error, EOFError) or 'Ran out of input' in message:

@@ -2,7 +2,7 @@
 
     stats       means, spreads, paired differences to the baseline, the per-model aggregate
     labels      the models' printed names and phases
-    settings    the methods' hyper-parameters as the reports name them (read from kd.methods)
+    settings    the methods' settings as the reports read them (from kd.methods)
     tables      results.md's tables, the console table and the sentences on the gains
     plotting    matplotlib on demand; a plot never fails the run
     curves      curves.png

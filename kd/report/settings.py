@@ -1,9 +1,10 @@
-"""The methods' hyper-parameters as the reports name them: their order, symbols and labels.
+"""The methods' settings as the reports read them: the hyper-parameters' order, symbols and
+labels, and how long a loss ramps up.
 
 The declarations live with the methods (kd.methods); the reports read them here only, so a
 change in how the methods declare their settings touches this file alone.
 """
-from kd.methods.losses import HYPER, HYPER_PARAMETERS
+from kd.methods.losses import HYPER, HYPER_PARAMETERS, get_loss
 
 
 def settings():
@@ -25,3 +26,12 @@ def axis_label(key):
 def value_text(key, value):
     """A value of the setting as a heat map's tick shows it."""
     return HYPER[key].text(value)
+
+
+def warmup_epochs(loss):
+    """The epochs over which `loss` ramps its distillation weight up (0: none), or None for a
+    loss this code does not know (one from another version of the code)."""
+    try:
+        return get_loss(loss).warmup_epochs
+    except KeyError:
+        return None

@@ -1,8 +1,7 @@
 """The tables and sentences of a report: results.md, the console table, the gains to the
 baseline and the notes on losses a run was too short to judge."""
-from kd.methods.losses import get_loss
 from kd.report.labels import model_label
-from kd.report.settings import is_switch
+from kd.report.settings import is_switch, warmup_epochs
 
 
 def ranked_students(models):
@@ -182,13 +181,12 @@ def print_table(models, log=print):
 
 def warmup_notes(models, epochs):
     """Sentences for the losses of `models` whose distillation weight ramps up over more epochs
-    than the run had (DKD's over losses.DKD_WARMUP_EPOCHS): such students never trained at their
-    full weight, so a ranking of them says little about the method."""
+    than the run had (DKD's over kd.methods.losses.DKD_WARMUP_EPOCHS): such students never
+    trained at their full weight, so a ranking of them says little about the method."""
     notes = []
     for loss in dict.fromkeys(e.get('loss') for e in models.values() if e.get('loss')):
-        try:
-            ramp = get_loss(loss).warmup_epochs
-        except KeyError:   # a loss from another version of the code: nothing known about it
+        ramp = warmup_epochs(loss)
+        if ramp is None:   # a loss from another version of the code: nothing known about it
             continue
         if epochs < ramp:
             notes.append(f'{loss} never reached its full distillation weight: it ramps up over '

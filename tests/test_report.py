@@ -1,4 +1,4 @@
-"""report.py against hand-computed values: statistics, agreement, ECE, aggregation, tables, plot."""
+"""kd.report against hand-computed values: statistics, agreement, ECE, aggregation, tables, plot."""
 import math
 import os
 import sys
@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from kd.engine.metrics import agreement, expected_calibration_error
-from kd.report.report import (aggregate_models, describe_gain, kd_gain, mean, paired_difference, plot_curves, read_csv, results_markdown,
-                    results_table, sample_std, t_quantile_975)
+from kd.report.curves import plot_curves, read_csv
+from kd.report.stats import (aggregate_models, kd_gain, mean, paired_difference, sample_std,
+                             t_quantile_975)
+from kd.report.tables import describe_gain, results_markdown, results_table
 
 
 # ---------------------------------------------------------------------------------------------

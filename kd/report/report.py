@@ -230,7 +230,7 @@ def describe_loss(entry):
         return '-'
     params = entry.get('loss_params') or {}
     short = {'temperature': 'T', 'alpha': 'α', 'beta': 'β', 'gamma': 'γ'}
-    return loss + ''.join(' LS' if HYPER[k].switch else f' {short.get(k, k)}={v:g}'
+    return loss + ''.join(' LS' if k in HYPER and HYPER[k].switch else f' {short.get(k, k)}={v:g}'
                           for k, v in params.items() if v is not False)
 
 

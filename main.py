@@ -3,6 +3,7 @@
     python main.py --train-teacher                  # writes best_teacher.pth
     python main.py --temperature 4 --alpha 0.1      # writes best_student_kd.pth, best_student_base.pth
     python main.py --loss kd dkd ls --temperature 2 4 8 --alpha 0.1 0.5   # a grid, in one run
+    python main.py --loss fitnet dkd --set fitnet.beta=50,100 --set dkd.warmup=10   # settings
     python main.py --evaluate                       # test accuracy of the last runs' checkpoints
 
 This file parses the command line; config.py resolves and validates it into one RunConfig;

@@ -305,8 +305,9 @@ def warmup_notes(models, epochs):
     full weight, so a ranking of them says little about the method."""
     notes = []
     for loss in dict.fromkeys(e.get('loss') for e in models.values() if e.get('loss')):
-        try:
-            ramp = get_loss(loss).warmup_epochs
+        try:  # the longest ramp among its settings (a 'warmup' setting may change it)
+            ramp = max(get_loss(loss).warmup_for(e.get('loss_params') or {})
+                       for e in models.values() if e.get('loss') == loss)
         except KeyError:   # a loss from another version of the code: nothing known about it
             continue
         if epochs < ramp:

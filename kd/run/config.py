@@ -64,7 +64,7 @@ class RunConfig:
     loss: tuple
     """Names of the distillation losses (--loss), in order; each trains one student per setting."""
     temperature: Optional[tuple]
-    """--temperature values (> 0) of the grid; None: each loss's default (losses.LOSSES)."""
+    """--temperature values (> 0) of the grid; None: each loss's default (registry.LOSSES)."""
     alpha: Optional[tuple]
     """--alpha values (the hard labels' weight, in [0, 1]); None: each loss's default."""
     beta: Optional[tuple]

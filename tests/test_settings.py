@@ -121,6 +121,9 @@ def test_the_printed_configuration_names_the_set_values():
                                              'dkd.warmup=10', '--set', 'fitnet.hint=3']))
     assert describe_loss_settings(loss_settings(specs)) == [
         'dkd: T=4 (its default), warmup=10', 'fitnet: beta=100 (its default), hint=3']
+    # a constant's default among the values given is said too (its settings leave it out)
+    specs = student_specs(main.parse_config(['--loss', 'dkd', '--set', 'dkd.warmup=1,20']))
+    assert describe_loss_settings(loss_settings(specs)) == ['dkd: T=4 (its default), warmup=1, 20']
 
 
 def test_the_values_reach_the_methods():

@@ -861,6 +861,10 @@ def loss_settings(specs):
         if switch and any('logit_standardization' not in s.params for s in specs
                           if s.loss == loss):
             switch.insert(0, False)
+        for key, h in get_loss(loss).settings.items():  # a constant left out where at default
+            if not h.axis and key in entry and any(key not in s.params for s in specs
+                                                   if s.loss == loss):
+                entry[key].append(h.default)
     return settings
 
 

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from kd.methods.base import Distiller, stage_names
 from kd.methods.registry import HyperParameter, register_distiller
 
-# FitNets (mdistiller CFG.FITNET): the hint is feats[HINT_LAYER], post-activation
+# FitNets (mdistiller CFG.FITNET): the hint is feats[HINT_LAYER], post-activation (the default
+# of fitnet's setting 'hint'; so are AT_P of at's 'p' and VID_INIT_PRED_VAR of vid's 'init_var')
 FITNET_HINT_LAYER = 2
 # attention transfer (mdistiller CFG.AT.P): attention maps are the channel mean of |F|^p
 AT_P = 2

@@ -30,8 +30,9 @@ RKD_SQUARED = False          # CFG.RKD.PDIST.SQUARED
 RKD_EPS = 1e-12              # CFG.RKD.PDIST.EPSILON
 # PKT: the eps of pkt_loss (mdistiller and the authors' cosine_similarity_loss)
 PKT_EPS = 1e-7
-# KDSVD: singular vectors the teacher gives (mdistiller CFG.KDSVD.K); the student gives K + 3,
-# among which each teacher vector picks its match; RBF(x, y) = exp(-(x - y)^2 / 8)
+# KDSVD: singular vectors the teacher gives (mdistiller CFG.KDSVD.K; the default of kdsvd's
+# setting 'k'); the student gives K + 3, among which each teacher vector picks its match;
+# RBF(x, y) = exp(-(x - y)^2 / 8)
 KDSVD_K = 1
 KDSVD_EXTRA_STUDENT_VECTORS = 3
 KDSVD_RBF_SCALE = 8.0

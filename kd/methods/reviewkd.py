@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kd.methods.base import Distiller, stage_names
 from kd.methods.registry import HyperParameter, register_distiller
 
+# the defaults of reviewkd's beta and its settings 'warmup' and 'mid_channels'
 REVIEWKD_WEIGHT = 5.0          # REVIEWKD.REVIEWKD_WEIGHT (configs/cifar100/reviewkd.yaml)
 REVIEWKD_WARMUP_EPOCHS = 20    # REVIEWKD.WARMUP_EPOCHS: the review term ramps up linearly
 REVIEWKD_MAX_MID_CHANNEL = 512  # REVIEWKD.MAX_MID_CHANNEL: the ABFs' width, at most

@@ -3,6 +3,7 @@
     python main.py --train-teacher                  # writes best_teacher.pth
     python main.py --temperature 4 --alpha 0.1      # writes best_student_kd.pth, best_student_base.pth
     python main.py --loss kd dkd ls --temperature 2 4 8 --alpha 0.1 0.5   # a grid, in one run
+    python main.py --loss fitnet dkd --set fitnet.beta=50,100 --set dkd.warmup=10   # settings
     python main.py --evaluate                       # test accuracy of the last runs' checkpoints
 
 This file parses the command line; config.py resolves and validates it into one RunConfig;
@@ -18,7 +19,8 @@ from kd.files.checkpoint import CheckpointError
 from kd.run.config import UsageError, resolve
 from kd.data.datasets import dataset_names
 from kd.engine.distributed import shutdown_distributed
-from kd.methods.losses import LOSSES
+from kd.methods.grid import SET_SYNTAX
+from kd.methods.registry import HYPER, LOSSES
 from kd.models import model_names
 from kd.run.runner import resume_command, run
 from kd.engine.loop import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
@@ -52,10 +54,7 @@ def finite_float(text):
 
 
 def build_parser():
-    defaults, fast = r.get_recipe('standard'), r.get_recipe('fast')
-    reference = r.get_recipe('reference')
-    default = r.DEFAULTS  # every flag's default, in one place
-    kd = LOSSES['kd'].defaults
+    """The command line's parser: its flags by group, in the order --help lists them."""
     p = ArgumentParser(
         description='Knowledge distillation on CIFAR: a teacher (ResNet-18 by default), then '
                     'distilled students and a baseline student trained in lockstep on identical '
@@ -66,7 +65,15 @@ def build_parser():
                + ' CE is the cross-entropy on the labels with the recipe\'s label smoothing: '
                + ', '.join(f'{n} {r.get_recipe(n).label_smoothing:g}' for n in r.recipe_names())
                + ' (the baseline student and the teacher train on it too).')
-    a = p.add_argument
+    for add_group in (phase_flags, optimisation_flags, loss_flags, data_flags, runtime_flags):
+        add_group(p.add_argument)
+    return p
+
+
+def phase_flags(a):
+    """What runs: the phase, the recipe, the dataset, the architectures and the losses."""
+    defaults, fast = r.get_recipe('standard'), r.get_recipe('fast')
+    default = r.DEFAULTS  # every flag's default, in one place
     a('--train-teacher', action='store_true', default=default['train_teacher'],
       help='train the teacher and write best_teacher.pth (default: train the students)')
     a('--evaluate', action='store_true', default=default['evaluate'],
@@ -95,6 +102,13 @@ def build_parser():
       help='distillation loss(es): ' + ', '.join(n for n in LOSSES if n != 'ce')
            + '; several train one student per loss and setting, in lockstep '
            f'(default: {" ".join(default["loss"])})')
+
+
+def optimisation_flags(a):
+    """The recipe's values a flag overrides: epochs, batch size, learning rate, weight decay."""
+    defaults, fast = r.get_recipe('standard'), r.get_recipe('fast')
+    reference = r.get_recipe('reference')
+    default = r.DEFAULTS
     a('--epochs', type=positive_int, default=default['epochs'],
       help=f'epochs per model; --recipe fast: {fast.epochs}, reference: {reference.epochs} '
            f'(default: {defaults.epochs})')
@@ -110,6 +124,12 @@ def build_parser():
     a('--weight-decay', type=finite_float, default=default['weight_decay'],
       help=f'weight decay; standard: of SGD (default: {defaults.weight_decay:g}); fast: per '
            f'1,024 images (default: {fast.weight_decay:g})')
+
+
+def loss_flags(a):
+    """The losses' settings: the shared knobs, the logit standardisation switch and --set."""
+    default = r.DEFAULTS
+    kd = LOSSES['kd'].defaults
     a('--temperature', type=finite_float, nargs='+', default=default['temperature'],
       metavar='T',
       help='distillation temperature(s) T > 0; several values make a grid (default: '
@@ -136,6 +156,22 @@ def build_parser():
       + ': both logits z-scored per image before the distillation term; on, kd and dkd take '
         'their authors\' T=2 unless --temperature is given and their distillation weight x10 '
         '(kd, = ls) or x9 (dkd); "off on" makes both a grid (default: off)')
+    a('--set', action='append', dest='sets', default=default['sets'], metavar=SET_SYNTAX,
+      help='a setting a method declares, for the methods of --loss: METHOD.NAME=VALUE, several '
+           'values separated by commas making a grid (e.g. --set fitnet.beta=50,100 trains two '
+           'fitnet students); repeatable, one --set per setting; over --temperature, --alpha, '
+           '--beta, --gamma for that method. A constant of a method enters the students\' names '
+           'only where it differs from its default (dkd_T4_w10). Each method\'s own settings '
+           '(default): ' + '; '.join(
+               f'{n}: ' + ', '.join(f'{k} {h.text(h.default)}' for k, h in spec.settings.items()
+                                   if k not in HYPER)
+               for n, spec in LOSSES.items() if set(spec.settings) - set(HYPER))
+           + ' (default: none)')
+
+
+def data_flags(a):
+    """Seeds, folders, device, the data's subset and split, testing, the baseline, the teacher."""
+    default = r.DEFAULTS
     a('--seed', type=int, default=default['seed'],
       help='seed of initialization, data order and augmentation (default: '
            f'{default["seed"]})')
@@ -172,6 +208,11 @@ def build_parser():
       help='unused, kept so reference commands still run: the data lives in device memory and '
            f'is augmented in batches there, with no DataLoader workers (default: '
            f'{default["num_workers"]})')
+
+
+def runtime_flags(a):
+    """Precision, stacking, compilation, resuming and logging."""
+    default = r.DEFAULTS
     a('--amp', action=argparse.BooleanOptionalAction, default=default['amp'],
       help='mixed precision: --amp forces bf16 autocast (fp16 on GPUs without native bf16), '
            '--no-amp float32. Auto: bf16 on GPUs that have it, fp16 on older ones; on a CPU '
@@ -193,7 +234,6 @@ def build_parser():
            '(default: off)')
     a('--tensorboard', action='store_true', default=default['tensorboard'],
       help='also write the per-epoch scalars to OUT_DIR/tensorboard/<phase> (default: off)')
-    return p
 
 
 def validate(args):

@@ -11,7 +11,7 @@ import torch
 import main
 from kd.recipes import recipe
 from kd.run.config import FLAGS, RunConfig, UsageError, flag_args
-from kd.methods.losses import LOSSES
+from kd.methods.registry import LOSSES
 from kd.run.runner import phase_specs, resolved_configuration, run
 from kd.engine.loop import Trainee
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from kd.methods import plan as distillers  # noqa: F401  (registers the feature methods)
-from kd.methods.losses import LOSSES, expand_grid, get_loss, setting_name
+from kd.methods.grid import expand_grid, setting_name
+from kd.methods.registry import LOSSES, get_loss
 
 # ---------------------------------------------------------------------------------------------
 # The authors' code

@@ -393,7 +393,8 @@ def test_every_method_trains_from_the_command_line_in_one_grid(trained_run, tmp_
     """Every registered loss, one lockstep run: a checkpoint each (the plain student), its parts
     in its CSV, the methods' own state in the resume state, results.md ranking them all, and
     --evaluate reproducing the run's numbers."""
-    from kd.methods.losses import LOSSES, setting_name
+    from kd.methods.grid import setting_name
+    from kd.methods.registry import LOSSES
     methods = [n for n in LOSSES if n != 'ce']
     out = tmp_path / 'out'
     code = main.main(['--loss', *methods, '--epochs', '1', '--subset', '100', '--batch-size',

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import main
 from kd.methods.plan import BuildContext, build_distiller, plan_features, point_shapes
 from kd.methods.hints import ofd_margin
-from kd.methods.losses import get_loss
+from kd.methods.registry import get_loss
 from kd.models.registry import BN_BEFORE_RELU
 from kd.models import (MODELS, StudentNet, TeacherNet, bn_before_relu, build_model, feature_points,
                     register_model)

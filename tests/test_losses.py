@@ -9,7 +9,8 @@ import torch
 
 import utils
 from kd.methods import plan as distillers  # noqa: F401  (registers the feature methods: the registry is then whole)
-from kd.methods.losses import LOSSES, expand_grid, get_loss, register_loss, setting_name
+from kd.methods.grid import expand_grid, setting_name
+from kd.methods.registry import LOSSES, get_loss, register_loss
 
 LOGIT = [name for name, spec in LOSSES.items() if spec.fn is not None]
 FEATURE_METHODS = ['fitnet', 'at', 'nst', 'vid', 'ofd', 'sp', 'rkd', 'pkt', 'kdsvd', 'crd',
@@ -283,7 +284,8 @@ def test_registry_entries():
         hypers = {k: p.default for k, p in params.items()
                   if p.kind is p.KEYWORD_ONLY and k != 'epoch'}
         assert hypers.pop('logit_standardization', None) is (False if spec.takes_ls else None)
-        assert hypers == dict(spec.defaults)
+        assert hypers == {k: h.default for k, h in spec.settings.items()}
+        assert dict(spec.defaults) == {k: h.default for k, h in spec.settings.items() if h.axis}
         with pytest.raises(dataclasses.FrozenInstanceError):
             spec.name = 'other'
         with pytest.raises(TypeError):

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd.methods.plan import BuildContext, build_distiller, point_shapes
-from kd.methods.losses import get_loss
+from kd.methods.registry import get_loss
 from kd.models import StudentNet, TeacherNet, build_model, feature_points
 from kd.recipes.recipe import get_recipe
 from kd.methods.reviewkd import hcl_loss

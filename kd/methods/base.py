@@ -2,9 +2,10 @@
 parameters of their own (mdistiller's Distiller, distillers/_base.py, as a loss module rather
 than a wrapper of the two networks).
 
-A method is a `Distiller` subclass registered with `losses.register_distiller`, so it is a name
-in the same registry as the logit losses (`--loss fitnet at crd`). One instance is built per
-student (`distillers.build_distiller`): it owns the method's connectors, embeddings and
+A method is a `Distiller` subclass registered with `registry.register_distiller`, so it is a
+name in the same registry as the logit losses (`--loss fitnet at crd`), declaring its settings
+there (its weights, and constants such as FitNet's hint stage or CRD's K). One instance is built
+per student (`plan.build_distiller`) with every setting's value in `self.params`: it owns the method's connectors, embeddings and
 memories, which train with the student under its optimizer and schedule, are saved in the
 resume state and are wrapped by DistributedDataParallel with it, but never enter best_*.pth
 (the plain student).
@@ -20,16 +21,37 @@ teacher_feats, batch, epoch, label_smoothing)`:
 - epoch: the 1-based epoch, for warm-ups;
 - it returns (loss, parts): parts maps every name of the registered `parts` to an unweighted
   scalar ('ce' the plain cross-entropy), as the logit losses do.
-Feature terms run in float32 with autocast off (float64 stays float64).
+Feature terms run in float32 with autocast off (float64 stays float64): forward hands them to
+`distill` as one `DistillInputs`.
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from kd.methods.losses import hard_label_ce
+from kd.methods.registry import get_loss
+
+
+class DistillInputs(NamedTuple):
+    """What `Distiller.distill` computes a batch's loss from.
+
+    logits: the student's, B x C in float32 (float64 kept); teacher_logits: the teacher's, as
+    given; labels: B int64; ce: the plain cross-entropy of the logits on the labels (with the
+    recipe's label smoothing); student_feats / teacher_feats: {point: tensor} of the points the
+    method reads, in the logits' dtype; batch: the loader's Batch (or None); epoch: the 1-based
+    epoch; label_smoothing: the recipe's."""
+    logits: Any
+    teacher_logits: Any
+    labels: Any
+    ce: Any
+    student_feats: Mapping[str, Any]
+    teacher_feats: Mapping[str, Any]
+    batch: Any
+    epoch: float
+    label_smoothing: float
 
 
 @dataclass(frozen=True)
@@ -56,21 +78,29 @@ class Distiller(nn.Module, ABC):
     Subclasses implement `points` (which points they read of two models with these shapes;
     ValueError, a message for the user, when a model lacks them), may override
     `check_teacher` (anything else the teacher must give), and implement `distill`, the loss from
-    float32 (or float64) logits and features; the base handles dtypes and autocast.
-    params: the hyper-parameters (HYPER_PARAMETERS names), defaults filled in.
+    a DistillInputs of float32 (or float64) logits and features; the base handles dtypes and
+    autocast. params: the method's declared settings, every default filled in
+    (registry.DistillLoss.filled); `method`: its registered name (set by register_distiller).
     """
+    method = None
 
     def __init__(self, params, context):
         super().__init__()
-        self.params = dict(params)
-        self.student_points, self.teacher_points = self.points(context.student_shapes,
-                                                               context.teacher_shapes)
+        self.params = self.settings(params)
+        self.student_points, self.teacher_points = self.points(
+            context.student_shapes, context.teacher_shapes, self.params)
         self.check_teacher(self.teacher_points, context.teacher_bn)
 
     @classmethod
+    def settings(cls, params=None):
+        """`params` with the defaults of every setting the method declares filled in."""
+        return get_loss(cls.method).filled(dict(params or {}))
+
+    @classmethod
     @abstractmethod
-    def points(cls, student_shapes, teacher_shapes):
-        """(student point names, teacher point names) this method reads."""
+    def points(cls, student_shapes, teacher_shapes, params=None):
+        """(student point names, teacher point names) this method reads with settings `params`
+        (None: its defaults)."""
 
     @classmethod
     def check_teacher(cls, teacher_points, teacher_bn):
@@ -85,13 +115,13 @@ class Distiller(nn.Module, ABC):
             ce = hard_label_ce(s, labels, label_smoothing)
             sf = {k: _as_float(student_feats[k]) for k in self.student_points}
             tf = {k: teacher_feats[k].to(s.dtype) for k in self.teacher_points}
-            return self.distill(s, teacher_logits, labels, ce, sf, tf, batch, epoch,
-                                label_smoothing)
+            return self.distill(DistillInputs(s, teacher_logits, labels, ce, sf, tf, batch,
+                                              epoch, label_smoothing))
 
     @abstractmethod
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        """(loss, {part: unweighted scalar}) from float32 (or float64) logits and features."""
+    def distill(self, x):
+        """(loss, {part: unweighted scalar}) from x, a DistillInputs of float32 (or float64)
+        logits and features."""
 
 
 def _as_float(x):

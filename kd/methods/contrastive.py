@@ -13,13 +13,26 @@ import torch.nn as nn
 
 from kd.methods.base import Distiller
 from kd.engine.distributed import all_gather_cat, all_reduce_sum
-from kd.methods.losses import kd_loss, register_distiller
+from kd.methods.losses import kd_loss
+from kd.methods.registry import HyperParameter, register_distiller
 
 CRD_FEAT_DIM = 128      # embedding size
 CRD_NCE_K = 16384       # negatives per sample
 CRD_NCE_T = 0.07        # temperature of the scores
 CRD_NCE_M = 0.5         # momentum of the memory update
 CRD_EPS = 1e-7          # ContrastLoss's eps
+# crd's and crd_kd's own settings (constants of the method: in a setting's name only when
+# changed), defaulting to the values above
+CRD_SETTINGS = (
+    HyperParameter('dim', 'd', 'embedding size', default=CRD_FEAT_DIM, low=1, integer=True,
+                   axis=False, help='the size of the embeddings of the pooled features (128)'),
+    HyperParameter('k', 'k', 'negatives K', default=CRD_NCE_K, low=1, integer=True, axis=False,
+                   help='negatives (images of other classes) per image (16384)'),
+    HyperParameter('tau', 'tau', 'temperature tau', default=CRD_NCE_T, low=0.0, low_open=True,
+                   axis=False, help='the temperature of the scores (0.07)'),
+    HyperParameter('momentum', 'm', 'memory momentum', default=CRD_NCE_M, low=0.0, high=1.0,
+                   axis=False, help='the momentum of the memory update (0.5)'),
+)
 
 
 class Embed(nn.Module):
@@ -82,7 +95,7 @@ class CRDBase(Distiller):
     gather: B x N numbers instead of the reference's B x (K+1) x D, the same dot products.
     """
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
+    def points(cls, student_shapes, teacher_shapes, params=None):
         for who, shapes in (('student', student_shapes), ('teacher', teacher_shapes)):
             if 'pooled' not in shapes:
                 raise ValueError(f"CRD: the {who} names no 'pooled' embedding")
@@ -90,7 +103,7 @@ class CRDBase(Distiller):
 
     def __init__(self, params, context):
         super().__init__(params, context)
-        d = CRD_FEAT_DIM
+        d = self.params['dim']
         self.embed_s = Embed(math.prod(context.student_shapes['pooled'][1:]), d)
         self.embed_t = Embed(math.prod(context.teacher_shapes['pooled'][1:]), d)
         n = len(context.train_labels)
@@ -99,7 +112,8 @@ class CRDBase(Distiller):
         self.register_buffer('memory_t', torch.rand(n, d).mul_(2 * stdv).add_(-stdv))
         self.register_buffer('z', torch.full((2,), -1.0))  # Z1, Z2; < 0 until the first batch
         self.register_buffer('train_labels', context.train_labels.clone(), persistent=False)
-        self.nce_k, self.nce_t, self.nce_m = CRD_NCE_K, CRD_NCE_T, CRD_NCE_M
+        self.nce_k, self.nce_t = self.params['k'], self.params['tau']
+        self.nce_m = self.params['momentum']
 
     def crd(self, student_feat, teacher_feat, indices, negatives):
         """The NCE loss h(P1) + h(P2) for embeddings of the batch's pooled features; updates the
@@ -148,28 +162,27 @@ def _world_size():
         and torch.distributed.is_initialized() else 1
 
 
-@register_distiller('crd', defaults={'beta': 0.8}, parts=('ce', 'crd'),
+@register_distiller('crd', defaults={'beta': 0.8}, settings=CRD_SETTINGS, parts=('ce', 'crd'),
                     help='loss = CE + beta*NCE (contrastive representation distillation, Tian '
                          'et al.): embeddings of the pooled features against a momentum memory '
                          'of every training image, 16384 negatives, tau 0.07; --beta weights '
                          'it (0.8).')
 class CRD(CRDBase):
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        crd = self.batch_loss(labels, student_feats, teacher_feats, batch)
-        return ce + self.params['beta'] * crd, {'ce': ce, 'crd': crd}
+    def distill(self, x):
+        crd = self.batch_loss(x.labels, x.student_feats, x.teacher_feats, x.batch)
+        return x.ce + self.params['beta'] * crd, {'ce': x.ce, 'crd': crd}
 
 
 @register_distiller('crd_kd', defaults={'temperature': 4.0, 'beta': 0.8},
-                    parts=('ce', 'kd', 'crd'),
+                    settings=CRD_SETTINGS, parts=('ce', 'kd', 'crd'),
                     help='loss = CE + T^2*KL(teacher||student) + beta*NCE: crd with KD, as '
                          "RepDistiller's -a 1 -b 0.8; --temperature is T (4) and --beta "
                          'weights the NCE term (0.8).')
 class CRDWithKD(CRDBase):
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        crd = self.batch_loss(labels, student_feats, teacher_feats, batch)
+    def distill(self, x):
+        crd = self.batch_loss(x.labels, x.student_feats, x.teacher_feats, x.batch)
         t = self.params['temperature']
         # kd_loss at alpha 0 is exactly T^2 KL: the KD term with weight 1 next to CE
-        kd, _ = kd_loss(s, teacher_logits.to(s.dtype), labels, temperature=t, alpha=0.0)
-        return ce + kd + self.params['beta'] * crd, {'ce': ce, 'kd': kd, 'crd': crd}
+        kd, _ = kd_loss(x.logits, x.teacher_logits.to(x.logits.dtype), x.labels,
+                        temperature=t, alpha=0.0)
+        return x.ce + kd + self.params['beta'] * crd, {'ce': x.ce, 'kd': kd, 'crd': crd}

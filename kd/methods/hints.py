@@ -24,9 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd.methods.base import Distiller, stage_names
-from kd.methods.losses import register_distiller
+from kd.methods.registry import HyperParameter, register_distiller
 
-# FitNets (mdistiller CFG.FITNET): the hint is feats[HINT_LAYER], post-activation
+# FitNets (mdistiller CFG.FITNET): the hint is feats[HINT_LAYER], post-activation (the default
+# of fitnet's setting 'hint'; so are AT_P of at's 'p' and VID_INIT_PRED_VAR of vid's 'init_var')
 FITNET_HINT_LAYER = 2
 # attention transfer (mdistiller CFG.AT.P): attention maps are the channel mean of |F|^p
 AT_P = 2
@@ -67,13 +68,17 @@ class ConvRegressor(nn.Module):
 
 
 @register_distiller('fitnet', defaults={'beta': 100.0}, parts=('ce', 'fitnet'),
+                    settings=(HyperParameter(
+                        'hint', 'h', 'hint stage', default=FITNET_HINT_LAYER, low=1,
+                        integer=True, axis=False,
+                        help='the stage whose output is the hint, in both models (stage2)'),),
                     help='loss = CE + beta*MSE(r(S_h), T_h) (FitNets, Romero et al.): h the hint '
                          'layer stage2, r a trained convolutional regressor; --beta weights the '
                          'hint (100).')
 class FitNet(Distiller):
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
-        hint = f'stage{FITNET_HINT_LAYER}'
+    def points(cls, student_shapes, teacher_shapes, params=None):
+        hint = f'stage{cls.settings(params)["hint"]}'
         for who, shapes in (('student', student_shapes), ('teacher', teacher_shapes)):
             if hint not in shapes:
                 raise ValueError(f'FitNets: the {who} has no hint layer {hint!r}')
@@ -84,11 +89,10 @@ class FitNet(Distiller):
         hint = self.student_points[0]
         self.regressor = ConvRegressor(context.student_shapes[hint], context.teacher_shapes[hint])
 
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
+    def distill(self, x):
         hint = self.student_points[0]
-        hint_loss = F.mse_loss(self.regressor(student_feats[hint]), teacher_feats[hint])
-        return ce + self.params['beta'] * hint_loss, {'ce': ce, 'fitnet': hint_loss}
+        hint_loss = F.mse_loss(self.regressor(x.student_feats[hint]), x.teacher_feats[hint])
+        return x.ce + self.params['beta'] * hint_loss, {'ce': x.ce, 'fitnet': hint_loss}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,19 +131,23 @@ def zipped_stages(student_shapes, teacher_shapes, method):
 
 
 @register_distiller('at', defaults={'beta': 1000.0}, parts=('ce', 'at'),
+                    settings=(HyperParameter(
+                        'p', 'p', 'attention exponent p', default=AT_P, low=1,
+                        integer=True, axis=False,
+                        help='the exponent of the attention maps, mean over channels of '
+                             '|F|^p (2)'),),
                     help='loss = CE + beta*sum_j mean (a(S_j) - a(T_j))^2 (attention transfer, '
                          'Zagoruyko & Komodakis): a(F) the L2-normalised channel mean of F^2 of '
                          'each stage, paired in order; --beta weights it (1000).')
 class AttentionTransfer(Distiller):
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
+    def points(cls, student_shapes, teacher_shapes, params=None):
         return zipped_stages(student_shapes, teacher_shapes, 'attention transfer')
 
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        at = sum(attention_distance(student_feats[a], teacher_feats[b])
+    def distill(self, x):
+        at = sum(attention_distance(x.student_feats[a], x.teacher_feats[b], self.params['p'])
                  for a, b in zip(self.student_points, self.teacher_points))
-        return ce + self.params['beta'] * at, {'ce': ce, 'at': at}
+        return x.ce + self.params['beta'] * at, {'ce': x.ce, 'at': at}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,14 +191,13 @@ class NeuronSelectivityTransfer(Distiller):
     """
 
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
+    def points(cls, student_shapes, teacher_shapes, params=None):
         return zipped_stages(student_shapes, teacher_shapes, 'NST')
 
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        nst = sum(nst_distance(student_feats[a], teacher_feats[b])
+    def distill(self, x):
+        nst = sum(nst_distance(x.student_feats[a], x.teacher_feats[b])
                   for a, b in zip(self.student_points, self.teacher_points))
-        return ce + self.params['beta'] * nst, {'ce': ce, 'nst': nst}
+        return x.ce + self.params['beta'] * nst, {'ce': x.ce, 'nst': nst}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +227,10 @@ def vid_nll(regressor, log_scale, fs, ft, eps=VID_EPS):
 
 
 @register_distiller('vid', defaults={'beta': 1.0}, parts=('ce', 'vid'),
+                    settings=(HyperParameter(
+                        'init_var', 'v', 'initial variance', default=VID_INIT_PRED_VAR,
+                        low=VID_EPS, low_open=True, axis=False,
+                        help='the variance each channel starts at (5)'),),
                     help='loss = CE + beta*sum_j mean 0.5((r_j(S_j) - T_j)^2/v_j + log v_j) '
                          '(variational information distillation, Ahn et al.): r_j a trained '
                          '1x1-convolution regressor, v_j a trained variance per channel '
@@ -245,12 +256,13 @@ class VariationalInformationDistillation(Distiller):
     """
 
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
+    def points(cls, student_shapes, teacher_shapes, params=None):
         return zipped_stages(student_shapes, teacher_shapes, 'VID')
 
     def __init__(self, params, context):
         super().__init__(params, context)
-        start = math.log(math.expm1(VID_INIT_PRED_VAR - VID_EPS))  # softplus^-1(5 - eps)
+        # softplus^-1(init_var - eps): the variance starts at init_var (5)
+        start = math.log(math.expm1(self.params['init_var'] - VID_EPS))
         self.regressors = nn.ModuleList()
         self.log_scales = nn.ParameterList()
         for a, b in zip(self.student_points, self.teacher_points):
@@ -258,12 +270,11 @@ class VariationalInformationDistillation(Distiller):
             self.regressors.append(vid_regressor(cs, ct))
             self.log_scales.append(nn.Parameter(torch.full((ct,), start)))
 
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        vid = sum(vid_nll(r, log_scale, student_feats[a], teacher_feats[b])
+    def distill(self, x):
+        vid = sum(vid_nll(r, log_scale, x.student_feats[a], x.teacher_feats[b])
                   for r, log_scale, a, b in zip(self.regressors, self.log_scales,
                                                 self.student_points, self.teacher_points))
-        return ce + self.params['beta'] * vid, {'ce': ce, 'vid': vid}
+        return x.ce + self.params['beta'] * vid, {'ce': x.ce, 'vid': vid}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +356,7 @@ class OverhaulFeatureDistillation(Distiller):
     """
 
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
+    def points(cls, student_shapes, teacher_shapes, params=None):
         student, teacher = (pre_activation_stages(student_shapes),
                             pre_activation_stages(teacher_shapes))
         n = min(len(student), len(teacher))
@@ -376,14 +387,13 @@ class OverhaulFeatureDistillation(Distiller):
     def margins(self):
         return [getattr(self, f'margin{i}') for i in range(len(self.connectors))]
 
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
+    def distill(self, x):
         n = len(self.connectors)
         ofd = 0
         for i, (connector, margin, a, b) in enumerate(zip(self.connectors, self.margins(),
                                                           self.student_points,
                                                           self.teacher_points)):
-            source = connector(student_feats[a])
-            target = F.adaptive_avg_pool2d(teacher_feats[b], source.shape[-2:]).detach()
+            source = connector(x.student_feats[a])
+            target = F.adaptive_avg_pool2d(x.teacher_feats[b], source.shape[-2:]).detach()
             ofd = ofd + partial_l2(source, target, margin) / 2 ** (n - i - 1)
-        return ce + self.params['beta'] * ofd, {'ce': ce, 'ofd': ofd}
+        return x.ce + self.params['beta'] * ofd, {'ce': x.ce, 'ofd': ofd}

@@ -1,13 +1,13 @@
 """Feature distillers: every method, and building them for a run.
 
-Importing this module registers every feature method in the loss registry (losses.LOSSES),
-next to the logit losses; the contract a method implements is in distiller_base.py. Methods,
-each with its authors' CIFAR-100 configuration (mdistiller engine/cfg.py, else the authors'
-repository), by family:
-- hint_methods.py: fitnet (FitNets), at (attention transfer), nst (neuron selectivity
+Importing this module registers every feature method in the method registry
+(registry.LOSSES), next to the logit losses; the contract a method implements is in base.py.
+Methods, each with its authors' CIFAR-100 configuration (mdistiller engine/cfg.py, else the
+authors' repository) as its settings' defaults, by family:
+- hints.py: fitnet (FitNets), at (attention transfer), nst (neuron selectivity
   transfer), vid (variational information distillation), ofd (overhaul of feature
   distillation);
-- relation_methods.py: sp (similarity-preserving KD), rkd (relational KD), pkt (probabilistic
+- relations.py: sp (similarity-preserving KD), rkd (relational KD), pkt (probabilistic
   knowledge transfer), kdsvd (KD with SVD);
 - contrastive.py: crd, crd_kd (contrastive representation distillation);
 - reviewkd.py: reviewkd (knowledge review: attention-based fusion, hierarchical context loss).
@@ -19,7 +19,7 @@ import torch
 from kd.methods.contrastive import contrast_loss, draw_negatives  # noqa: F401  (re-exported)
 from kd.methods.base import BuildContext, Distiller, stage_names  # noqa: F401  (re-exported)
 from kd.models.features import FeatureCapture
-from kd.methods.losses import get_loss
+from kd.methods.registry import get_loss
 from kd.models import bn_before_relu, feature_points
 
 
@@ -62,10 +62,9 @@ def teacher_batchnorms(teacher, names):
 
 
 def build_distiller(loss_name, params, context):
-    """The Distiller of feature method `loss_name` with hyper-parameters `params` (its defaults
+    """The Distiller of feature method `loss_name` with settings `params` (its defaults
     filled in). ValueError (a message for the user) when the models lack what it reads."""
-    spec = get_loss(loss_name)
-    return spec.distiller({**spec.defaults, **params}, context)
+    return get_loss(loss_name).distiller(params, context)
 
 
 @dataclass
@@ -100,7 +99,8 @@ class FeaturePlan:
 
 
 def plan_features(students, teacher, teacher_points, device, num_classes, teacher_arch=None):
-    """The FeaturePlan of `students` [(arch, loss name, student module built as arch)] against
+    """The FeaturePlan of `students` [(arch, loss name, student module built as arch[, the
+    setting's params: what the method reads may depend on them, e.g. FitNet's hint])] against
     `teacher` (eager, with its points {name: spec}; teacher_arch: its registered name, for the
     BatchNorms given to register_model, else its class's bn_before_relu() names them), or None
     when no student uses a feature method. ValueError (a message for the user) when a model
@@ -111,7 +111,7 @@ def plan_features(students, teacher, teacher_points, device, num_classes, teache
     teacher_shapes = point_shapes(teacher, teacher_points, device)
     teacher_bn = teacher_batchnorms(teacher, bn_before_relu(teacher_arch, teacher))
     plan = FeaturePlan({}, {}, {}, teacher_shapes, num_classes, teacher_bn)
-    for arch, loss_name, module in students:
+    for arch, loss_name, module, *params in students:
         if arch not in plan.student_points:
             plan.student_points[arch] = feature_points(arch, module)
             if not plan.student_points[arch]:
@@ -119,7 +119,8 @@ def plan_features(students, teacher, teacher_points, device, num_classes, teache
                                  f'register it with register_model({arch!r}, points=...)')
             plan.student_shapes[arch] = point_shapes(module, plan.student_points[arch], device)
         method = get_loss(loss_name).distiller
-        _, needed = method.points(plan.student_shapes[arch], teacher_shapes)
+        _, needed = method.points(plan.student_shapes[arch], teacher_shapes,
+                                  method.settings(params[0] if params else None))
         method.check_teacher(needed, teacher_bn)
         plan.teacher_points.update({k: teacher_points[k] for k in needed})
     return plan

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.methods.base import Distiller, stage_names
-from kd.methods.losses import register_distiller
+from kd.methods.registry import HyperParameter, register_distiller
 
 # RKD (mdistiller CFG.RKD): pairwise distances, not squared, clamped at eps before the root;
 # CFG.RKD.LOSS.FEAT_WEIGHT is 1, so the two weights are beta and gamma as they stand
@@ -30,8 +30,9 @@ RKD_SQUARED = False          # CFG.RKD.PDIST.SQUARED
 RKD_EPS = 1e-12              # CFG.RKD.PDIST.EPSILON
 # PKT: the eps of pkt_loss (mdistiller and the authors' cosine_similarity_loss)
 PKT_EPS = 1e-7
-# KDSVD: singular vectors the teacher gives (mdistiller CFG.KDSVD.K); the student gives K + 3,
-# among which each teacher vector picks its match; RBF(x, y) = exp(-(x - y)^2 / 8)
+# KDSVD: singular vectors the teacher gives (mdistiller CFG.KDSVD.K; the default of kdsvd's
+# setting 'k'); the student gives K + 3, among which each teacher vector picks its match;
+# RBF(x, y) = exp(-(x - y)^2 / 8)
 KDSVD_K = 1
 KDSVD_EXTRA_STUDENT_VECTORS = 3
 KDSVD_RBF_SCALE = 8.0
@@ -74,7 +75,7 @@ class SimilarityPreserving(Distiller):
     The Gram matrices are B x B, in the features' dtype (float32, or float64)."""
 
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
+    def points(cls, student_shapes, teacher_shapes, params=None):
         names = []
         for who, shapes in (('student', student_shapes), ('teacher', teacher_shapes)):
             stages = stage_names(shapes)
@@ -83,11 +84,10 @@ class SimilarityPreserving(Distiller):
             names.append(stages[-1])
         return (names[0],), (names[1],)
 
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        sp = similarity_loss(student_feats[self.student_points[0]],
-                             teacher_feats[self.teacher_points[0]])
-        return ce + self.params['beta'] * sp, {'ce': ce, 'sp': sp}
+    def distill(self, x):
+        sp = similarity_loss(x.student_feats[self.student_points[0]],
+                             x.teacher_feats[self.teacher_points[0]])
+        return x.ce + self.params['beta'] * sp, {'ce': x.ce, 'sp': sp}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,15 +149,14 @@ class RelationalKD(Distiller):
     B x B x D differences and B^3 cosines in the features' dtype (float32, or float64)."""
 
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
+    def points(cls, student_shapes, teacher_shapes, params=None):
         _require_pooled('relational KD', student_shapes, teacher_shapes)
         return ('pooled',), ('pooled',)
 
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        distance, angle = rkd_terms(student_feats['pooled'], teacher_feats['pooled'])
-        loss = ce + self.params['beta'] * distance + self.params['gamma'] * angle
-        return loss, {'ce': ce, 'rkd_distance': distance, 'rkd_angle': angle}
+    def distill(self, x):
+        distance, angle = rkd_terms(x.student_feats['pooled'], x.teacher_feats['pooled'])
+        loss = x.ce + self.params['beta'] * distance + self.params['gamma'] * angle
+        return loss, {'ce': x.ce, 'rkd_distance': distance, 'rkd_angle': angle}
 
 
 def _require_pooled(method, student_shapes, teacher_shapes):
@@ -204,14 +203,13 @@ class ProbabilisticKT(Distiller):
     torch.where, not in place). B x B matrices in the features' dtype (float32, or float64)."""
 
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
+    def points(cls, student_shapes, teacher_shapes, params=None):
         _require_pooled('probabilistic knowledge transfer', student_shapes, teacher_shapes)
         return ('pooled',), ('pooled',)
 
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        pkt = pkt_divergence(student_feats['pooled'], teacher_feats['pooled'])
-        return ce + self.params['beta'] * pkt, {'ce': ce, 'pkt': pkt}
+    def distill(self, x):
+        pkt = pkt_divergence(x.student_feats['pooled'], x.teacher_feats['pooled'])
+        return x.ce + self.params['beta'] * pkt, {'ce': x.ce, 'pkt': pkt}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +263,10 @@ def kdsvd_loss(student_stages, teacher_stages, k=KDSVD_K):
 
 
 @register_distiller('kdsvd', defaults={'beta': 1.0}, parts=('ce', 'kdsvd'),
+                    settings=(HyperParameter(
+                        'k', 'k', 'singular vectors K', default=KDSVD_K, low=1, integer=True,
+                        axis=False, help='the teacher\'s leading singular vectors per stage '
+                                         '(1; the student gives K + 3)'),),
                     help='loss = CE + beta*sum_j ||RBF(V_S,j, V_S,j-1) - RBF(V_T,j, V_T,j-1)||^2 '
                          '/ B (KD with SVD, Lee et al.): V_j the leading right singular vector of '
                          'stage j (H*W samples x C channels), the student\'s picked among 4 and '
@@ -289,7 +291,7 @@ class KDSVD(Distiller):
     float64)."""
 
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
+    def points(cls, student_shapes, teacher_shapes, params=None):
         pairs = list(zip(stage_names(student_shapes), stage_names(teacher_shapes)))
         if len(pairs) < 2:  # the loss relates consecutive stages
             raise ValueError('KD with SVD: the student and the teacher need two stages or more')
@@ -300,8 +302,7 @@ class KDSVD(Distiller):
                                  f'stages it pairs need equal channels')
         return tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
 
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        kdsvd = kdsvd_loss([student_feats[p] for p in self.student_points],
-                           [teacher_feats[p] for p in self.teacher_points])
-        return ce + self.params['beta'] * kdsvd, {'ce': ce, 'kdsvd': kdsvd}
+    def distill(self, x):
+        kdsvd = kdsvd_loss([x.student_feats[p] for p in self.student_points],
+                           [x.teacher_feats[p] for p in self.teacher_points], self.params['k'])
+        return x.ce + self.params['beta'] * kdsvd, {'ce': x.ce, 'kdsvd': kdsvd}

@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd.methods.base import Distiller, stage_names
-from kd.methods.losses import register_distiller
+from kd.methods.registry import HyperParameter, register_distiller
 
+# the defaults of reviewkd's beta and its settings 'warmup' and 'mid_channels'
 REVIEWKD_WEIGHT = 5.0          # REVIEWKD.REVIEWKD_WEIGHT (configs/cifar100/reviewkd.yaml)
 REVIEWKD_WARMUP_EPOCHS = 20    # REVIEWKD.WARMUP_EPOCHS: the review term ramps up linearly
 REVIEWKD_MAX_MID_CHANNEL = 512  # REVIEWKD.MAX_MID_CHANNEL: the ABFs' width, at most
@@ -82,8 +83,18 @@ def _spatial(shape):
     return tuple(shape[2:]) if len(shape) == 4 else (1, 1)
 
 
-@register_distiller('reviewkd', defaults={'beta': REVIEWKD_WEIGHT},
-                    warmup_epochs=REVIEWKD_WARMUP_EPOCHS, parts=('ce', 'reviewkd'),
+@register_distiller('reviewkd', defaults={'beta': REVIEWKD_WEIGHT}, parts=('ce', 'reviewkd'),
+                    settings=(
+                        HyperParameter('warmup', 'w', 'warm-up epochs',
+                                       default=REVIEWKD_WARMUP_EPOCHS, low=0, integer=True,
+                                       axis=False,
+                                       help='epochs over which the review term ramps up '
+                                            'linearly (20; 0: full weight from the start)'),
+                        HyperParameter('mid_channels', 'mc', 'ABF width',
+                                       default=REVIEWKD_MAX_MID_CHANNEL, low=1, integer=True,
+                                       axis=False,
+                                       help='the attention-based fusions\' width, at most '
+                                            '(512)')),
                     help='loss = CE + beta*min(epoch/20, 1)*sum_j HCL(ABF_j(S_j..S_n), T_j) '
                          '(knowledge review, Chen et al.): the student\'s stages and pooled '
                          'feature fused deepest first by trained attention-based fusion, against '
@@ -112,7 +123,7 @@ class ReviewKD(Distiller):
     """
 
     @classmethod
-    def points(cls, student_shapes, teacher_shapes):
+    def points(cls, student_shapes, teacher_shapes, params=None):
         s_stages, t_stages = stage_names(student_shapes), stage_names(teacher_shapes)
         k = min(len(s_stages), len(t_stages))
         if not k:
@@ -136,7 +147,7 @@ class ReviewKD(Distiller):
         self.out_channels = [t[1] for t in t_shapes]
         self.shapes = [_spatial(s) for s in s_shapes[::-1]]
         self.out_shapes = [_spatial(t) for t in t_shapes[::-1]]
-        self.mid_channels = min(REVIEWKD_MAX_MID_CHANNEL, self.in_channels[-1])
+        self.mid_channels = min(self.params['mid_channels'], self.in_channels[-1])
         last = len(self.in_channels) - 1
         # deepest first, as the reference's reversed list: only the pooled level has no fusion
         self.abfs = nn.ModuleList(
@@ -152,9 +163,9 @@ class ReviewKD(Distiller):
             results.append(out)
         return results[::-1]
 
-    def distill(self, s, teacher_logits, labels, ce, student_feats, teacher_feats, batch, epoch,
-                label_smoothing):
-        targets = [_as_map(teacher_feats[p]) for p in self.teacher_points]
-        hcl = hcl_loss(self.review(student_feats), targets)
-        warmup = min(float(epoch) / REVIEWKD_WARMUP_EPOCHS, 1.0)
-        return ce + self.params['beta'] * warmup * hcl, {'ce': ce, 'reviewkd': hcl}
+    def distill(self, x):
+        targets = [_as_map(x.teacher_feats[p]) for p in self.teacher_points]
+        hcl = hcl_loss(self.review(x.student_feats), targets)
+        epochs = self.params['warmup']
+        ramp = min(float(x.epoch) / epochs, 1.0) if epochs else 1.0
+        return x.ce + self.params['beta'] * ramp * hcl, {'ce': x.ce, 'reviewkd': hcl}

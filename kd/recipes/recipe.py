@@ -41,7 +41,7 @@ DEFAULTS = MappingProxyType({
     'train_teacher': False, 'evaluate': False, 'recipe': RECIPE, 'dataset': DATASET,
     'teacher_arch': None, 'student_arch': None, 'loss': (LOSS,), 'epochs': None,
     'batch_size': None, 'lr': None, 'weight_decay': None, 'temperature': None, 'alpha': None,
-    'beta': None, 'gamma': None, 'logit_standardization': None,
+    'beta': None, 'gamma': None, 'logit_standardization': None, 'sets': None,  # --set: none
     'seed': 0, 'seeds': None, 'data_dir': './data', 'out_dir': '.', 'device': 'auto',
     'subset': None, 'val_fraction': VAL_FRACTION, 'split_seed': SPLIT_SEED, 'test_every': None,
     'no_baseline': False, 'teacher_checkpoint': None, 'num_workers': 2, 'amp': None,

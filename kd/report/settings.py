@@ -4,7 +4,7 @@ labels, and how long a loss ramps up.
 The declarations live with the methods (kd.methods); the reports read them here only, so a
 change in how the methods declare their settings touches this file alone.
 """
-from kd.methods.losses import HYPER, HYPER_PARAMETERS, get_loss
+from kd.methods.registry import HYPER, HYPER_PARAMETERS, get_loss
 
 
 def settings():
@@ -14,8 +14,9 @@ def settings():
 
 
 def is_switch(key):
-    """Whether `key` is an on/off setting (label smoothing's LS), not a number."""
-    return HYPER[key].switch
+    """Whether `key` is an on/off setting (label smoothing's LS), not a number; a method's own
+    setting (declared with the method, not a shared knob) is a number."""
+    return key in HYPER and HYPER[key].switch
 
 
 def axis_label(key):
@@ -28,10 +29,12 @@ def value_text(key, value):
     return HYPER[key].text(value)
 
 
-def warmup_epochs(loss):
-    """The epochs over which `loss` ramps its distillation weight up (0: none), or None for a
-    loss this code does not know (one from another version of the code)."""
+def warmup_epochs(loss, params=({},)):
+    """The epochs over which `loss` ramps its distillation weight up (0: none), the longest over
+    the settings `params` it ran with (a 'warmup' setting may change it), or None for a loss this
+    code does not know (one from another version of the code)."""
     try:
-        return get_loss(loss).warmup_epochs
+        spec = get_loss(loss)
     except KeyError:
         return None
+    return max(spec.warmup_for(p or {}) for p in params)

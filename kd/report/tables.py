@@ -185,7 +185,8 @@ def warmup_notes(models, epochs):
     trained at their full weight, so a ranking of them says little about the method."""
     notes = []
     for loss in dict.fromkeys(e.get('loss') for e in models.values() if e.get('loss')):
-        ramp = warmup_epochs(loss)
+        ramp = warmup_epochs(loss, [e.get('loss_params') for e in models.values()
+                                    if e.get('loss') == loss])
         if ramp is None:   # a loss from another version of the code: nothing known about it
             continue
         if epochs < ramp:

@@ -10,7 +10,8 @@ Nothing changes a RunConfig afterwards; a run that learns the effective --subset
 makes a new one with dataclasses.replace.
 
 Every default has one home: the flags' in recipe.DEFAULTS, the optimisation's in the registered
-recipes (recipe.py), the losses' hyper-parameters in losses.LOSSES[name].defaults. What a run
+recipes (recipe.py), the methods' settings in their declarations (kd/methods/registry.py:
+LOSSES[name].settings, which --set reaches). What a run
 prints ('Configuration:') and records (results.json, the resume state's 'config') derive from
 this object.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from kd.data.datasets import get_dataset
+from kd.methods.grid import parse_sets
 from kd.recipes.recipe import DEFAULTS, Recipe, get_recipe, resolve_recipe, scaled_lr
 
 PHASES = ('teacher', 'students', 'evaluate')
@@ -62,7 +64,7 @@ class RunConfig:
     loss: tuple
     """Names of the distillation losses (--loss), in order; each trains one student per setting."""
     temperature: Optional[tuple]
-    """--temperature values (> 0) of the grid; None: each loss's default (losses.LOSSES)."""
+    """--temperature values (> 0) of the grid; None: each loss's default (registry.LOSSES)."""
     alpha: Optional[tuple]
     """--alpha values (the hard labels' weight, in [0, 1]); None: each loss's default."""
     beta: Optional[tuple]
@@ -73,6 +75,10 @@ class RunConfig:
     logit_standardization: Optional[tuple]
     """--logit-standardization values, 'off' and / or 'on', for the losses that take the switch
     (kd, dkd, dist); None: off."""
+    sets: tuple = ()
+    """--set METHOD.NAME=VALUE[,VALUE...]: (grid.SetValues(method, name, typed values), ...), in
+    the order given, each a declared setting of a method of --loss (over the shared flag's
+    values for that method); (): none."""
     no_baseline: bool
     """Train only the distilled students, not the cross-entropy baseline."""
     seeds: tuple
@@ -181,6 +187,8 @@ def resolve(args):
         raise UsageError('--seed and --seeds must be >= 0')
     per_seed = given['seeds'] is not None
     checkpoint = given['teacher_checkpoint']
+    sets = resolve_sets(given['sets'], given['loss'],
+                        training_students=not (given['evaluate'] or given['train_teacher']))
 
     def values(name):
         return None if given[name] is None else tuple(given[name])
@@ -196,7 +204,7 @@ def resolve(args):
         teacher_arch=given['teacher_arch'], student_arch=given['student_arch'],
         loss=tuple(given['loss']), temperature=values('temperature'), alpha=values('alpha'),
         beta=values('beta'), gamma=values('gamma'),
-        logit_standardization=values('logit_standardization'),
+        logit_standardization=values('logit_standardization'), sets=sets,
         no_baseline=given['no_baseline'],
         seeds=tuple(given['seeds']) if per_seed else (given['seed'],), per_seed_folders=per_seed,
         teacher_checkpoint=(checkpoint if checkpoint is not None
@@ -207,11 +215,26 @@ def resolve(args):
         tensorboard=given['tensorboard'])
 
 
+def resolve_sets(texts, losses, training_students=True):
+    """The --set arguments `texts` (or None) as grid.SetValues; UsageError, one line, for bad
+    syntax, an unknown method or setting, a value of the wrong type, out of range or repeated,
+    a setting given twice, or (when the students train) a method --loss does not train."""
+    try:
+        sets = parse_sets(texts)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for s in sets:
+        if training_students and s.method not in losses:
+            raise UsageError(f'--set {s.method}.{s.name}: --loss does not train {s.method} (it '
+                             f'trains {" ".join(losses)})')
+    return sets
+
+
 # every flag a RunConfig holds, by argparse name ('phase' is --train-teacher / --evaluate,
-# 'seeds' is --seed or --seeds)
+# 'seeds' is --seed or --seeds, 'sets' is --set)
 FLAGS = ('phase', 'recipe', 'dataset', 'teacher_arch', 'student_arch', 'loss', 'epochs',
          'batch_size', 'lr', 'weight_decay', 'temperature', 'alpha', 'beta', 'gamma',
-         'logit_standardization', 'seeds', 'data_dir',
+         'logit_standardization', 'sets', 'seeds', 'data_dir',
          'out_dir', 'device', 'subset', 'val_fraction', 'split_seed', 'test_every', 'no_baseline',
          'teacher_checkpoint', 'amp', 'stack_students', 'compile', 'resume', 'restart',
          'tensorboard')
@@ -241,6 +264,9 @@ def flag_args(config, dests):
                 out += ['--seeds'] + [str(s) for s in config.seeds]
             elif config.seeds[0] != DEFAULTS['seed']:
                 out += ['--seed', str(config.seeds[0])]
+            continue
+        if dest == 'sets':  # --set METHOD.NAME=V1,V2, once per setting
+            out += [x for s in config.sets for x in ('--set', s.arg())]
             continue
         if dest == 'teacher_checkpoint':
             if config.teacher_checkpoint_given:

@@ -23,6 +23,7 @@ from kd.data.datasets import effective_subset, get_dataset, load_dataset
 from kd.methods.plan import plan_features
 from kd.engine.distributed import barrier, init_distributed
 from kd.methods.losses import HYPER, HYPER_PARAMETERS, expand_grid, get_loss, setting_name, takes
+from kd.methods.grid import setting_args
 from kd.run.memory import GridTooLarge, check_memory, peak_memory_mb
 from kd.models import build_model, feature_points
 from kd.run.outdir import planned_files, read_manifest, set_aside, write_manifest
@@ -151,7 +152,7 @@ def quick_run_commands(config, teacher_arch):
     if config.phase == 'students':
         commands.append([*QUICK_RUN, *flag_args(config, ('student_arch', 'loss', 'temperature',
                                                           'alpha', 'beta', 'gamma',
-                                                          'logit_standardization',
+                                                          'logit_standardization', 'sets',
                                                           'no_baseline')),
                          *common, '--out-dir', folder])
     return command_lines(commands)
@@ -169,7 +170,7 @@ def fast_run_commands(config):
                                                      + ('subset',)), '--out-dir', folder]
     commands = [['--train-teacher', *common]]
     if config.phase == 'students':
-        commands.append([*flag_args(config, ('loss', *HYPER_PARAMETERS, 'no_baseline')),
+        commands.append([*flag_args(config, ('loss', *HYPER_PARAMETERS, 'sets', 'no_baseline')),
                          *common])
     return command_lines(commands)
 
@@ -193,7 +194,7 @@ def student_specs(config):
     best_student_kd.pth.
     """
     grid = expand_grid(config.loss, config.temperature, config.alpha, config.beta, config.gamma,
-                       config.logit_standardization)
+                       config.logit_standardization, sets=config.sets)
     arch = config.student_model
     if len(grid) == 1:
         specs = [ModelSpec('student_kd', arch, *grid[0])]
@@ -216,8 +217,8 @@ def feature_plan(specs, teacher, teacher_info, device, num_classes):
     """The distillers.FeaturePlan of the students' feature methods (None when none); a model
     without the points a method reads is a usage error, found before any training."""
     built = {}
-    students = [(s.arch, s.loss, built.setdefault(s.arch, build_model(s.arch, num_classes)))
-                for s in specs]
+    students = [(s.arch, s.loss, built.setdefault(s.arch, build_model(s.arch, num_classes)),
+                 s.params) for s in specs]
     try:
         return plan_features(students, teacher, feature_points(teacher_info['arch'], teacher),
                              device, num_classes, teacher_arch=teacher_info['arch'])
@@ -860,6 +861,10 @@ def loss_settings(specs):
         if switch and any('logit_standardization' not in s.params for s in specs
                           if s.loss == loss):
             switch.insert(0, False)
+        for key, h in get_loss(loss).settings.items():  # a constant left out where at default
+            if not h.axis and key in entry and any(key not in s.params for s in specs
+                                                   if s.loss == loss):
+                entry[key].append(h.default)
     return settings
 
 
@@ -876,8 +881,8 @@ def describe_loss_settings(settings, given=()):
         defaults = spec.defaults_for(on)
         parts = []
         for key, used in values.items():
-            text = ', '.join(HYPER[key].text(v) for v in used)
-            if used == [defaults.get(key)] and not HYPER[key].switch:
+            text = ', '.join(spec.setting(key).text(v) for v in used)
+            if used == [defaults.get(key)] and not spec.setting(key).switch:
                 text += ' (its default)'
             parts.append(f'{symbols.get(key, key)}={text}')
         parts += [f'{HYPER[key].flag} does not apply' for key in HYPER_PARAMETERS
@@ -999,8 +1004,7 @@ def rerun_command(models, config):
     epochs = config.epochs
     lines += warmup_notes({n: models[n] for n in distilled}, epochs)
     params = best.get('loss_params') or {}
-    flags = ['--loss', best['loss']] + [x for k in HYPER_PARAMETERS if k in params
-                                        for x in (HYPER[k].flag, HYPER[k].arg(params[k]))]
+    flags = ['--loss', best['loss']] + setting_args(best['loss'], params)
     # everything else that made this run's numbers, so the seeds confirm this very setting
     keep = ['--epochs', str(epochs)] + flag_args(
         config, DATA_FLAGS + ('subset', 'student_arch', 'batch_size', 'lr', 'weight_decay',

@@ -97,7 +97,7 @@ class Recipe:
     """Keep the BatchNorm scales at 1 in models that offer it (`freeze_norm_scales`: the
     airbench family); their biases still train."""
     crop_padding: int = 4
-    """Random translation: pad by this many pixels and crop back to 32 x 32."""
+    """Random translation: pad by this many pixels and crop back to the image's size."""
     padding_mode: str = 'constant'
     """How the translation pads: 'constant' (zeros) or 'reflect'."""
     flip: str = 'random'

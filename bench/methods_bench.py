@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from kd.methods.plan import plan_features  # noqa: E402
 from kd.methods.losses import LOSSES  # noqa: E402
 from kd.models import build_model, feature_points  # noqa: E402
-from kd.recipes.recipe import get_recipe  # noqa: E402
+from kd.recipes import get_recipe  # noqa: E402
 from kd.report.report import cpu_identity  # noqa: E402
 from kd.run.runner import device_arg  # noqa: E402
 from kd.engine.timing import seconds_per_call  # noqa: E402

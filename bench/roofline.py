@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from bench import machine_info  # noqa: E402
 from kd.models import build_model, count_macs  # noqa: E402
-from kd.recipes.recipe import get_recipe, prepare_model  # noqa: E402
+from kd.recipes import get_recipe, prepare_model  # noqa: E402
 from kd.engine.timing import seconds_per_call  # noqa: E402
 from kd.engine.loop import Trainee, choose_precision, teacher_forward, train_step  # noqa: E402
 

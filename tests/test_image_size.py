@@ -27,7 +27,10 @@ Spec = namedtuple('Spec', 'name arch')
 @pytest.fixture
 def fake64(tmp_path, monkeypatch):
     """FAKE64 registered, and a data root holding its two batch files (uint8 N x 12288 rows)."""
-    monkeypatch.setitem(datasets.DATASETS, FAKE64.name, FAKE64)
+    monkeypatch.setattr(datasets, 'DATASETS', dict(datasets.DATASETS))  # undone after the test
+    datasets.register_dataset(FAKE64)
+    with pytest.raises(ValueError, match='already registered'):
+        datasets.register_dataset(FAKE64)
     folder = tmp_path / FAKE64.folder
     folder.mkdir()
     rng = np.random.default_rng(0)

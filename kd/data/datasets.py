@@ -111,6 +111,15 @@ CIFAR100 = DatasetSpec(
 DATASETS = {spec.name: spec for spec in (CIFAR10, CIFAR100)}
 
 
+def register_dataset(spec):
+    """Add `spec` (a DatasetSpec of a dataset in the python pickle format) under spec.name; a
+    second dataset of the same name is refused. Returns the spec."""
+    if spec.name in DATASETS:
+        raise ValueError(f'a dataset named {spec.name!r} is already registered')
+    DATASETS[spec.name] = spec
+    return spec
+
+
 def dataset_names():
     """The registered dataset names, e.g. for argparse choices: ['cifar10', 'cifar100']."""
     return list(DATASETS)

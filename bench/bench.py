@@ -35,6 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 
+from kd.data.datasets import CIFAR10  # noqa: E402
 from kd.methods.losses import LOSSES  # noqa: E402
 from kd.models import StudentNet, TeacherNet  # noqa: E402
 from kd.report.report import cpu_identity  # noqa: E402
@@ -180,7 +181,7 @@ def fp32_step(model, optimizer, images, labels):
 def bench_steps(device, batch_size, num_steps, max_seconds):
     recipe = Recipe()
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, 32, 32, generator=g).to(device)
+    images = torch.randn(CIFAR10.batch_shape(batch_size), generator=g).to(device)
     labels = torch.randint(0, 10, (batch_size,), generator=g).to(device)
     rows = []
     for name, cls in (('teacher', TeacherNet), ('student', StudentNet)):

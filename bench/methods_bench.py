@@ -23,10 +23,11 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from kd.data.datasets import CIFAR10  # noqa: E402
 from kd.methods.plan import plan_features  # noqa: E402
 from kd.methods.losses import LOSSES  # noqa: E402
 from kd.models import build_model, feature_points  # noqa: E402
-from kd.recipes.recipe import get_recipe  # noqa: E402
+from kd.recipes import get_recipe  # noqa: E402
 from kd.report.report import cpu_identity  # noqa: E402
 from kd.run.runner import device_arg  # noqa: E402
 from kd.engine.timing import seconds_per_call  # noqa: E402
@@ -71,7 +72,7 @@ def main(argv=None):
                       plan.teacher_points.items()}
     labels_of_all = torch.arange(args.train_size, device=device) % args.classes
     form = fold_batchnorm(teacher, teacher_points)
-    images = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    images = torch.randn(CIFAR10.batch_shape(args.batch_size), device=device)
     index = torch.randint(0, args.train_size, (args.batch_size,), device=device)
     labels = labels_of_all[index]
     batch = Batch(images, labels, index, 0, 1, 0, index, 0)

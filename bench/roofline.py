@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.join(ROOT, 'bench'))
 import torch  # noqa: E402
 
 from bench import machine_info  # noqa: E402
+from kd.data.datasets import CIFAR10  # noqa: E402
 from kd.models import build_model, count_macs  # noqa: E402
-from kd.recipes.recipe import get_recipe, prepare_model  # noqa: E402
+from kd.recipes import get_recipe, prepare_model  # noqa: E402
 from kd.engine.timing import seconds_per_call  # noqa: E402
 from kd.engine.loop import Trainee, choose_precision, teacher_forward, train_step  # noqa: E402
 
@@ -73,7 +74,7 @@ def step_rates(arch, recipe, device, precision, repeats):
     recipe.batch_size images."""
     torch.manual_seed(0)
     batch = recipe.batch_size
-    images = torch.randn(batch, 3, 32, 32, device=device).contiguous(
+    images = torch.randn(CIFAR10.batch_shape(batch), device=device).contiguous(
         memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device=device)
     module = build_model(arch)

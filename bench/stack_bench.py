@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from kd.data.datasets import CIFAR10  # noqa: E402
 from kd.models import StudentNet, TeacherNet  # noqa: E402
 from kd.run.runner import device_arg  # noqa: E402
 from kd.engine.stacked import StudentStack  # noqa: E402
@@ -44,7 +45,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = args.device
-    shape = (args.batch_size, 3, 32, 32)
+    shape = CIFAR10.batch_shape(args.batch_size)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
         precision = choose_precision('student', device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import main
-from kd.recipes import recipe
+from kd import recipes as recipe
 from kd.run.config import FLAGS, RunConfig, UsageError, flag_args
 from kd.methods.registry import LOSSES
 from kd.run.runner import phase_specs, resolved_configuration, run

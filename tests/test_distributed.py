@@ -142,7 +142,7 @@ def _train_and_evaluate(inputs, ddp, rank, world):
 
     from kd.files.checkpoint import plain_state_dict
     from kd.models import StudentNet, TeacherNet, build_model
-    from kd.recipes.recipe import get_recipe, lookahead_step
+    from kd.recipes import get_recipe, lookahead_step
     from kd.engine.loop import Recipe, Trainee, evaluate, predict, predict_views, train_step
     from kd.methods.plan import BuildContext, build_distiller, point_shapes
     from kd.models.features import WithPoints

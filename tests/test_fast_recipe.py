@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import main
-from kd.recipes import recipe as r
+from kd import recipes as r
 from conftest import ROOT, run_cli
 from kd.methods.losses import get_loss
 from kd.models import AirbenchNet, build_model

@@ -15,7 +15,7 @@ import main
 from kd.methods.plan import (BuildContext, build_distiller, contrast_loss, draw_negatives,
                         point_shapes)
 from kd.models import MODELS, StudentNet, TeacherNet, build_model, feature_points
-from kd.recipes.recipe import get_recipe
+from kd.recipes import get_recipe
 from kd.engine.loop import Trainee, train_step
 from kd.run.tuning import fold_batchnorm
 from kd.data.loader import Batch

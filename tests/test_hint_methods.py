@@ -19,7 +19,7 @@ from kd.methods.registry import get_loss
 from kd.models.registry import BN_BEFORE_RELU
 from kd.models import (MODELS, StudentNet, TeacherNet, bn_before_relu, build_model, feature_points,
                     register_model)
-from kd.recipes.recipe import get_recipe
+from kd.recipes import get_recipe
 from kd.engine.loop import Trainee, train_step
 from kd.run.tuning import fold_batchnorm
 from kd.data.loader import Batch

@@ -17,9 +17,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 import utils
-from kd.data.loader import (CIFAR10_MEAN, CIFAR10_STD, CifarLoader, DataError, crop_flip,
-                   get_cifar10_loaders, load_cifar10, make_loaders, read_cifar_batch,
-                   split_train_val)
+from kd.data.loader import (CIFAR10_MEAN, CIFAR10_STD, CifarLoader, DataError, DataSource,
+                            LoaderOptions, crop_flip, get_cifar10_loaders, load_cifar10,
+                            load_loaders, make_loaders, read_cifar_batch, split_train_val)
 
 PAD = 4
 MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1) * 255
@@ -281,6 +281,37 @@ def test_real_format_training_labels_match_sources(cifar_dir):
         for b in range(0, 40, 8):
             cands = torchvision_candidates(train_x[idx[b]])
             assert any(torch.equal(raw[b], ref) for ref in cands.values())
+
+
+def test_options_objects_give_what_the_keywords_give(cifar_dir):
+    """load_loaders(DataSource, LoaderOptions) is make_loaders' flat keywords, batch for batch;
+    CifarLoader takes a LoaderOptions or its fields as keywords, or both (the keywords win)."""
+    arrays = load_cifar10(cifar_dir, download=False)
+    flat = make_loaders(cifar_dir, 16, 'cpu', 0.2, 5, 150, eval_batch_size=40, arrays=arrays,
+                        split_seed=2, channels_last=True, padding=2, padding_mode='reflect',
+                        flip='alternate')
+    source = DataSource(cifar_dir, arrays=arrays, subset=150, val_fraction=0.2, split_seed=2)
+    options = LoaderOptions('cpu', seed=5, channels_last=True, padding=2,
+                            padding_mode='reflect', flip='alternate')
+    grouped = load_loaders(source, 16, 40, options)
+    assert grouped.num_train == flat.num_train == 120 and grouped.num_val == flat.num_val == 30
+    for a, b in ((flat.train, grouped.train), (flat.val, grouped.val), (flat.test, grouped.test)):
+        for (xa, ya), (xb, yb) in zip(collect(a), collect(b), strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert flat.val.seed == flat.test.seed == 0  # evaluation loaders: as before the options
+    images, labels = noise_images(20), labels_for(20)
+    by_keywords = CifarLoader(images, labels, 8, True, seed=3, padding=1)
+    by_options = CifarLoader(images, labels, 8, True, LoaderOptions(seed=3, padding=1))
+    mixed = CifarLoader(images, labels, 8, True, LoaderOptions(seed=9, padding=1), seed=3)
+    for (xa, _), (xb, _), (xc, _) in zip(collect(by_keywords), collect(by_options),
+                                         collect(mixed), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(xa, xc)
+    with pytest.raises(TypeError, match='colour'):
+        make_loaders(cifar_dir, arrays=arrays, colour=True)
+    with pytest.raises(TypeError, match='mean'):  # the dataset's statistics, always
+        make_loaders(cifar_dir, arrays=arrays, mean=(0.5, 0.5, 0.5))
+    with pytest.raises(TypeError):
+        CifarLoader(images, labels, 8, True, colour=True)
 
 
 def test_same_seed_and_epoch_give_identical_batches(cifar_dir):

@@ -5,7 +5,7 @@ import torch
 
 from main import parse_config
 from kd.models import StudentNet
-from kd.recipes.recipe import get_recipe, learning_rate, make_optimizer
+from kd.recipes import get_recipe, learning_rate, make_optimizer
 
 
 def test_the_reference_recipe_is_the_tables_training():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from kd.methods.plan import BuildContext, build_distiller, point_shapes
 from kd.methods.registry import get_loss
 from kd.models import StudentNet, TeacherNet, build_model, feature_points
-from kd.recipes.recipe import get_recipe
+from kd.recipes import get_recipe
 from kd.methods.reviewkd import hcl_loss
 from kd.engine.loop import Trainee, train_step
 from kd.run.tuning import fold_batchnorm

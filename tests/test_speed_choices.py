@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kd.recipes import recipe as r
+from kd import recipes as r
 from kd.engine import timing
 from conftest import run_cli
 from kd.models import build_model, model_names

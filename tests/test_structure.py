@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from kd.recipes import recipe
+from kd import recipes as recipe
 from kd.engine import timing
 from conftest import ROOT
 from kd.models import StudentNet, build_model
@@ -201,7 +201,7 @@ def test_one_optimizer_builder():
                 name = f.attr if isinstance(f, ast.Attribute) else getattr(f, 'id', None)
                 if name in OPTIMIZERS:
                     built.append(f'{_name(path)}:{node.lineno}: {name}(')
-    assert [b.split(':')[0] for b in built] == [os.path.join('kd', 'recipes', 'recipe.py')], built
+    assert [b.split(':')[0] for b in built] == [os.path.join('kd', 'recipes', 'optim.py')], built
 
 
 @pytest.mark.parametrize('recipe_', [Recipe(epochs=1), Recipe(epochs=1, lr=0.05, momentum=0.8,

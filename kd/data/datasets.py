@@ -2,8 +2,9 @@
 
 A DatasetSpec says everything that differs between CIFAR-10 and CIFAR-100 (folder and file
 names, the key holding the labels, the number of classes and their names, the normalization
-statistics, the archive and how to download it). The readers take a spec (or its name) and
-return the same thing for both: uint8 N x 3 x 32 x 32 images and int64 labels, as CPU tensors,
+statistics, the image shape, the archive and how to download it). The readers take a spec (or
+its name) and return the same thing for both: uint8 N x C x H x W images (the spec's
+image_shape: 3 x 32 x 32 for CIFAR) and int64 labels, as CPU tensors,
 in a DatasetArrays that also carries a sha256 of each split's content. Those digests, not the
 folder, identify the data wherever a run records or checks it.
 
@@ -41,9 +42,26 @@ class DatasetSpec:
     mean: tuple                # per-channel mean of the training images, pixels in 0..1
     std: tuple                 # per-channel standard deviation, pixels in 0..1
     classes: tuple             # class names in label order
+    channels: int              # colour channels of an image: 3
+    image_size: tuple          # (height, width) of an image in pixels: (32, 32)
     archive: str               # the official archive: 'cifar-10-python.tar.gz'
     torchvision_class: str     # torchvision.datasets class that downloads it: 'CIFAR10'
     url: str = CIFAR_URL       # where a person can fetch the archive by hand
+
+    @property
+    def image_shape(self):
+        """One image's tensor shape, (channels, height, width): (3, 32, 32) for CIFAR."""
+        return (self.channels, *self.image_size)
+
+    @property
+    def image_values(self):
+        """Values per image (channels x height x width): a batch file's row length."""
+        return self.channels * self.image_size[0] * self.image_size[1]
+
+    def batch_shape(self, n):
+        """The shape of a batch of n images, (n, channels, height, width): what the memory,
+        precision and stacking checks and the feature plan's probes run on."""
+        return (int(n), *self.image_shape)
 
     @property
     def files(self):
@@ -64,6 +82,7 @@ CIFAR10 = DatasetSpec(
     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
     classes=('airplane', 'automobile', 'bird', 'cat', 'deer',
              'dog', 'frog', 'horse', 'ship', 'truck'),
+    channels=3, image_size=(32, 32),
     archive='cifar-10-python.tar.gz', torchvision_class='CIFAR10')
 
 CIFAR100 = DatasetSpec(
@@ -86,9 +105,19 @@ CIFAR100 = DatasetSpec(
              'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table',
              'tank', 'telephone', 'television', 'tiger', 'tractor', 'train', 'trout',
              'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman', 'worm'),
+    channels=3, image_size=(32, 32),
     archive='cifar-100-python.tar.gz', torchvision_class='CIFAR100')
 
 DATASETS = {spec.name: spec for spec in (CIFAR10, CIFAR100)}
+
+
+def register_dataset(spec):
+    """Add `spec` (a DatasetSpec of a dataset in the python pickle format) under spec.name; a
+    second dataset of the same name is refused. Returns the spec."""
+    if spec.name in DATASETS:
+        raise ValueError(f'a dataset named {spec.name!r} is already registered')
+    DATASETS[spec.name] = spec
+    return spec
 
 
 def dataset_names():
@@ -146,8 +175,9 @@ def _describe(value):
 
 
 def read_batch(path, spec):
-    """One batch file of `spec`'s python release -> (uint8 images N x 3 x 32 x 32 numpy array,
-    int64 labels N numpy array). Raises DataError naming the file for anything else."""
+    """One batch file of `spec`'s python release -> (uint8 images N x C x H x W numpy array,
+    C x H x W the spec's image_shape; int64 labels N numpy array). Raises DataError naming the
+    file for anything else."""
     spec = get_dataset(spec)
     what = f'{spec.title} batch'
     try:
@@ -163,9 +193,9 @@ def read_batch(path, spec):
     raw = {k.decode('latin-1') if isinstance(k, bytes) else k: v for k, v in raw.items()}
     data = raw.get('data')
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3072:
-        raise DataError(f"{path} is not a {what}: 'data' should be uint8 N x 3072, "
-                        f'got {_describe(data)}')
+            or data.shape[1] != spec.image_values:
+        raise DataError(f"{path} is not a {what}: 'data' should be uint8 "
+                        f'N x {spec.image_values}, got {_describe(data)}')
     key = spec.label_key
     if key not in raw:
         others = [s.title for s in DATASETS.values() if s.label_key != key and s.label_key in raw]
@@ -186,7 +216,7 @@ def read_batch(path, spec):
     if labels.size and (labels.min() < 0 or labels.max() > spec.num_classes - 1):
         raise DataError(f"{path} is not a {what}: '{key}' holds labels outside "
                         f'0..{spec.num_classes - 1} (min {labels.min()}, max {labels.max()})')
-    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+    return data.reshape(-1, *spec.image_shape), labels.astype(np.int64)
 
 
 def find_folder(data_dir, spec):
@@ -231,7 +261,7 @@ def ensure_dataset(data_dir, spec, download=True):
 def content_sha256(images, labels):
     """sha256 (64 hex digits) of a split's content: the images' and labels' bytes with their
     shapes and dtypes, so equal digests mean the same pictures with the same labels in the same
-    order, wherever the files lie. images, labels: contiguous CPU tensors (uint8 N x 3 x 32 x 32,
+    order, wherever the files lie. images, labels: contiguous CPU tensors (uint8 N x C x H x W,
     int64 N). About 0.1 s for CIFAR's 184 MB on a CPU with SHA instructions."""
     h = hashlib.sha256()
     for tensor in (images, labels):
@@ -251,7 +281,7 @@ def effective_subset(subset, num_train, num_test):
 
 
 class DatasetArrays(tuple):
-    """(train_images, train_labels, test_images, test_labels): uint8 N x 3 x 32 x 32 and int64 N
+    """(train_images, train_labels, test_images, test_labels): uint8 N x C x H x W and int64 N
     CPU tensors, which unpack and index like the 4-tuple they are, and that carry a content digest
     per split (train_sha256, test_sha256: content_sha256 of the images and labels, computed once,
     on first use). These digests, not the folder they were read from, identify the data in run
@@ -289,7 +319,8 @@ class DatasetArrays(tuple):
 
 def load_dataset(data_dir='./data', spec_or_name='cifar10', download=True):
     """The dataset named (or described) by spec_or_name as DatasetArrays: (train_images,
-    train_labels, test_images, test_labels), uint8 N x 3 x 32 x 32 and int64 N CPU tensors, with
+    train_labels, test_images, test_labels), uint8 N x C x H x W (the spec's image_shape) and
+    int64 N CPU tensors, with
     content digests. Raises DataError when the files are missing (and cannot be downloaded) or
     are not the dataset's."""
     spec = get_dataset(spec_or_name)

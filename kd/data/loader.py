@@ -1,7 +1,9 @@
-"""CIFAR in device memory, batched augmentation, get_cifar10_loaders, and the KD loss.
+"""CIFAR in device memory, batched augmentation, and get_cifar10_loaders.
 
 Reading the files is datasets.py's job (one description per dataset); the names below that
-read CIFAR-10 are kept for notebooks that import them from here.
+read CIFAR-10 are kept for notebooks that import them from here. Which images a run's loaders
+serve is a DataSource, how they serve them (device, seed, torchrun share, augmentation) a
+LoaderOptions; load_loaders takes both, make_loaders the same as flat keywords.
 
 The whole dataset is held as one uint8 tensor on the training device; each batch is gathered,
 randomly cropped (4-pixel zero padding) and flipped for all images at once, then normalized.
@@ -9,7 +11,7 @@ There are no DataLoader workers: on a GPU the card never waits for PIL, and on a
 do model work instead of decoding.
 """
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -72,6 +74,43 @@ def crop_flip(images, dy, dx, flip, padding=4, padding_mode='constant'):
     return padded.gather(2, rows).gather(3, cols)
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a CifarLoader serves its images (which images is the caller's): where they live, the
+    run's seed, the memory format, this process's share under torchrun, the normalization and
+    the training augmentation. make_loaders sets mean and std from the dataset."""
+    device: object = 'cpu'          # where the images live and the batches come out
+    seed: int = 0                   # order and augmentation (see epoch_generator)
+    channels_last: bool = False     # batches in channels-last memory format
+    rank: int = 0                   # this process's rank under torchrun
+    world_size: int = 1             # the number of processes under torchrun
+    mean: tuple = CIFAR10.mean      # per-channel statistics of the pixels in 0..1
+    std: tuple = CIFAR10.std
+    padding: int = 4                # random translation by up to this many pixels
+    padding_mode: str = 'constant'  # 'constant' (zeros) or 'reflect'
+    flip: str = 'random'            # 'random' or 'alternate' (see CifarLoader)
+
+    @classmethod
+    def names(cls):
+        return {f.name for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Which images make_loaders serves, and which training images it holds out."""
+    data_dir: str = './data'
+    dataset: object = 'cifar10'  # a name from datasets.DATASETS, or a DatasetSpec
+    download: bool = True        # download the files when they are not in data_dir
+    arrays: tuple = None         # already-loaded (train_x, train_y, test_x, test_y): no disk read
+    subset: int = None           # only the first N training and the first N test images
+    val_fraction: float = 0.1    # held out of the training images for validation
+    split_seed: int = 0          # which images are held out (see split_train_val)
+
+    @classmethod
+    def names(cls):
+        return {f.name for f in fields(cls)}
+
+
 class CifarLoader:
     """Batches of (normalized float32 images, int64 labels) from uint8 tensors held on `device`.
 
@@ -85,21 +124,27 @@ class CifarLoader:
     each image with probability 1/2 each epoch; flip='alternate' flips each image at random in
     epoch 0 and then in exactly every other epoch (a function of seed and epoch, so a resumed
     run flips what an uninterrupted one would).
+
+    options: a LoaderOptions (default: its defaults); `changes`: any of its fields by keyword
+    (device=, seed=, rank=, padding=, ...: the keywords this class has always taken), which
+    replace those of `options`.
     """
 
-    def __init__(self, images, labels, batch_size, train, device='cpu', seed=0,
-                 channels_last=False, rank=0, world_size=1, mean=CIFAR10.mean, std=CIFAR10.std,
-                 padding=4, padding_mode='constant', flip='random'):
-        self.device = torch.device(device)
+    def __init__(self, images, labels, batch_size, train, options=None, **changes):
+        options = replace(options or LoaderOptions(), **changes)
+        self.options = options
+        self.device = torch.device(options.device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
-        self.batch_size, self.train, self.seed = int(batch_size), train, seed
-        self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
+        self.batch_size, self.train, self.seed = int(batch_size), train, options.seed
+        self.channels_last = options.channels_last
+        self.rank, self.world_size = options.rank, options.world_size
         self.epoch, self.start_batch = 0, 0
-        self.padding, self.padding_mode, self.flip = padding, padding_mode, flip
-        shape = (1, 3, 1, 1)
-        self.mean = torch.tensor(mean, device=self.device).view(shape) * 255
-        self.inv_std = 1 / (torch.tensor(std, device=self.device).view(shape) * 255)
+        self.padding, self.padding_mode = options.padding, options.padding_mode
+        self.flip = options.flip
+        shape = (1, len(options.mean), 1, 1)
+        self.mean = torch.tensor(options.mean, device=self.device).view(shape) * 255
+        self.inv_std = 1 / (torch.tensor(options.std, device=self.device).view(shape) * 255)
 
     def __len__(self):
         n = len(self.labels)
@@ -201,7 +246,7 @@ class CifarLoader:
 
 class Batch(NamedTuple):
     """One batch of a CifarLoader pass, with where its images come from."""
-    images: torch.Tensor          # B x 3 x 32 x 32 float32, normalized (and augmented)
+    images: torch.Tensor          # B x C x H x W float32 (the dataset's image shape), normalized
     labels: torch.Tensor          # B int64
     indices: torch.Tensor         # B int64: the images' indices in the loader's image set
     index: int                    # the batch's position in its epoch (0-based)
@@ -261,36 +306,61 @@ def split_train_val(num_images, val_fraction, split_seed=0):
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0.1, seed=0,
-                 subset=None, eval_batch_size=1000, channels_last=False, rank=0, world_size=1,
-                 download=True, arrays=None, split_seed=0, dataset='cifar10', padding=4,
-                 padding_mode='constant', flip='random'):
-    """Train / validation / test loaders over a CIFAR dataset held on `device`.
+def load_loaders(source, batch_size=128, eval_batch_size=1000, options=None):
+    """Train / validation / test loaders (a CifarData) over the images `source` (a DataSource)
+    names, held on options.device.
 
-    dataset: a name from datasets.DATASETS (or a DatasetSpec): which files, and its mean/std.
-    seed: order and augmentation; split_seed: which images are held out for validation.
-    subset: use only the first N training and the first N test images.
-    arrays: already-loaded (train_x, train_y, test_x, test_y), to skip reading the disk again.
-    The result's .arrays are the images used (after subset), with their content digests.
-    padding, padding_mode, flip: the training loader's augmentation (see CifarLoader).
+    batch_size: the training loader's; eval_batch_size: the validation and test loaders'.
+    options: a LoaderOptions: seed (order and augmentation), device, channels_last, rank,
+    world_size and the training loader's augmentation; its mean and std are replaced by the
+    dataset's. The result's .arrays are the images used (after source.subset), with their
+    content digests.
     """
-    spec = get_dataset(dataset)
+    spec = get_dataset(source.dataset)
+    arrays = source.arrays
     if arrays is None:
-        arrays = load_dataset(data_dir, spec, download)
+        arrays = load_dataset(source.data_dir, spec, source.download)
     elif not isinstance(arrays, DatasetArrays):
         arrays = DatasetArrays(*arrays)
-    arrays = arrays.first(subset)
+    arrays = arrays.first(source.subset)
     train_x, train_y, test_x, test_y = arrays
-    train_idx, val_idx = split_train_val(len(train_y), val_fraction, split_seed)
-    common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size,
-                  mean=spec.mean, std=spec.std)
-    train = CifarLoader(train_x[train_idx], train_y[train_idx], batch_size, True, seed=seed,
-                        padding=padding, padding_mode=padding_mode, flip=flip, **common)
-    val = (CifarLoader(train_x[val_idx], train_y[val_idx], eval_batch_size, False, **common)
+    train_idx, val_idx = split_train_val(len(train_y), source.val_fraction, source.split_seed)
+    options = replace(options or LoaderOptions(), mean=spec.mean, std=spec.std)
+    train = CifarLoader(train_x[train_idx], train_y[train_idx], batch_size, True, options)
+    # evaluation loaders neither shuffle nor augment: they keep the default seed and
+    # augmentation, as they always had (their batches carry seed 0)
+    evaluation = LoaderOptions(options.device, channels_last=options.channels_last,
+                               rank=options.rank, world_size=options.world_size,
+                               mean=spec.mean, std=spec.std)
+    val = (CifarLoader(train_x[val_idx], train_y[val_idx], eval_batch_size, False, evaluation)
            if len(val_idx) else None)
-    test = CifarLoader(test_x, test_y, eval_batch_size, False, **common)
+    test = CifarLoader(test_x, test_y, eval_batch_size, False, evaluation)
     return CifarData(train, val, test, len(train_idx), len(val_idx), len(test_y), val_idx,
                      arrays)
+
+
+def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0.1, seed=0,
+                 subset=None, eval_batch_size=1000, **keywords):
+    """load_loaders with flat keywords, as this function has always been called: train /
+    validation / test loaders over a CIFAR dataset held on `device`.
+
+    keywords: DataSource's (dataset: a name from datasets.DATASETS or a DatasetSpec; arrays:
+    already-loaded (train_x, train_y, test_x, test_y), to skip reading the disk again; download;
+    split_seed: which images are held out for validation) and LoaderOptions' (channels_last,
+    rank, world_size; padding, padding_mode, flip: the training loader's augmentation).
+    seed: order and augmentation. subset: use only the first N training and the first N test
+    images. The result's .arrays are the images used (after subset), with their content digests.
+    """
+    # mean and std are the dataset's; the other fields are this function's own parameters
+    unknown = set(keywords) - (DataSource.names() | LoaderOptions.names()) | \
+        ({'mean', 'std'} & set(keywords))
+    if unknown:
+        raise TypeError(f'make_loaders() got unexpected keyword arguments {sorted(unknown)}')
+    source = DataSource(data_dir=data_dir, subset=subset, val_fraction=val_fraction,
+                        **{k: v for k, v in keywords.items() if k in DataSource.names()})
+    options = LoaderOptions(device=device, seed=seed,
+                            **{k: v for k, v in keywords.items() if k in LoaderOptions.names()})
+    return load_loaders(source, batch_size, eval_batch_size, options)
 
 
 def get_cifar10_loaders(batch_size=128, data_dir='./data', num_workers=2, device=None,
@@ -302,6 +372,6 @@ def get_cifar10_loaders(batch_size=128, data_dir='./data', num_workers=2, device
     num_workers is accepted for compatibility and unused: the data lives in device memory.
     """
     del num_workers
-    data = make_loaders(data_dir, batch_size, device or 'cpu', val_fraction, seed, subset,
-                        eval_batch_size=batch_size, download=download)
+    source = DataSource(data_dir, download=download, subset=subset, val_fraction=val_fraction)
+    data = load_loaders(source, batch_size, batch_size, LoaderOptions(device or 'cpu', seed))
     return data.train, data.test

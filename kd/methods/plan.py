@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kd.data.datasets import CIFAR10
 from kd.methods.contrastive import contrast_loss, draw_negatives  # noqa: F401  (re-exported)
 from kd.methods.base import BuildContext, Distiller, stage_names  # noqa: F401  (re-exported)
 from kd.models.features import FeatureCapture
@@ -28,16 +29,16 @@ def is_feature_method(loss_name):
 
 
 @torch.no_grad()
-def point_shapes(model, points, device):
-    """{point: torch.Size} of `model`'s points at batch 1 (one eval-mode forward on zeros: the
-    running statistics are untouched)."""
+def point_shapes(model, points, device, image_shape=CIFAR10.image_shape):
+    """{point: torch.Size} of `model`'s points at batch 1 on images of image_shape (C, H, W: the
+    dataset's; one eval-mode forward on zeros: the running statistics are untouched)."""
     capture = FeatureCapture(model, points)
     was_training = model.training
     model.eval()
     try:
         with capture:
             dtype = next(model.parameters()).dtype
-            model(torch.zeros(1, 3, 32, 32, device=device, dtype=dtype))
+            model(torch.zeros(1, *image_shape, device=device, dtype=dtype))
     finally:
         model.train(was_training)
         capture.remove()
@@ -98,17 +99,19 @@ class FeaturePlan:
             sum(b.numel() * b.element_size() for b in distiller.buffers())
 
 
-def plan_features(students, teacher, teacher_points, device, num_classes, teacher_arch=None):
+def plan_features(students, teacher, teacher_points, device, num_classes, teacher_arch=None,
+                  image_shape=CIFAR10.image_shape):
     """The FeaturePlan of `students` [(arch, loss name, student module built as arch[, the
     setting's params: what the method reads may depend on them, e.g. FitNet's hint])] against
     `teacher` (eager, with its points {name: spec}; teacher_arch: its registered name, for the
     BatchNorms given to register_model, else its class's bn_before_relu() names them), or None
     when no student uses a feature method. ValueError (a message for the user) when a model
-    lacks the points a method reads, or the teacher something else it needs."""
+    lacks the points a method reads, or the teacher something else it needs. image_shape: the
+    dataset's (C, H, W), which the points' shapes are measured at."""
     students = [s for s in students if is_feature_method(s[1])]
     if not students:
         return None
-    teacher_shapes = point_shapes(teacher, teacher_points, device)
+    teacher_shapes = point_shapes(teacher, teacher_points, device, image_shape)
     teacher_bn = teacher_batchnorms(teacher, bn_before_relu(teacher_arch, teacher))
     plan = FeaturePlan({}, {}, {}, teacher_shapes, num_classes, teacher_bn)
     for arch, loss_name, module, *params in students:
@@ -117,7 +120,8 @@ def plan_features(students, teacher, teacher_points, device, num_classes, teache
             if not plan.student_points[arch]:
                 raise ValueError(f'--loss {loss_name}: model {arch!r} names no feature points; '
                                  f'register it with register_model({arch!r}, points=...)')
-            plan.student_shapes[arch] = point_shapes(module, plan.student_points[arch], device)
+            plan.student_shapes[arch] = point_shapes(module, plan.student_points[arch], device,
+                                                     image_shape)
         method = get_loss(loss_name).distiller
         _, needed = method.points(plan.student_shapes[arch], teacher_shapes,
                                   method.settings(params[0] if params else None))

@@ -4,13 +4,18 @@ import torch.nn as nn
 
 from kd.models.registry import MODELS, build_model
 
+# The image the registered models are defined for (CIFAR's, channels x height x width): the
+# README table's size and count_macs' default. A run on another dataset passes its own.
+MODEL_IMAGE = (3, 32, 32)
+
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model, input_size=(1, 3, 32, 32)):
-    """Multiply-accumulates of the convolutions and linear layers for one forward pass."""
+def count_macs(model, input_size=(1, *MODEL_IMAGE)):
+    """Multiply-accumulates per image of the convolutions and linear layers for one forward
+    pass on a batch of input_size (N x C x H x W: the dataset's batch_shape)."""
     macs = []
 
     def hook(module, inputs, output):
@@ -32,16 +37,18 @@ def count_macs(model, input_size=(1, 3, 32, 32)):
     return sum(macs) // input_size[0]
 
 
-def model_table(names=None):
+def model_table(names=None, image_shape=MODEL_IMAGE):
     """The README's model table, in Markdown: every registered model (or those in `names`) with
-    its parameters at 10 and 100 classes, its multiply-accumulates per 32x32 image (10 classes)
-    and the first paragraph of its docstring; the default pair first, then by name."""
+    its parameters at 10 and 100 classes, its multiply-accumulates per image of image_shape
+    (C x H x W, stated in the header; 10 classes) and the first paragraph of its docstring; the
+    default pair first, then by name."""
+    size = 'x'.join(str(d) for d in image_shape[1:])
     lines = ['| model (`--teacher-arch` / `--student-arch`) | parameters, 10 classes | 100 classes '
-             '| multiply-accumulates per image | what it is |', '|---|---:|---:|---:|---|']
+             f'| multiply-accumulates per {size} image | what it is |', '|---|---:|---:|---:|---|']
     for name in sorted(names or MODELS,
                        key=lambda n: (n not in ('resnet18', 'cnn'), n != 'resnet18', n)):
         doc = ' '.join((MODELS[name].__doc__ or '').strip().split('\n\n')[0].split())
+        macs = count_macs(build_model(name, 10), (1, *image_shape))
         lines.append(f'| `{name}` | {count_parameters(build_model(name, 10)):,} | '
-                     f'{count_parameters(build_model(name, 100)):,} | '
-                     f'{count_macs(build_model(name, 10)) / 1e6:,.1f} M | {doc} |')
+                     f'{count_parameters(build_model(name, 100)):,} | {macs / 1e6:,.1f} M | {doc} |')
     return '\n'.join(lines)

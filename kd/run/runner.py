@@ -213,7 +213,7 @@ def phase_specs(config):
     return student_specs(config)
 
 
-def feature_plan(specs, teacher, teacher_info, device, num_classes):
+def feature_plan(specs, teacher, teacher_info, device, num_classes, image_shape):
     """The distillers.FeaturePlan of the students' feature methods (None when none); a model
     without the points a method reads is a usage error, found before any training."""
     built = {}
@@ -221,7 +221,8 @@ def feature_plan(specs, teacher, teacher_info, device, num_classes):
                  s.params) for s in specs]
     try:
         return plan_features(students, teacher, feature_points(teacher_info['arch'], teacher),
-                             device, num_classes, teacher_arch=teacher_info['arch'])
+                             device, num_classes, teacher_arch=teacher_info['arch'],
+                             image_shape=image_shape)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -419,9 +420,10 @@ def train_phase_for_seeds(config, device, dist, arrays, log, stop, teacher=None,
                             **loader_options(recipe))
 
     data = loaders(seeds[0])
-    features = feature_plan(specs, teacher, teacher_info, device, config.num_classes) \
+    features = feature_plan(specs, teacher, teacher_info, device, config.num_classes,
+                            get_dataset(config.dataset).image_shape) \
         if phase == 'students' else None
-    batch_shape = (config.batch_size // dist.world_size, 3, 32, 32)
+    batch_shape = get_dataset(config.dataset).batch_shape(config.batch_size // dist.world_size)
     try:
         extra = {s.name: features.state_bytes(s.loss, s.params, s.arch, data.train.labels)
                  for s in specs} if features is not None else None

@@ -21,7 +21,7 @@ from kd.engine.distributed import shutdown_distributed
 from kd.methods.losses import LOSSES
 from kd.models import model_names
 from kd.run.runner import resume_command, run
-from kd.engine.loop import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
+from kd.engine.signals import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
 from kd.run.tuning import BF16_MIN_SPEEDUP, CACHE_ENV, decisions_path
 from kd.data.loader import DataError
 

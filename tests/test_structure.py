@@ -11,9 +11,10 @@ from kd.recipes import recipe
 from kd.engine import timing
 from conftest import ROOT
 from kd.models import StudentNet, build_model
-from kd.engine.progress import DurationEstimate
+from kd.engine.progress import DurationEstimate, PhaseWork
 from kd.engine.stacked import StudentStack
-from kd.engine.loop import Recipe, Trainee
+from kd.engine.trainee import Trainee
+from kd.recipes.recipe import Recipe
 
 PROJECT = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "kd", "**", "*.py"), recursive=True))
 BENCH = sorted(glob.glob(os.path.join(ROOT, 'bench', '*.py')))
@@ -289,19 +290,11 @@ def test_timer_synchronises_around_the_timed_calls(fake_cuda):
     assert events == ['clock', 'clock']
 
 
-class _FakeLoader:
-    batch_size = 128
-
-
-class _FakeData:
-    train, num_val, num_test = _FakeLoader(), 5000, 10000
-
-
 def test_the_duration_estimate_uses_the_stopwatch(fake_cuda):
     """The estimate's interval starts after the warm-up steps' work and ends after the timed
     steps' work (a CUDA step returns once its kernels are queued)."""
     events, lines = fake_cuda, []
-    timer = DurationEstimate('teacher', 10, 352, _FakeData(), [object()], 1, 1,
+    timer = DurationEstimate('teacher', PhaseWork(10, 352, 128, 1, 5000, 10000),
                              torch.device('cuda'), lines.append)
     for _ in range(2 + DurationEstimate.STEPS):
         events.append('step')

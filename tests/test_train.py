@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from kd.models import StudentNet, TeacherNet
-from kd.engine.loop import Recipe, Trainee, choose_precision, lr_at, train_step, warmup_steps
+from kd.engine.precision import choose_precision
+from kd.engine.step import train_step
+from kd.engine.trainee import Trainee
+from kd.recipes.recipe import Recipe, lr_at, warmup_steps
 
 
 def test_warmup_then_cosine_to_zero():

@@ -174,6 +174,18 @@ def test_import_graph_is_acyclic_and_layered():
     assert not wrong, 'imports against the layering:\n' + '\n'.join(sorted(wrong))
 
 
+def test_the_loop_receives_the_stacked_students_as_a_stepper():
+    """The loop steps through whatever stepper its caller names (LoopOptions.steps); it never
+    imports the stacked students itself, directly or through another engine module."""
+    graph = _import_graph()
+    reached, todo = set(), ['kd.engine.loop']
+    while todo:
+        for d in graph[todo.pop()] - reached:
+            reached.add(d)
+            todo.append(d)
+    assert 'kd.engine.stacked' not in reached
+
+
 def test_the_top_level_holds_the_faces_and_one_package():
     top = sorted(os.path.splitext(os.path.basename(p))[0] for p in PROJECT
                  if os.path.dirname(p) == ROOT)

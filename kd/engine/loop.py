@@ -47,8 +47,9 @@ class LoopOptions:
     device: torch.device
     dist: object = None       # torchrun's distributed.DistInfo (None: one process)
     test_every: int = 1       # epochs between test evaluations (0: the selected and last only)
-    runs_ahead: int = 1       # runs like this one the invocation has, which the time estimate
-    #                           covers (0: no estimate, as for the seeds after the first)
+    # how many runs like this one the invocation has: the time estimate covers them (0: no
+    # estimate, as for the seeds after the first)
+    runs_ahead: int = 1
     progress_bar: bool = True
     # the stepper's factory, (trainees, recipe) -> stepper (step.py), called after a resume so
     # that it starts from the restored state: step.LockstepSteps, or stacked.StudentStack to
@@ -60,10 +61,11 @@ class LoopOptions:
 class LoopCallbacks:
     """What the loop calls back, and the stop flag it reads."""
     log: Callable = print          # a line of text, written above the progress bar
-    stop: object = None            # signals.StopSignal: read at batch boundaries; `saved` kept
-    before_write: Callable = None  # called once, on the main process, before the run's first
-    #                                file (a run that fails before that, on a NaN in its first
-    #                                epoch say, leaves the folder as it found it)
+    # signals.StopSignal: read at batch boundaries; each state saved is noted in its `saved`
+    stop: object = None
+    # called once, on the main process, before the run's first file (a run that fails before
+    # that, on a NaN in its first epoch say, leaves the folder as it found it)
+    before_write: Callable = None
     on_epoch: Callable = None      # on_epoch(epoch, {name: CSV row}) after each epoch
     on_estimate: Callable = None   # on_estimate(seconds, log) once the time estimate is known
 

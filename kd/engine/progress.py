@@ -55,7 +55,8 @@ class DurationEstimate:
                          'estimated_seconds': round(total, 1)}
         epochs, runs = self.work.epochs, self.work.runs
         seeds = f' x {runs} seeds' if runs > 1 else ''
-        line = (f'{self.phase}: {images_per_s:.0f} images/s; {epochs} epoch{"s" if epochs != 1 else ""}{seeds} should '
+        plural = 's' if epochs != 1 else ''
+        line = (f'{self.phase}: {images_per_s:.0f} images/s; {epochs} epoch{plural}{seeds} should '
                 f'take about {format_duration(total)} (training and evaluation)')
         self.log(line)
         if self.on_estimate is not None:

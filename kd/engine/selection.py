@@ -52,7 +52,8 @@ def evaluate_epoch(trainees, data, recipe, epoch, progress, test_every=1, best_d
                                      'epoch': epoch}
             progress.best_logits[t.name] = logits
             if best_dir is not None:
-                atomic_save(plain_state_dict(t.module), os.path.join(best_dir, f'best_{t.name}.pth'))
+                atomic_save(plain_state_dict(t.module),
+                            os.path.join(best_dir, f'best_{t.name}.pth'))
         accs[t.name] = (val_acc, test_acc, views)
     return accs
 

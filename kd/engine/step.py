@@ -17,7 +17,7 @@ from kd.recipes.recipe import lookahead_step, set_learning_rates
 
 class StepResult(NamedTuple):
     loss: torch.Tensor     # detached scalar
-    parts: dict            # name -> detached scalar (see losses.py)
+    parts: dict            # name -> detached scalar (see kd/methods/losses.py)
     correct: torch.Tensor  # number of right top-1 predictions in the batch
 
 
@@ -55,7 +55,8 @@ def train_step(trainees, teacher, images, labels, recipe=None, teacher_precision
     """One optimizer step for each trainee on the same batch; the teacher runs once, if needed.
 
     epoch: the 1-based epoch, for losses that ramp up (DKD's warm-up). batch: the loader's
-    utils.Batch (the images' training-set indices), for methods that index by sample (CRD).
+    kd.data.loader.Batch (the images' training-set indices), for methods that index by sample
+    (CRD).
     Returns a StepResult per trainee.
     """
     teacher_out = TeacherOut(None, {})

@@ -29,14 +29,16 @@ from kd.engine.timing import Stopwatch
 from kd.recipes.recipe import tta_view_count
 
 # re-export until the merge: the names the run layer and the benchmarks import from here
-from kd.engine.evaluate import accuracy, predict, predict_views  # noqa: F401,E402
-from kd.engine.precision import (PRECISION_DTYPES, autocast, choose_precision,  # noqa: F401,E402
-                                 configure_backends, precision_name)
-from kd.engine.signals import StopSignal  # noqa: F401,E402
-from kd.engine.state import STATE_FORMAT  # noqa: F401,E402
-from kd.engine.step import teacher_forward, train_step, train_step_stacked  # noqa: F401,E402
-from kd.engine.trainee import Trainee  # noqa: F401,E402
-from kd.recipes.recipe import Recipe, make_optimizer  # noqa: F401,E402
+from kd.engine.evaluate import accuracy, predict, predict_views  # noqa: F401  re-export until the merge
+from kd.engine.precision import PRECISION_DTYPES, autocast  # noqa: F401  re-export until the merge
+from kd.engine.precision import choose_precision, configure_backends  # noqa: F401  re-export until the merge
+from kd.engine.precision import precision_name  # noqa: F401  re-export until the merge
+from kd.engine.signals import StopSignal  # noqa: F401  re-export until the merge
+from kd.engine.state import STATE_FORMAT  # noqa: F401  re-export until the merge
+from kd.engine.step import teacher_forward, train_step  # noqa: F401  re-export until the merge
+from kd.engine.step import train_step_stacked  # noqa: F401  re-export until the merge
+from kd.engine.trainee import Trainee  # noqa: F401  re-export until the merge
+from kd.recipes.recipe import Recipe, make_optimizer  # noqa: F401  re-export until the merge
 
 STOP_CHECK_EVERY = 10  # batches between the ranks' agreement on a stop request (torchrun)
 

@@ -23,7 +23,7 @@ from kd.methods.grid import SET_SYNTAX
 from kd.methods.registry import HYPER, LOSSES
 from kd.models import model_names
 from kd.run.runner import resume_command, run
-from kd.engine.loop import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
+from kd.engine.signals import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
 from kd.run.tuning import BF16_MIN_SPEEDUP, CACHE_ENV, decisions_path
 from kd.data.loader import DataError
 

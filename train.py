@@ -6,5 +6,8 @@
 train_phase trains any number of models in lockstep on identical batches; the loop, its steps,
 precision, signals and saved state live in kd/engine/.
 """
-from kd.engine.loop import (Recipe, Trainee, accuracy, evaluate, lr_at, make_optimizer,  # noqa: F401
-                            predict, predict_views, train_phase, train_step, warmup_steps)
+from kd.engine.evaluate import accuracy, evaluate, predict, predict_views  # noqa: F401
+from kd.engine.loop import LoopCallbacks, LoopOptions, PhaseFiles, train_phase  # noqa: F401
+from kd.engine.step import PhaseTeacher, train_step  # noqa: F401
+from kd.engine.trainee import Trainee, TraineeOptions  # noqa: F401
+from kd.recipes.recipe import Recipe, lr_at, make_optimizer, warmup_steps  # noqa: F401

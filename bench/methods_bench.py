@@ -32,6 +32,7 @@ from kd.report.report import cpu_identity  # noqa: E402
 from kd.run.runner import device_arg  # noqa: E402
 from kd.engine.timing import seconds_per_call  # noqa: E402
 from kd.engine.loop import Trainee, train_step  # noqa: E402
+from kd.engine.trainee import TraineeOptions  # noqa: E402
 from kd.run.tuning import fold_batchnorm  # noqa: E402
 from kd.data.loader import Batch  # noqa: E402
 
@@ -88,8 +89,8 @@ def main(argv=None):
         student = build_model(args.student, args.classes)
         spec, plan = LOSSES[name], plans.get(name)
         distiller = plan.build(name, {}, args.student, labels_of_all) if plan else None
-        trainee = Trainee(name, student, name, recipe, device, distiller=distiller,
-                          points=plan.student_points[args.student] if plan else None)
+        trainee = Trainee(name, student, name, recipe, device, options=TraineeOptions(
+            distiller=distiller, points=plan.student_points[args.student] if plan else None))
         with torch.no_grad():
             out = form(images)
         # the teacher's outputs are given precomputed: only the student's side is timed

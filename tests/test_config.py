@@ -13,7 +13,7 @@ from kd import recipes as recipe
 from kd.run.config import FLAGS, RunConfig, UsageError, flag_args
 from kd.methods.registry import LOSSES
 from kd.run.runner import phase_specs, resolved_configuration, run
-from kd.engine.loop import Trainee
+from kd.engine.trainee import Trainee
 
 CPU = torch.device('cpu')
 

@@ -15,7 +15,7 @@ from kd.models import build_model
 from kd.engine.metrics import agreement
 from kd.run.runner import describe_subset, evaluation_differences
 from kd.run.teacher import TeacherMismatch, check_data, load_for_inference, logits_path
-from kd.engine.loop import accuracy, predict
+from kd.engine.evaluate import accuracy, predict
 from kd.data.loader import make_loaders
 
 # the small cnn teacher: these runs check which images and logits a run uses, not the model

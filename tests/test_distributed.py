@@ -143,7 +143,10 @@ def _train_and_evaluate(inputs, ddp, rank, world):
     from kd.files.checkpoint import plain_state_dict
     from kd.models import StudentNet, TeacherNet, build_model
     from kd.recipes import get_recipe, lookahead_step
-    from kd.engine.loop import Recipe, Trainee, evaluate, predict, predict_views, train_step
+    from kd.engine.evaluate import evaluate, predict, predict_views
+    from kd.engine.step import train_step
+    from kd.engine.trainee import Trainee, TraineeOptions
+    from kd.recipes import Recipe
     from kd.methods.plan import BuildContext, build_distiller, point_shapes
     from kd.models.features import WithPoints
     from kd.models import feature_points
@@ -157,7 +160,8 @@ def _train_and_evaluate(inputs, ddp, rank, world):
     fast_module = build_model('airbench94_small')
     fast_module.freeze_norm_scales()
     fast_module.init_whitening(inputs['images'][0])
-    fast_trainee = Trainee('student_fast', fast_module.double(), 'kd', fast, device, ddp=ddp)
+    fast_trainee = Trainee('student_fast', fast_module.double(), 'kd', fast, device,
+                           options=TraineeOptions(ddp=ddp))
     teacher = TeacherNet()
     teacher.load_state_dict(inputs['teacher'])
     teacher.double().eval()
@@ -167,7 +171,8 @@ def _train_and_evaluate(inputs, ddp, rank, world):
     for name, kind in (('student_kd', 'kd'), ('student_base', 'ce')):
         module = StudentNet()
         module.load_state_dict(inputs['student'])
-        trainees.append(Trainee(name, module.double(), kind, recipe, device, ddp=ddp))
+        trainees.append(Trainee(name, module.double(), kind, recipe, device,
+                                options=TraineeOptions(ddp=ddp)))
     # feature methods: FitNets' regressor (with BatchNorm) and CRD's embeddings and memories,
     # which each rank updates with every rank's rows (the training set: the STEPS batches)
     teacher_points = feature_points('resnet18', teacher)
@@ -181,8 +186,9 @@ def _train_and_evaluate(inputs, ddp, rank, world):
         module.load_state_dict(inputs['student'])
         torch.manual_seed(1)
         distiller = build_distiller(kind, {}, context).double()
-        featured.append(Trainee(name, module.double(), kind, recipe, device, ddp=ddp,
-                                distiller=distiller, points=student_points))
+        featured.append(Trainee(name, module.double(), kind, recipe, device,
+                                options=TraineeOptions(ddp=ddp, distiller=distiller,
+                                                       points=student_points)))
     featured_teacher = WithPoints(teacher, teacher_points)
     losses = []
     lo, hi = rank * BATCH // world, (rank + 1) * BATCH // world
@@ -302,7 +308,7 @@ WRAPPER = textwrap.dedent('''\
     """main.py with a fault injected on one rank at the N-th train_step (test only)."""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import main; from kd.engine import loop as train
+    import main; from kd.engine import step as train
     rank, mode = int(os.environ['RANK']), os.environ['FAULT_MODE']
     at, on = int(os.environ['FAULT_STEP']), int(os.environ['FAULT_RANK'])
     original, calls = train.train_step, [0]
@@ -406,35 +412,41 @@ def test_sigterm_to_torchrun_stops_ranks_together_and_resume_finishes(ddp_run, c
 @pytest.mark.parametrize('world_size, expected_checks', [(1, 25), (2, 3)])
 def test_stop_requests_are_agreed_every_few_batches_only_over_processes(
         monkeypatch, tmp_path, world_size, expected_checks):
-    from kd.engine import loop as train
+    from kd.engine import loop
     from kd.engine.distributed import DistInfo
+    from kd.engine.loop import LoopCallbacks, LoopOptions, PhaseFiles, train_phase
+    from kd.engine.signals import StopSignal
+    from kd.engine.trainee import Trainee
     from kd.models import StudentNet
+    from kd.recipes.recipe import Recipe
     from kd.data.loader import make_loaders
     arrays = (torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8), torch.arange(100) % 10,
               torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10) % 10)
     data = make_loaders(batch_size=4, val_fraction=0.0, arrays=arrays)
     assert len(data.train) == 25
     checks = []
-    monkeypatch.setattr(train, 'any_rank', lambda flag: checks.append(flag) or False)
-    recipe = train.Recipe(epochs=1)
-    trainee = train.Trainee('student_base', StudentNet(), 'ce', recipe, torch.device('cpu'))
-    train.train_phase('students', [trainee], data, recipe, str(tmp_path), torch.device('cpu'),
-                      stop=train.StopSignal(), dist=DistInfo(0, world_size, 0), progress=False,
-                      log=lambda *_: None)
+    monkeypatch.setattr(loop, 'any_rank', lambda flag: checks.append(flag) or False)
+    recipe = Recipe(epochs=1)
+    trainee = Trainee('student_base', StudentNet(), 'ce', recipe, torch.device('cpu'))
+    train_phase('students', [trainee], data, recipe, PhaseFiles(str(tmp_path)),
+                options=LoopOptions(torch.device('cpu'), DistInfo(0, world_size, 0),
+                                    progress_bar=False),
+                callbacks=LoopCallbacks(log=lambda *_: None, stop=StopSignal()))
     # batches 0, 10 and 20 over processes (a CPU all-reduce each); every batch in one process
     assert len(checks) == expected_checks
 
 
 def test_ddp_students_skip_the_buffer_broadcast_and_sync_their_batchnorm(tmp_path):
     import torch.distributed as dist
-    from kd.engine import loop as train
     from kd.engine.distributed import SyncBatchNorm2d
+    from kd.engine.trainee import Trainee, TraineeOptions
     from kd.models import StudentNet
+    from kd.recipes.recipe import Recipe
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=0,
                             world_size=1)
     try:
-        t = train.Trainee('student_kd', StudentNet(), 'kd', train.Recipe(), torch.device('cpu'),
-                          ddp=True)
+        t = Trainee('student_kd', StudentNet(), 'kd', Recipe(), torch.device('cpu'),
+                    options=TraineeOptions(ddp=True))
         assert isinstance(t.train_model, torch.nn.parallel.DistributedDataParallel)
         ddp = t.train_model
         assert getattr(ddp, 'forward_sync_buffers', getattr(ddp, 'broadcast_buffers', None)) is False

@@ -17,8 +17,11 @@ from conftest import ROOT, run_cli
 from kd.methods.losses import get_loss
 from kd.models import AirbenchNet, build_model
 from kd.engine.stacked import stacking_problem
-from kd.engine.loop import (Trainee, TrainingInterrupted, predict, predict_views,
-                   train_phase, train_step)
+from kd.engine.evaluate import predict, predict_views
+from kd.engine.signals import TrainingInterrupted
+from kd.engine.loop import LoopCallbacks, LoopOptions, PhaseFiles, train_phase
+from kd.engine.step import PhaseTeacher, train_step
+from kd.engine.trainee import Trainee, TraineeOptions
 from kd.data.loader import CifarLoader, make_loaders
 
 FAST = r.get_recipe('fast')
@@ -257,8 +260,8 @@ def test_the_hard_label_term_uses_the_recipes_label_smoothing():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
     y = torch.randint(0, 10, (8,), generator=g)
-    trainee = Trainee('student_kd', build_model('cnn'), 'kd', FAST, CPU,
-                      loss_params={'temperature': 4.0, 'alpha': 0.3})
+    trainee = Trainee('student_kd', build_model('cnn'), 'kd', FAST, CPU, options=TraineeOptions(
+        loss_params={'temperature': 4.0, 'alpha': 0.3}))
     loss, parts = trainee.compute_loss(s, t, y, epoch=1)
     smooth = torch.full((8, 10), 0.02).scatter(1, y[:, None], 0.82)
     ce = -(smooth * F.log_softmax(s, 1)).sum(1).mean()
@@ -313,9 +316,12 @@ def fast_run(data, recipe, out, stop=None, resume_state=None):
     second = r.prepare_model(build_model('airbench94_small'), recipe, data.train, like=first)
     trainees = [Trainee('a', first, 'ce', recipe, CPU), Trainee('b', second, 'kd', recipe, CPU)]
     teacher = build_model('airbench94_small').eval()
-    summary = train_phase('students', trainees, data, recipe, str(out), CPU, teacher=teacher,
-                          stop=stop, resume_state=resume_state, log=lambda *_: None,
-                          progress=False, test_every=1, runs_ahead=0)
+    summary = train_phase('students', trainees, data, recipe,
+                          PhaseFiles(str(out), resume_state=resume_state),
+                          teacher=PhaseTeacher(teacher),
+                          options=LoopOptions(CPU, test_every=1, runs_ahead=0,
+                                              progress_bar=False),
+                          callbacks=LoopCallbacks(log=lambda *_: None, stop=stop))
     return trainees, summary
 
 

@@ -16,7 +16,8 @@ from kd.methods.plan import (BuildContext, build_distiller, contrast_loss, draw_
                         point_shapes)
 from kd.models import MODELS, StudentNet, TeacherNet, build_model, feature_points
 from kd.recipes import get_recipe
-from kd.engine.loop import Trainee, train_step
+from kd.engine.step import train_step
+from kd.engine.trainee import Trainee, TraineeOptions
 from kd.run.tuning import fold_batchnorm
 from kd.data.loader import Batch
 
@@ -162,7 +163,7 @@ def test_logit_losses_keep_their_numbers():
     for loss, (losses, checksum) in GOLDEN.items():
         torch.manual_seed(2)
         t = Trainee(loss, StudentNet(widths=(8, 16, 16, 32)).double(), loss, recipe,
-                    torch.device('cpu'), loss_params=params[loss])
+                    torch.device('cpu'), options=TraineeOptions(loss_params=params[loss]))
         values = [train_step([t], teacher, images[s], labels[s], recipe, None, epoch=25)[0]
                   .loss.item() for s in range(3)]
         assert values == pytest.approx([float.fromhex(v) for v in losses], rel=1e-5), loss
@@ -343,7 +344,8 @@ def test_crd_trains_its_heads_with_the_student_and_keeps_them_out_of_the_checkpo
     ctx = BuildContext(point_shapes(student, sp, 'cpu'), point_shapes(teacher, tp, 'cpu'),
                        torch.arange(32) % 10, 10)
     d = build_distiller('crd', {}, ctx)
-    t = Trainee('crd', student, 'crd', recipe, torch.device('cpu'), distiller=d, points=sp)
+    t = Trainee('crd', student, 'crd', recipe, torch.device('cpu'),
+                options=TraineeOptions(distiller=d, points=sp))
     held = {id(p) for g in t.optimizer.param_groups for p in g['params']}
     assert all(id(p) in held for p in d.parameters())
     before = d.embed_s.linear.weight.detach().clone()
@@ -490,8 +492,8 @@ def test_compiled_forms_give_the_eager_features_and_steps():
     for compiled in (False, True):
         torch.manual_seed(1)
         student = StudentNet(widths=(8, 16, 16, 32))
-        t = Trainee('at', student, 'at', recipe, torch.device('cpu'), compile_model=compiled,
-                    distiller=build_distiller('at', {}, ctx), points=sp)
+        t = Trainee('at', student, 'at', recipe, torch.device('cpu'), options=TraineeOptions(
+            compile_model=compiled, distiller=build_distiller('at', {}, ctx), points=sp))
         idx = torch.arange(16)
         out = train_step([t], WithPoints(teacher, tp), x.repeat(4, 1, 1, 1), ctx.train_labels,
                          recipe, batch=Batch(None, None, idx, 0, 0, 0, idx, 0))

@@ -7,7 +7,10 @@ import torch.nn as nn
 
 from kd.engine import distributed
 from kd.models import StudentNet, build_model, model_names
-from kd.engine.loop import Recipe, Trainee, choose_precision, configure_backends, train_step
+from kd.engine.precision import choose_precision, configure_backends
+from kd.engine.step import train_step
+from kd.engine.trainee import Trainee
+from kd.recipes.recipe import Recipe
 from kd.data.loader import CifarLoader
 
 CUDA = torch.device('cuda')

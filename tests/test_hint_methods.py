@@ -20,7 +20,8 @@ from kd.models.registry import BN_BEFORE_RELU
 from kd.models import (MODELS, StudentNet, TeacherNet, bn_before_relu, build_model, feature_points,
                     register_model)
 from kd.recipes import get_recipe
-from kd.engine.loop import Trainee, train_step
+from kd.engine.step import train_step
+from kd.engine.trainee import Trainee, TraineeOptions
 from kd.run.tuning import fold_batchnorm
 from kd.data.loader import Batch
 
@@ -371,8 +372,8 @@ def test_vid_and_ofd_train_their_modules_with_the_student_and_keep_them_out_of_t
     plan = plan_features([('cnn', method, student)], teacher, feature_points('resnet18', teacher),
                          'cpu', 10)
     d = plan.build(method, {}, 'cnn', labels)
-    t = Trainee(method, student, method, recipe, torch.device('cpu'), distiller=d,
-                points=plan.student_points['cnn'])
+    t = Trainee(method, student, method, recipe, torch.device('cpu'),
+                options=TraineeOptions(distiller=d, points=plan.student_points['cnn']))
     held = {id(p) for g in t.optimizer.param_groups for p in g['params']}
     assert all(id(p) in held for p in d.parameters())
     before = {n: p.detach().clone() for n, p in d.named_parameters()}

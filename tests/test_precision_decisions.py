@@ -24,7 +24,7 @@ from kd.run import tuning
 from conftest import ROOT, run_cli, snapshot
 from kd.engine.distributed import DistInfo
 from kd.run.runner import ModelSpec, fast_run_commands, quick_run_commands, resume_command
-from kd.engine.loop import STATE_FORMAT
+from kd.engine.state import STATE_FORMAT
 from kd.run.tuning import PrecisionDecisions, decide_precisions, precision_from_rates
 
 CPU = torch.device('cpu')

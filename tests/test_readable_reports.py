@@ -2,7 +2,6 @@
 the closing recommendation, curves.png and grid.png, for 1 to many models and epochs."""
 import csv
 import os
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,7 +12,8 @@ from kd.report.stats import aggregate_models, gains
 from kd.report.tables import describe_gains, print_table, results_table
 from main import parse_config
 from kd.run.runner import rerun_command
-from kd.engine.loop import EPOCH_LINE_WIDTH, csv_fields, format_epoch_line
+from kd.engine.epoch_line import EPOCH_LINE_WIDTH, EpochStats, format_epoch_line
+from kd.engine.epoch_log import csv_fields
 
 matplotlib = pytest.importorskip('matplotlib')
 matplotlib.use('Agg')
@@ -28,11 +28,10 @@ GRID20 = [setting_name(loss, params)
 # ---------------------------------------------------------------------------------------------
 # The epoch line
 
-def _epoch(names, val):
-    """Trainees and a one-epoch history; val[name] is the validation accuracy (%)."""
-    history = {n: [{'train_loss': 12.345, 'train_acc': 55.5, 'val_acc': val[n],
-                    'test_acc': val[n] - 1}] for n in names}
-    return [SimpleNamespace(name=n) for n in names], history
+def _rows(names, val):
+    """Each model's CSV row of an epoch; val[name] is the validation accuracy (%)."""
+    return {n: {'train_loss': 12.345, 'train_acc': 55.5, 'val_acc': val[n],
+                'test_acc': val[n] - 1} for n in names}
 
 
 @pytest.mark.parametrize('names', [['student_kd'], ['student_kd', 'student_base'],
@@ -42,9 +41,8 @@ def _epoch(names, val):
 def test_the_epoch_line_fits_a_terminal_and_names_the_baseline_and_the_best(names, epochs):
     val = {n: 30.0 + i for i, n in enumerate(names)}
     val['student_base'] = 35.5
-    trainees, history = _epoch(names, val)
-    line = format_epoch_line('students', epochs, epochs, 0.0123, trainees, history, 1234.5,
-                             12345)
+    line = format_epoch_line('students', EpochStats(epochs, epochs, 0.0123, 1234.5, 12345),
+                             _rows(names, val))
     assert len(line) <= EPOCH_LINE_WIDTH, line
     best = max((n for n in names if n != 'student_base'), key=val.get)
     if 'student_base' in names:
@@ -58,8 +56,8 @@ def test_the_epoch_line_fits_a_terminal_and_names_the_baseline_and_the_best(name
 
 
 def test_the_teachers_epoch_line_keeps_every_number():
-    trainees, history = _epoch(['teacher'], {'teacher': 61.25})
-    line = format_epoch_line('teacher', 7, 200, 0.1, trainees, history, 12.0, 900)
+    line = format_epoch_line('teacher', EpochStats(7, 200, 0.1, 12.0, 900),
+                             _rows(['teacher'], {'teacher': 61.25}))
     assert 'loss 12.345' in line and 'train  55.50' in line
     assert 'val  61.25' in line and 'test  60.25' in line and len(line) <= EPOCH_LINE_WIDTH
 

@@ -11,7 +11,8 @@ from kd.methods.plan import BuildContext, build_distiller, point_shapes
 from kd.methods.registry import get_loss
 from kd.models import StudentNet, feature_points
 from kd.recipes import get_recipe
-from kd.engine.loop import Trainee, train_step
+from kd.engine.step import train_step
+from kd.engine.trainee import Trainee, TraineeOptions
 from kd.run.tuning import fold_batchnorm
 from kd.data.loader import Batch
 
@@ -362,7 +363,8 @@ def test_a_step_trains_the_student_through_the_relation_term(name):
         student = StudentNet(widths=widths)
         before = [p.detach().clone() for p in student.parameters()]
         d = build_distiller(name, params, ctx)
-        t = Trainee(name, student, name, recipe, torch.device('cpu'), distiller=d, points=sp)
+        t = Trainee(name, student, name, recipe, torch.device('cpu'),
+                    options=TraineeOptions(distiller=d, points=sp))
         held = {id(p) for g in t.optimizer.param_groups for p in g['params']}
         assert all(id(p) in held for p in student.parameters())
         out = train_step([t], fold_batchnorm(teacher, {k: tp[k] for k in d.teacher_points}),

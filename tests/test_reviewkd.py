@@ -14,7 +14,8 @@ from kd.methods.registry import get_loss
 from kd.models import StudentNet, TeacherNet, build_model, feature_points
 from kd.recipes import get_recipe
 from kd.methods.reviewkd import hcl_loss
-from kd.engine.loop import Trainee, train_step
+from kd.engine.step import train_step
+from kd.engine.trainee import Trainee, TraineeOptions
 from kd.run.tuning import fold_batchnorm
 
 # Shapes of the zoo at batch 1 (distillers.point_shapes of build_model(arch, 100)), written out
@@ -264,8 +265,8 @@ def test_reviewkd_trains_its_abfs_with_the_student_and_keeps_them_out_of_the_che
     d = build_distiller('reviewkd', {}, ctx)
     # 3 student stages against 4 teacher stages: the deepest three are paired
     assert d.teacher_points == ('stage2_pre', 'stage3_pre', 'stage4_pre', 'pooled')
-    t = Trainee('reviewkd', student, 'reviewkd', recipe, torch.device('cpu'), distiller=d,
-                points=sp)
+    t = Trainee('reviewkd', student, 'reviewkd', recipe, torch.device('cpu'),
+                options=TraineeOptions(distiller=d, points=sp))
     held = {id(p) for g in t.optimizer.param_groups for p in g['params']}
     assert all(id(p) in held for p in d.parameters())
     before = {k: v.detach().clone() for k, v in d.named_parameters()}

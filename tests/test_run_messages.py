@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import main
-from kd.engine import loop as train
+from kd.engine.loop import LoopCallbacks, LoopOptions, PhaseFiles, train_phase
+from kd.engine.signals import NonFiniteLoss, StopNow, StopSignal
+from kd.engine.trainee import Trainee
+from kd.recipes.recipe import Recipe
 from conftest import run_cli
 from kd.methods.losses import LOSSES, DistillLoss, ce_loss
 from kd.models import build_model
@@ -124,7 +127,7 @@ def tiny_data():
 
 
 def train_with_loss(monkeypatch, tmp_path, fn, stop=None, epochs=2):
-    """train.train_phase for a small student whose 'ce' loss is fn (called for training
+    """train_phase for a small student whose 'ce' loss is fn (called for training
     batches only), into tmp_path."""
     def loss(s, t, labels, *, epoch=1):
         out = ce_loss(s, t, labels, epoch=epoch)
@@ -132,17 +135,16 @@ def train_with_loss(monkeypatch, tmp_path, fn, stop=None, epochs=2):
     monkeypatch.setitem(LOSSES, 'ce', DistillLoss('ce', loss, {}, False, ''))
     from kd.models import build_model
     os.makedirs(tmp_path, exist_ok=True)
-    recipe = train.Recipe(epochs=epochs)
-    trainee = train.Trainee('teacher', build_model('wrn_16_2', 10), 'ce', recipe,
-                            torch.device('cpu'))
-    return train.train_phase('teacher', [trainee], tiny_data(), recipe, str(tmp_path),
-                             torch.device('cpu'), stop=stop, progress=False,
-                             log=lambda *_: None)
+    recipe = Recipe(epochs=epochs)
+    trainee = Trainee('teacher', build_model('wrn_16_2', 10), 'ce', recipe, torch.device('cpu'))
+    return train_phase('teacher', [trainee], tiny_data(), recipe, PhaseFiles(str(tmp_path)),
+                       options=LoopOptions(torch.device('cpu'), progress_bar=False),
+                       callbacks=LoopCallbacks(log=lambda *_: None, stop=stop))
 
 
 def test_a_nan_after_a_good_epoch_names_that_epochs_checkpoints(monkeypatch, tmp_path):
     nan_in_epoch_2 = lambda out, epoch: (out[0] * float('nan'), out[1]) if epoch == 2 else out
-    with pytest.raises(train.NonFiniteLoss) as e:
+    with pytest.raises(NonFiniteLoss) as e:
         train_with_loss(monkeypatch, tmp_path, nan_in_epoch_2)
     state = os.path.join(tmp_path, 'last_teacher.pt')
     assert str(e.value) == (
@@ -163,10 +165,10 @@ def test_a_second_ctrl_c_says_which_state_is_kept(monkeypatch, tmp_path):
         return fn
 
     for epoch, kept in ((2, f'the state of epoch 1 in {tmp_path}/last_teacher.pt'), (1, None)):
-        stop = train.StopSignal()
+        stop = StopSignal()
         stop.install()
         try:
-            with pytest.raises(train.StopNow) as e:
+            with pytest.raises(StopNow) as e:
                 train_with_loss(monkeypatch, tmp_path / str(epoch), ctrl_c_twice(epoch), stop)
         finally:
             stop.uninstall()
@@ -183,7 +185,7 @@ def test_a_second_ctrl_c_says_which_state_is_kept(monkeypatch, tmp_path):
 ])
 def test_the_second_ctrl_c_message(monkeypatch, capsys, kept, needle):
     def run(args):
-        raise train.StopNow(signal.SIGTERM, kept)
+        raise StopNow(signal.SIGTERM, kept)
     monkeypatch.setattr(main, 'run', run)
     assert main.main(['--epochs', '1']) == 143
     err = capsys.readouterr().err

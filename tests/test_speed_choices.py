@@ -13,8 +13,9 @@ from kd import recipes as r
 from kd.engine import timing
 from conftest import run_cli
 from kd.models import build_model, model_names
+from kd.run.advice import cpu_run_advice
 from kd.run.teacher import cached_test_logits, logits_key, logits_path, save_test_logits
-from kd.engine.progress import DurationEstimate, format_duration
+from kd.engine.progress import DurationEstimate, PhaseWork, format_duration
 from kd.run.tuning import fastest_teacher, fold_batchnorm, measure_precisions
 
 
@@ -191,21 +192,14 @@ def test_the_estimate_is_printed_once_and_recorded(trained_run, tmp_path):
     assert phase['train_seconds']['0'] > 0   # the actual time beside it
 
 
-class _FakeLoader:
-    batch_size = 128
-
-
-class _FakeData:
-    train, num_val, num_test = _FakeLoader(), 5000, 10000
-
-
 def test_a_long_cpu_estimate_suggests_the_quick_run(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(timing, 'perf_counter', lambda: now[0])
     lines = []
     quick = ['python main.py --train-teacher --epochs 3 --subset 2000 --out-dir quick']
-    timer = DurationEstimate('teacher', 200, 352, _FakeData(), [object()], 1, 1,
-                             torch.device('cpu'), lines.append, quick)
+    cpu = torch.device('cpu')
+    timer = DurationEstimate('teacher', PhaseWork(200, 352, 128, 1, 5000, 10000), cpu,
+                             lines.append, on_estimate=cpu_run_advice(cpu, quick))
     out = [type('R', (), {'loss': torch.zeros(())})()]
     for _ in range(2 + 20):
         now[0] += 5.0   # each step takes 5 s, as a teacher step on a laptop CPU
@@ -245,8 +239,8 @@ def test_the_estimate_counts_the_last_epochs_test_time_augmentation(monkeypatch)
     def estimate(views):
         now = [0.0]
         monkeypatch.setattr(timing, 'perf_counter', lambda: now[0])
-        timer = DurationEstimate('teacher', 10, 352, _FakeData(), [object()], 10, 1,
-                                 torch.device('cpu'), lambda *_: None, final_views=views)
+        work = PhaseWork(10, 352, 128, 1, 5000, 10000, test_every=10, final_views=views)
+        timer = DurationEstimate('teacher', work, torch.device('cpu'), lambda *_: None)
         for _ in range(2 + 20):
             now[0] += 3.0
             timer.on_step(128, out)

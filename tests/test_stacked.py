@@ -5,7 +5,9 @@ import torch
 
 from kd.models import StudentNet, build_model
 from kd.engine.stacked import StudentStack, stacking_problem
-from kd.engine.loop import Recipe, Trainee, train_step, train_step_stacked
+from kd.engine.step import train_step, train_step_stacked
+from kd.engine.trainee import Trainee, TraineeOptions
+from kd.recipes.recipe import Recipe
 from kd.run.tuning import time_both
 
 SETTINGS = [('kd', {'temperature': 4.0, 'alpha': 0.1}), ('dkd', {'temperature': 4.0}),
@@ -20,7 +22,7 @@ def _trainees(recipe, dtype=torch.float64):
         module = StudentNet()
         module.load_state_dict(initial)
         trainees.append(Trainee(f's{i}', module.to(dtype), loss, recipe, torch.device('cpu'),
-                                loss_params=params))
+                                options=TraineeOptions(loss_params=params)))
     return trainees
 
 

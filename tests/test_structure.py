@@ -11,9 +11,10 @@ from kd import recipes as recipe
 from kd.engine import timing
 from conftest import ROOT
 from kd.models import StudentNet, build_model
-from kd.engine.progress import DurationEstimate
+from kd.engine.progress import DurationEstimate, PhaseWork
 from kd.engine.stacked import StudentStack
-from kd.engine.loop import Recipe, Trainee
+from kd.engine.trainee import Trainee
+from kd.recipes.recipe import Recipe
 
 PROJECT = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "kd", "**", "*.py"), recursive=True))
 BENCH = sorted(glob.glob(os.path.join(ROOT, 'bench', '*.py')))
@@ -173,6 +174,18 @@ def test_import_graph_is_acyclic_and_layered():
     assert not wrong, 'imports against the layering:\n' + '\n'.join(sorted(wrong))
 
 
+def test_the_loop_receives_the_stacked_students_as_a_stepper():
+    """The loop steps through whatever stepper its caller names (LoopOptions.steps); it never
+    imports the stacked students itself, directly or through another engine module."""
+    graph = _import_graph()
+    reached, todo = set(), ['kd.engine.loop']
+    while todo:
+        for d in graph[todo.pop()] - reached:
+            reached.add(d)
+            todo.append(d)
+    assert 'kd.engine.stacked' not in reached
+
+
 def test_the_top_level_holds_the_faces_and_one_package():
     top = sorted(os.path.splitext(os.path.basename(p))[0] for p in PROJECT
                  if os.path.dirname(p) == ROOT)
@@ -289,19 +302,11 @@ def test_timer_synchronises_around_the_timed_calls(fake_cuda):
     assert events == ['clock', 'clock']
 
 
-class _FakeLoader:
-    batch_size = 128
-
-
-class _FakeData:
-    train, num_val, num_test = _FakeLoader(), 5000, 10000
-
-
 def test_the_duration_estimate_uses_the_stopwatch(fake_cuda):
     """The estimate's interval starts after the warm-up steps' work and ends after the timed
     steps' work (a CUDA step returns once its kernels are queued)."""
     events, lines = fake_cuda, []
-    timer = DurationEstimate('teacher', 10, 352, _FakeData(), [object()], 1, 1,
+    timer = DurationEstimate('teacher', PhaseWork(10, 352, 128, 1, 5000, 10000),
                              torch.device('cuda'), lines.append)
     for _ in range(2 + DurationEstimate.STEPS):
         events.append('step')

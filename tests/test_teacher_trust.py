@@ -17,7 +17,7 @@ from conftest import run_cli, snapshot
 from kd.models import StudentNet, TeacherNet
 from kd.run.teacher import TeacherMismatch, check_data, refuse_other_split
 from test_reliability import start_cli, wait_for_epoch
-from kd.engine.loop import accuracy, predict
+from kd.engine.evaluate import accuracy, predict
 from kd.data.loader import get_cifar10_loaders
 
 FAST = ['--epochs', '1', '--subset', '100', '--batch-size', '32', '--device', 'cpu', '--no-amp']

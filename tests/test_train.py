@@ -1,9 +1,14 @@
-"""The learning-rate schedule, the precision policy and the lockstep step."""
+"""The learning-rate schedule, the precision policy, the lockstep step and the saved state's
+config."""
 import pytest
 import torch
 
 from kd.models import StudentNet, TeacherNet
-from kd.engine.loop import Recipe, Trainee, choose_precision, lr_at, train_step, warmup_steps
+from kd.engine.precision import choose_precision
+from kd.engine.state import PhaseProgress, save_state
+from kd.engine.step import train_step
+from kd.engine.trainee import Trainee
+from kd.recipes.recipe import Recipe, lr_at, warmup_steps
 
 
 def test_warmup_then_cosine_to_zero():
@@ -58,3 +63,19 @@ def test_lockstep_step_feeds_both_students_the_same_batch_and_runs_the_teacher_o
     assert ce_kd.item() == pytest.approx(ce_base.item(), rel=1e-6)
     assert not torch.equal(kd.classifier.weight, base.classifier.weight)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+class _Record:
+    """A frozen run record, as the run layer may hand the loop instead of a dict."""
+
+    def to_dict(self):
+        return {'epochs': 3, 'loss': ['kd']}
+
+
+@pytest.mark.parametrize('config, saved', [(None, {}), ({'epochs': 3}, {'epochs': 3}),
+                                           (_Record(), {'epochs': 3, 'loss': ['kd']})])
+def test_the_state_saves_the_config_as_a_dict_whatever_form_it_comes_in(tmp_path, config, saved):
+    trainee = Trainee('s', StudentNet(), 'ce', Recipe(), torch.device('cpu'))
+    path = tmp_path / 'last_students.pt'
+    save_state(str(path), 'students', [trainee], PhaseProgress(), config)
+    assert torch.load(path, weights_only=True)['config'] == saved

@@ -9,19 +9,22 @@ one optimizer over the stacked tensors takes exactly each student's own step.
 
 The trainees' modules and optimizers stay the reference copy: write_back() puts the stacked
 weights, statistics and momentum into them before every evaluation and checkpoint, so
-checkpoints, resume states and evaluation are those of the plain loop.
+checkpoints, resume states and evaluation are those of the plain loop. A StudentStack is a
+stepper (step.py): the caller hands the class to the loop, which builds it after restoring a
+saved state, so the stack starts from that state.
 """
 import copy
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from kd.recipes.recipe import make_optimizer, param_groups
+from kd.engine.step import train_step_stacked
+from kd.recipes.recipe import make_optimizer, param_groups, set_learning_rates
 
 
 class StudentStack:
     def __init__(self, trainees, recipe):
-        self.trainees = trainees
+        self.trainees, self.recipe = trainees, recipe
         modules = [t.module for t in trainees]
         # the architecture without storage: functional_call supplies the stacked tensors
         self.skeleton = copy.deepcopy(modules[0]).to('meta')
@@ -52,6 +55,13 @@ class StudentStack:
     def set_lr(self, lr):
         for group in self.optimizer.param_groups:
             group['lr'] = lr
+
+    def step(self, batch, epoch, step, steps_per_epoch, teacher):
+        """One stacked step on `batch` (as step.LockstepSteps.step). Returns (the learning
+        rate, a StepResult per trainee)."""
+        lr = set_learning_rates(self.optimizer, self.recipe, step, steps_per_epoch)
+        return lr, train_step_stacked(self, teacher.model, batch.images, batch.labels,
+                                      teacher.precision, epoch=epoch + 1)
 
     @torch.no_grad()
     def write_back(self):

@@ -38,6 +38,11 @@ from kd.run.teacher import (NO_RECORD_SPLIT, SPLIT_KEYS, TeacherMismatch, check_
 from kd.engine.timing import Stopwatch
 from kd.engine.loop import (PRECISION_DTYPES, STATE_FORMAT, StopSignal, Trainee, accuracy, choose_precision,
                    configure_backends, precision_name, predict, predict_views, train_phase)
+from kd.engine.loop import LoopCallbacks, LoopOptions, PhaseFiles
+from kd.engine.stacked import StudentStack
+from kd.engine.step import LockstepSteps, PhaseTeacher
+from kd.engine.trainee import TraineeOptions
+from kd.run.advice import cpu_run_advice
 from kd.run.tuning import (PrecisionDecisions, decide_precisions, decide_stacking, decisions_path,
                     fastest_teacher, machine_key)
 from kd.data.loader import make_loaders, split_train_val
@@ -378,11 +383,12 @@ def make_trainees(specs, recipe, device, precisions, num_classes, compile_model,
             prepare_model(module, recipe, train_loader,
                           like=first if spec.arch == specs[0].arch else None)
         trainees.append(Trainee(spec.name, module, spec.loss, recipe, device,
-                                precisions[spec.name], ddp=dist.enabled,
-                                compile_model=compile_model, loss_params=spec.params,
-                                distiller=distiller_of(features, spec, seed, train_loader),
-                                points=features.student_points.get(spec.arch)
-                                if features is not None else None))
+                                precisions[spec.name], TraineeOptions(
+                                    ddp=dist.enabled, compile_model=compile_model,
+                                    loss_params=spec.params,
+                                    distiller=distiller_of(features, spec, seed, train_loader),
+                                    points=features.student_points.get(spec.arch)
+                                    if features is not None else None)))
     return trainees
 
 
@@ -552,13 +558,14 @@ def train_phase_for_seeds(config, device, dist, arrays, log, stop, teacher=None,
         if stop is not None:  # from here a signal stops at the next batch and saves the state
             stop.immediate = False
         summaries[seed] = train_phase(
-            phase, trainees, data, recipe, dirs[seed], device, teacher=teacher,
-            teacher_precision=teacher_precision, config=configs[seed],
-            resume_state=states.get(seed), stop=stop, dist=dist, log=main_log,
-            epoch_callback=callback, test_every=config.test_every,
-            teacher_test_logits=teacher_logits, runs_ahead=len(seeds) if index == 0 else 0,
-            stacked=stacked, before_write=claim_folder if index == 0 else None,
-            quick_run=quick_run, fast_run=fast_run)
+            phase, trainees, data, recipe, PhaseFiles(dirs[seed], configs[seed], states.get(seed)),
+            teacher=PhaseTeacher(teacher, teacher_precision, teacher_logits),
+            options=LoopOptions(device, dist, test_every=config.test_every,
+                                runs_ahead=len(seeds) if index == 0 else 0,
+                                steps=StudentStack if stacked else LockstepSteps),
+            callbacks=LoopCallbacks(log=main_log, stop=stop, on_epoch=callback,
+                                    before_write=claim_folder if index == 0 else None,
+                                    on_estimate=cpu_run_advice(device, quick_run, fast_run)))
         summaries[seed]['wall_seconds'] = round(seed_watch.elapsed(), 2)
         summaries[seed]['peak_memory_mb'] = peak_memory_mb(device)
         test_logits = summaries[seed].pop('test_logits')

@@ -17,7 +17,7 @@ from kd.methods.plan import (BuildContext, build_distiller, contrast_loss, draw_
 from kd.models import MODELS, StudentNet, TeacherNet, build_model, feature_points
 from kd.recipes.recipe import get_recipe
 from kd.engine.loop import Trainee, train_step
-from kd.run.tuning import fold_batchnorm
+from kd.run.teacher_form import fold_batchnorm
 from kd.data.loader import Batch
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +470,7 @@ def test_a_feature_method_on_a_model_without_points_is_refused(trained_run, tmp_
 def test_compiled_forms_give_the_eager_features_and_steps():
     """--compile: the teacher's compiled form returns its points, and a feature student
     compiled with its hooks takes the eager steps."""
-    from kd.run.tuning import compile_frozen
+    from kd.run.teacher_form import compile_frozen
     from kd.models.features import WithPoints
     torch.manual_seed(0)
     teacher = TeacherNet().eval()

@@ -10,7 +10,7 @@ from kd.methods.losses import LOSSES, expand_grid, get_loss, setting_name
 from kd.report.report import (aggregate_models, curves_figure, describe_gains, gains, grid_figure,
                     plot_curves, plot_grid, print_table, results_table)
 from main import parse_config
-from kd.run.runner import rerun_command
+from kd.run.commands import rerun_command
 from kd.engine.loop import EPOCH_LINE_WIDTH, csv_fields, format_epoch_line
 
 matplotlib = pytest.importorskip('matplotlib')

@@ -12,7 +12,7 @@ from kd.methods.losses import get_loss
 from kd.models import StudentNet, feature_points
 from kd.recipes.recipe import get_recipe
 from kd.engine.loop import Trainee, train_step
-from kd.run.tuning import fold_batchnorm
+from kd.run.teacher_form import fold_batchnorm
 from kd.data.loader import Batch
 
 # resnet32x4 (teacher) and resnet8x4 (student) on 100 classes have the same points' shapes

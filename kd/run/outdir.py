@@ -12,10 +12,12 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 
 from kd.files.checkpoint import atomic_write_text
 from kd.report.report import drop_phase, read_results, write_results_files
+from kd.run.config import UsageError
 
 PREVIOUS = 'previous'
 RESULTS_FILES = ('results.json', 'results.md', 'curves.png')
@@ -199,3 +201,17 @@ def summarize(paths, phase):
     counted = [f'best_<model>.pth/.json of {len(models)} models'] if models else []
     counted += [f'log_<model>.csv of {len(logs)} models'] if logs else []
     return counted + items + ([f'the {phase} files of {" ".join(seeds)}'] if seeds else [])
+
+
+def check_out_dir(path):
+    """Create --out-dir if needed and prove it is writable, before any training."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f'--out-dir {path} is a file, not a directory')
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f'--out-dir {path} cannot be written: {e.strerror or e}') from None
+

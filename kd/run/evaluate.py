@@ -1,6 +1,8 @@
 """--evaluate: the test accuracy of the checkpoints of the last run of each phase in --out-dir,
 each rebuilt from its record and run in the precision its run tested it in."""
 import os
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -65,6 +67,17 @@ def test_images(subset, total):
     return f'all {total} test images'
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What every checkpoint --evaluate tests shares."""
+    config: object                # the RunConfig
+    device: torch.device
+    listed: dict                  # last_run_models's {name: manifest or config, or None}
+    records: dict                 # {name: its best_<name>.json, or None}
+    teacher_sha256: Optional[str]  # best_teacher.pth's, when it is listed
+    log: Callable
+
+
 def evaluate_checkpoints(config, device, arrays, log):
     """--evaluate: test accuracy of the checkpoints of the last run of each phase in --out-dir,
     each rebuilt from its record, on the test images its run used (its record's --subset),
@@ -75,26 +88,14 @@ def evaluate_checkpoints(config, device, arrays, log):
                          f'the folder holding them')
     for note in notes:
         log(note)
-    total = len(arrays[3])
-    trained_on, records = {}, {}
-    for name, info in listed.items():
-        path = os.path.join(config.out_dir, f'best_{name}.pth')
-        records[name] = read_record(path)
-        trained_on[name] = (records[name] or info or {}).get('subset', config.subset)
-    explicit = config.subset is not None
-    differ = sorted({s for s in trained_on.values()  # compared as the images they take
-                     if test_images(s, total) != test_images(config.subset, total)}, key=str) \
-        if explicit else []
-    if differ:
-        runs = ' and '.join(test_images(s, total) for s in differ)
-        log(f'note: --subset {config.subset}: these accuracies are on other test images than '
-            f'results.md\'s (the runs that trained these checkpoints used {runs})')
+    records = {name: read_record(os.path.join(config.out_dir, f'best_{name}.pth'))
+               for name in listed}
+    total, explicit = len(arrays[3]), config.subset is not None
+    groups = group_by_test_set(config, listed, records, total, log)
     teacher_path = os.path.join(config.out_dir, 'best_teacher.pth')
     teacher_sha256 = (read_checkpoint(teacher_path, 'teacher checkpoint')[1]
                       if 'teacher' in listed else None)
-    groups = {}
-    for name in listed:
-        groups.setdefault(config.subset if explicit else trained_on[name], []).append(name)
+    run = Evaluation(config, device, listed, records, teacher_sha256, log)
     models = {}
     for subset, names in groups.items():
         data = make_loaders(config.data_dir, config.batch_size, device, 0.0, config.seeds[0],
@@ -104,48 +105,72 @@ def evaluate_checkpoints(config, device, arrays, log):
             + (' (--subset)' if explicit else ', as in the runs that trained these checkpoints')
             + (f': {", ".join(names)}' if len(groups) > 1 else ''))
         for name in names:
-            path = os.path.join(config.out_dir, f'best_{name}.pth')
-            is_teacher = name == 'teacher'
-            # the recipe that trained it decides its evaluation (test-time augmentation)
-            recorded = (records[name] or {}).get('recipe')
-            recipe = get_recipe(recorded if recorded in recipe_names() else config.recipe.name)
-            model, arch = rebuild(path, records[name],
-                                  config.teacher_arch if is_teacher else config.student_arch,
-                                  recipe.teacher_arch if is_teacher else recipe.student_arch,
-                                  config.num_classes,
-                                  '--teacher-arch' if is_teacher else '--student-arch',
-                                  dataset=config.dataset)
-            loaded, sha256 = read_checkpoint(path, f'{type(model).__name__} checkpoint')
-            # the accuracy below is that of these weights, whatever their record or folder
-            # say (a manifest has said already whether its run is unfinished)
-            manifest = isinstance(listed[name], dict) and 'finished' in listed[name]
-            for problem in provenance_problems(path, records[name], sha256,
-                                               'teacher' if is_teacher else 'students',
-                                               check_unfinished=not manifest):
-                log(f'note: {problem}')
-            for problem in evaluation_differences(name, records[name], data.arrays.test_sha256,
-                                                  teacher_sha256):
-                log(f'note: {problem}')
-            model = load_for_inference(model, path, device, arch=arch,
-                                       num_classes=config.num_classes, record=records[name],
-                                       log=log, loaded=loaded)
-            precision = evaluation_precision(records[name], is_teacher, device, config.amp, log)
-            bar = f'evaluate {name}'
-            if is_teacher:
-                key = logits_key(sha256, config.dataset, data.arrays.test_sha256, data.num_test)
-                logits, reused = teacher_test_logits(model, path, key, data.test, precision,
-                                                     log, bar)
-                if not reused:
-                    store_test_logits(path, logits, key, log)
-            else:
-                logits = predict(model, data.test, precision, bar)[0]
-            models[name] = {'test_acc': accuracy(logits, data.test.labels), 'arch': arch,
-                            'params': sum(p.numel() for p in model.parameters())}
-            if recipe.tta != 'none':
-                tta = predict_views(model, data.test, precision, progress=f'{bar} (TTA)')[1]
-                models[name]['test_acc_tta'] = accuracy(tta, data.test.labels)
+            models[name] = evaluate_one(run, name, data)
     print_table(models, log)
     return models
+
+
+def group_by_test_set(config, listed, records, total, log):
+    """{--subset: [names]}: the checkpoints `listed` grouped by the test images they are tested
+    on, each on its run's (its record's --subset) unless --subset is given, then all on those
+    (said where they differ from its run's). total: the dataset's test images."""
+    trained_on = {name: (records[name] or info or {}).get('subset', config.subset)
+                  for name, info in listed.items()}
+    explicit = config.subset is not None
+    differ = sorted({s for s in trained_on.values()  # compared as the images they take
+                     if test_images(s, total) != test_images(config.subset, total)}, key=str) \
+        if explicit else []
+    if differ:
+        runs = ' and '.join(test_images(s, total) for s in differ)
+        log(f'note: --subset {config.subset}: these accuracies are on other test images '
+            f'than results.md\'s (the runs that trained these checkpoints used {runs})')
+    groups = {}
+    for name in listed:
+        groups.setdefault(config.subset if explicit else trained_on[name], []).append(name)
+    return groups
+
+
+def evaluate_one(run, name, data):
+    """best_<name>.pth rebuilt, checked and tested on data.test: its table row."""
+    config, log, record = run.config, run.log, run.records[name]
+    path = os.path.join(config.out_dir, f'best_{name}.pth')
+    is_teacher = name == 'teacher'
+    # the recipe that trained it decides its evaluation (test-time augmentation)
+    recorded = (record or {}).get('recipe')
+    recipe = get_recipe(recorded if recorded in recipe_names() else config.recipe.name)
+    model, arch = rebuild(path, record, config.teacher_arch if is_teacher else config.student_arch,
+                          recipe.teacher_arch if is_teacher else recipe.student_arch,
+                          config.num_classes, '--teacher-arch' if is_teacher else '--student-arch',
+                          dataset=config.dataset)
+    loaded, sha256 = read_checkpoint(path, f'{type(model).__name__} checkpoint')
+    # the accuracy below is that of these weights, whatever their record or folder say (a
+    # manifest has said already whether its run is unfinished)
+    manifest = isinstance(run.listed[name], dict) and 'finished' in run.listed[name]
+    for problem in provenance_problems(path, record, sha256,
+                                       'teacher' if is_teacher else 'students',
+                                       check_unfinished=not manifest):
+        log(f'note: {problem}')
+    for problem in evaluation_differences(name, record, data.arrays.test_sha256,
+                                          run.teacher_sha256):
+        log(f'note: {problem}')
+    model = load_for_inference(model, path, run.device, arch=arch,
+                               num_classes=config.num_classes, record=record, log=log,
+                               loaded=loaded)
+    precision = evaluation_precision(record, is_teacher, run.device, config.amp, log)
+    bar = f'evaluate {name}'
+    if is_teacher:
+        key = logits_key(sha256, config.dataset, data.arrays.test_sha256, data.num_test)
+        logits, reused = teacher_test_logits(model, path, key, data.test, precision, log, bar)
+        if not reused:
+            store_test_logits(path, logits, key, log)
+    else:
+        logits = predict(model, data.test, precision, bar)[0]
+    row = {'test_acc': accuracy(logits, data.test.labels), 'arch': arch,
+           'params': sum(p.numel() for p in model.parameters())}
+    if recipe.tta != 'none':
+        tta = predict_views(model, data.test, precision, progress=f'{bar} (TTA)')[1]
+        row['test_acc_tta'] = accuracy(tta, data.test.labels)
+    return row
 
 
 def evaluation_precision(record, is_teacher, device, amp, log):

@@ -20,7 +20,7 @@ from kd.run.commands import fast_run_commands, quick_run_commands
 from kd.run.config import UsageError
 from kd.run.memory import GridTooLarge, check_memory, peak_memory_mb
 from kd.run.model_records import promote_best_student, teacher_in_use, write_model_records
-from kd.run.outdir import planned_files, set_aside, write_manifest
+from kd.run.outdir import Manifest, planned_files, set_aside, write_manifest
 from kd.run.record import DataDigests, Precisions
 from kd.run.resume import (check_resume_data, describe_resume, find_states, load_states,
                            resumed_amp, run_dirs, saved_precisions)
@@ -195,17 +195,17 @@ def prepare_teacher(record, plan, teacher):
 
 
 def phase_manifest(config, specs, dirs):
-    """The keywords of outdir.write_manifest for this run: its models, folders, planned files,
-    --subset, dataset and seeds."""
+    """The outdir.Manifest of this run: its models, folders, planned files, --subset, dataset
+    and seeds."""
     seeds = list(config.seeds)
     folders = [os.path.relpath(dirs[s], config.out_dir) for s in seeds]
     names = [s.name for s in specs] + (['student_kd'] if len(distilled_names(specs)) > 1
                                        else [])
-    return dict(models={s.name: {'arch': s.arch, 'loss': s.loss, 'params': s.params}
-                        for s in specs},
-                folders=folders, subset=config.subset, dataset=config.dataset, seeds=seeds,
-                files=planned_files(config.phase, names, folders,
-                                    top_copies=config.per_seed_folders))
+    return Manifest(config.phase,
+                    {s.name: {'arch': s.arch, 'loss': s.loss, 'params': s.params} for s in specs},
+                    folders, planned_files(config.phase, names, folders,
+                                           top_copies=config.per_seed_folders),
+                    subset=config.subset, dataset=config.dataset, seeds=seeds)
 
 
 class FolderClaim:
@@ -226,7 +226,7 @@ class FolderClaim:
                 config.teacher_checkpoint, record_path(config.teacher_checkpoint),
                 logits_path(config.teacher_checkpoint)]
             set_aside(config.out_dir, config.phase, keep=keep, log=self.plan.log)
-        write_manifest(config.out_dir, config.phase, finished=False, **self.manifest)
+        write_manifest(config.out_dir, self.manifest, finished=False)
         # set_aside removes the seed folders it empties
         os.makedirs(self.plan.dirs[config.seeds[0]], exist_ok=True)
         self.writers.extend(w for w in [open_tensorboard(config.out_dir, config.tensorboard,
@@ -247,7 +247,7 @@ class SeedJob:
 
 def train_seeds(run, record):
     """Train every seed of the phase in turn; returns ({seed: summary}, the record with its
-    stacking decision, the manifest's keywords as the run ends)."""
+    stacking decision, the outdir.Manifest as the run ends)."""
     config, plan = record.config, run.plan
     manifest, summaries = run.claim.manifest, {}
     setup = TraineeSetup(config.recipe, record.device, record.precisions.models,
@@ -266,8 +266,8 @@ def train_seeds(run, record):
         summaries[seed] = train_seed(run, job)
         best = write_seed_records(run, job, summaries[seed])
         if best is not None and index == 0:  # the top-level copy is the first seed's
-            manifest = dict(manifest, models=dict(
-                manifest['models'], student_kd=dict(manifest['models'][best], copy_of=best)))
+            manifest = replace(manifest, models=dict(
+                manifest.models, student_kd=dict(manifest.models[best], copy_of=best)))
     return summaries, record, manifest
 
 
@@ -353,4 +353,4 @@ def finish_phase(config, plan, manifest, writers):
             if name.startswith('best_'):
                 shutil.copyfile(os.path.join(first, name), os.path.join(config.out_dir, name))
     if plan.dist.is_main:
-        write_manifest(config.out_dir, config.phase, finished=True, **manifest)
+        write_manifest(config.out_dir, manifest, finished=True)

@@ -19,7 +19,6 @@ from kd.run.commands import missing_teacher_message, rerun_command
 from kd.run.commands import resume_command  # noqa: F401  re-export until the merge (main.py)
 from kd.run.config import UsageError
 from kd.run.configuration import print_configuration
-from kd.run.device import device_arg  # noqa: F401  re-export until the merge (bench/*.py)
 from kd.run.device import resolve_device
 from kd.run.evaluate import evaluate_checkpoints
 from kd.run.outdir import check_out_dir

@@ -57,6 +57,7 @@ class PhasePlan:
         return seed_loaders(config, device, self.dist, self.arrays, seed)
 
     def workload(self, record):
+        """The tuning.Workload the speed choices time."""
         return Workload(record.device, self.batch_shape, record.config.num_classes, self.dist)
 
 
@@ -78,10 +79,10 @@ class PhaseRun:
     states: dict                  # the states --resume continues, by seed
     claim: 'FolderClaim'
     stop: object                  # the loop's StopSignal, or None
-    log: Callable                 # every process's log
 
 
 def seed_loaders(config, device, dist, arrays, seed):
+    """The train / validation / test loaders of `seed` over `arrays`, this process's share."""
     return make_loaders(config.data_dir, config.batch_size, device, config.val_fraction,
                         seed, config.subset,
                         eval_batch_size=5000 if device.type == 'cuda' else 1000,
@@ -102,7 +103,7 @@ def train_phase_for_seeds(record, dist, arrays, stop=None, teacher=None, log=pri
     if not teacher_run.logits_reused and dist.is_main:  # stored only now the run goes ahead
         store_test_logits(record.config.teacher_checkpoint, teacher_run.test_logits,
                           teacher_run.logits_key, plan.log)
-    run = PhaseRun(plan, teacher_run, saved, states, claim, stop, log)
+    run = PhaseRun(plan, teacher_run, saved, states, claim, stop)
     summaries, record, manifest = train_seeds(run, record)
     finish_phase(record.config, plan, manifest, claim.writers)
     return summaries, plan.dirs, record

@@ -46,8 +46,9 @@ class Precisions:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """The RunConfig of a run, and what it learned; the fields after `teacher` are None until
-    the run has learned them (to_dict leaves those out)."""
+    """The RunConfig of a run, and what it learned: `amp` starts as --amp; the fields after it
+    are None until the run has learned them (to_dict leaves the precisions, the teacher's
+    form, the seed and the stacking out while they are None)."""
     config: RunConfig
     device: torch.device
     world_size: int = 1           # torchrun processes

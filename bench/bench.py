@@ -39,7 +39,7 @@ from kd.data.datasets import CIFAR10  # noqa: E402
 from kd.methods.losses import LOSSES  # noqa: E402
 from kd.models import StudentNet, TeacherNet  # noqa: E402
 from kd.report.report import cpu_identity  # noqa: E402
-from kd.run.runner import device_arg  # noqa: E402
+from kd.run.device import device_arg  # noqa: E402
 from kd.engine.timing import Stopwatch, seconds_per_call  # noqa: E402
 from kd.engine.loop import (Recipe, Trainee, choose_precision, make_optimizer, precision_name,  # noqa: E402
                    train_step)

@@ -12,7 +12,9 @@ import main
 from kd import recipes as recipe
 from kd.run.config import FLAGS, RunConfig, UsageError, flag_args
 from kd.methods.registry import LOSSES
-from kd.run.runner import phase_specs, resolved_configuration, run
+from kd.run.configuration import resolved_configuration
+from kd.run.runner import run
+from kd.run.specs import phase_specs
 from kd.engine.trainee import Trainee
 
 CPU = torch.device('cpu')
@@ -162,7 +164,8 @@ def test_flag_args_round_trips(argv):
 def test_gamma_and_the_switch_from_the_command_line():
     """--gamma and --logit-standardization make grids of the losses that take them, say so in
     the configuration, and refuse bad values (exit 2)."""
-    from kd.run.runner import describe_loss_settings, loss_settings, student_specs
+    from kd.run.configuration import describe_loss_settings, loss_settings
+    from kd.run.specs import student_specs
     config = main.parse_config(['--loss', 'kd', 'rkd', 'fitnet', '--gamma', '10', '50',
                                 '--logit-standardization', 'off', 'on'])
     specs = student_specs(config)

@@ -13,7 +13,8 @@ from conftest import run_cli, snapshot
 from kd.data.datasets import DatasetArrays, content_sha256, effective_subset, load_dataset
 from kd.models import build_model
 from kd.engine.metrics import agreement
-from kd.run.runner import describe_subset, evaluation_differences
+from kd.run.evaluate import evaluation_differences
+from kd.run.runner import describe_subset
 from kd.run.teacher import TeacherMismatch, check_data, load_for_inference, logits_path
 from kd.engine.evaluate import accuracy, predict
 from kd.data.loader import make_loaders

@@ -439,7 +439,7 @@ def test_a_teacher_without_a_record_is_taken_to_be_the_recipes_teacher(tmp_path)
 def test_evaluate_runs_each_checkpoint_in_the_precision_its_run_tested_it_in():
     """bf16 and fp32 round differently: --evaluate reproduces a run's test accuracy only in the
     recorded precision, so it uses it unless --amp / --no-amp say otherwise, and says so."""
-    from kd.run.runner import evaluation_precision
+    from kd.run.evaluate import evaluation_precision
     said = []
     assert evaluation_precision({'precision': 'bf16'}, False, CPU, None, said.append) \
         == torch.bfloat16

@@ -18,7 +18,7 @@ from kd.models import MODELS, StudentNet, TeacherNet, build_model, feature_point
 from kd.recipes import get_recipe
 from kd.engine.step import train_step
 from kd.engine.trainee import Trainee, TraineeOptions
-from kd.run.tuning import fold_batchnorm
+from kd.run.teacher_form import fold_batchnorm
 from kd.data.loader import Batch
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +473,7 @@ def test_a_feature_method_on_a_model_without_points_is_refused(trained_run, tmp_
 def test_compiled_forms_give_the_eager_features_and_steps():
     """--compile: the teacher's compiled form returns its points, and a feature student
     compiled with its hooks takes the eager steps."""
-    from kd.run.tuning import compile_frozen
+    from kd.run.teacher_form import compile_frozen
     from kd.models.features import WithPoints
     torch.manual_seed(0)
     teacher = TeacherNet().eval()

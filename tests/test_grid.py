@@ -141,7 +141,7 @@ def test_the_printed_confirm_command_runs_as_printed_with_the_runs_flags(grid_ru
 
 def test_the_confirm_command_keeps_the_split_and_the_recipe():
     import main
-    from kd.run.runner import rerun_command
+    from kd.run.commands import rerun_command
     config = main.parse_config([
         '--loss', 'kd', '--temperature', '2', '4', '--val-fraction', '0.2', '--split-seed', '3',
         '--batch-size', '64', '--lr', '0.3', '--out-dir', 'runs', '--teacher-checkpoint', 't.pth'])

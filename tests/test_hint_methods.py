@@ -22,7 +22,7 @@ from kd.models import (MODELS, StudentNet, TeacherNet, bn_before_relu, build_mod
 from kd.recipes import get_recipe
 from kd.engine.step import train_step
 from kd.engine.trainee import Trainee, TraineeOptions
-from kd.run.tuning import fold_batchnorm
+from kd.run.teacher_form import fold_batchnorm
 from kd.data.loader import Batch
 
 # resnet32x4 (teacher) and resnet8x4 (student) at 100 classes: point_shapes at batch 1

@@ -7,7 +7,7 @@ import torch
 
 from kd.run import memory
 from kd.models import build_model, count_parameters
-from kd.run.runner import ModelSpec
+from kd.run.specs import ModelSpec
 
 
 def test_a_students_estimate_counts_weights_gradients_momentum_and_activations():

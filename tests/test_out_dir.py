@@ -16,7 +16,7 @@ import termios
 import pytest
 
 from conftest import ROOT, run_cli, snapshot
-from kd.run.outdir import owned_files, set_aside, write_manifest
+from kd.run.outdir import Manifest, owned_files, set_aside, write_manifest
 
 SUBSET = '40'   # of the 100 test images of cifar_dir: --evaluate must take these 40, not 100
 GRID = ['--loss', 'kd', 'ls', '--temperature', '2', '4']
@@ -243,9 +243,9 @@ def test_a_new_teacher_run_moves_the_teacher_files_only(tmp_path):
         _write(os.path.join(out, rel))
     with open(os.path.join(out, 'results.json'), 'w') as f:
         json.dump(_results(['teacher', 'students']), f)
-    write_manifest(out, 'teacher', {'teacher': {'arch': 'resnet18'}}, ['.'],
-                   ['best_teacher.pth', 'best_teacher.json', 'other.pth'], subset=None,
-                   dataset='cifar10', seeds=[0], finished=True)
+    write_manifest(out, Manifest('teacher', {'teacher': {'arch': 'resnet18'}}, ['.'],
+                                 ['best_teacher.pth', 'best_teacher.json', 'other.pth'],
+                                 subset=None, dataset='cifar10', seeds=[0]), finished=True)
     archive = set_aside(out, 'teacher', log=lambda *_: None)
     assert sorted(os.listdir(archive)) == ['best_teacher.json', 'best_teacher.pth', 'other.pth',
                                            'results.json', 'run_teacher.json']

@@ -20,12 +20,13 @@ import pytest
 import torch
 
 import main
-from kd.run import tuning
+from kd.run import teacher_form, tuning
 from conftest import ROOT, run_cli, snapshot
 from kd.engine.distributed import DistInfo
-from kd.run.runner import ModelSpec, fast_run_commands, quick_run_commands, resume_command
+from kd.run.commands import fast_run_commands, quick_run_commands, resume_command
+from kd.run.specs import ModelSpec
 from kd.engine.state import STATE_FORMAT
-from kd.run.tuning import PrecisionDecisions, decide_precisions, precision_from_rates
+from kd.run.tuning import PrecisionDecisions, Workload, decide_precisions, precision_from_rates
 
 CPU = torch.device('cpu')
 SHAPE = (8, 3, 32, 32)
@@ -76,8 +77,9 @@ class FakeMeasure:
 def decide(path, lines):
     store = PrecisionDecisions(str(path), 'test machine', lines.append)
     return decide_precisions([ModelSpec('student_kd', 'cnn', 'kd'),
-                              ModelSpec('student_base', 'cnn', 'ce')], CPU, None, DistInfo(),
-                             SHAPE, 10, store=store, log=lines.append)
+                              ModelSpec('student_base', 'cnn', 'ce')],
+                             Workload(CPU, SHAPE, 10, DistInfo()), None, store=store,
+                             log=lines.append)
 
 
 def test_the_decision_is_stored_reused_and_measured_again_once_deleted(tmp_path, monkeypatch):
@@ -166,7 +168,7 @@ def test_refusals_come_before_any_timing(flags, said, cifar_dir, tmp_path, monke
     def no_timing(*_, **__):
         raise AssertionError('timed before refusing')
     monkeypatch.setattr(tuning, 'measure_precisions', no_timing)
-    monkeypatch.setattr(tuning, 'fastest_teacher', no_timing)
+    monkeypatch.setattr(teacher_form, 'fastest_teacher', no_timing)
     monkeypatch.setenv('KD_CIFAR_CACHE_DIR', str(tmp_path / 'empty cache'))
     out = tmp_path / 'run'
     out.mkdir()

@@ -11,7 +11,7 @@ from kd.report.grid import grid_figure, plot_grid
 from kd.report.stats import aggregate_models, gains
 from kd.report.tables import describe_gains, print_table, results_table
 from main import parse_config
-from kd.run.runner import rerun_command
+from kd.run.commands import rerun_command
 from kd.engine.epoch_line import EPOCH_LINE_WIDTH, EpochStats, format_epoch_line
 from kd.engine.epoch_log import csv_fields
 

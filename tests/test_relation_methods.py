@@ -13,7 +13,7 @@ from kd.models import StudentNet, feature_points
 from kd.recipes import get_recipe
 from kd.engine.step import train_step
 from kd.engine.trainee import Trainee, TraineeOptions
-from kd.run.tuning import fold_batchnorm
+from kd.run.teacher_form import fold_batchnorm
 from kd.data.loader import Batch
 
 # resnet32x4 (teacher) and resnet8x4 (student) on 100 classes have the same points' shapes

@@ -16,7 +16,7 @@ from kd.recipes import get_recipe
 from kd.methods.reviewkd import hcl_loss
 from kd.engine.step import train_step
 from kd.engine.trainee import Trainee, TraineeOptions
-from kd.run.tuning import fold_batchnorm
+from kd.run.teacher_form import fold_batchnorm
 
 # Shapes of the zoo at batch 1 (distillers.point_shapes of build_model(arch, 100)), written out
 RESNET32X4 = {'stem': (1, 32, 32, 32), 'stage1': (1, 64, 32, 32), 'stage1_pre': (1, 64, 32, 32),

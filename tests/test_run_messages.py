@@ -15,7 +15,8 @@ from kd.recipes.recipe import Recipe
 from conftest import run_cli
 from kd.methods.losses import LOSSES, DistillLoss, ce_loss
 from kd.models import build_model
-from kd.run.runner import print_configuration, resolved_configuration, phase_specs
+from kd.run.configuration import print_configuration, resolved_configuration
+from kd.run.specs import phase_specs
 
 FAST = ['--epochs', '1', '--subset', '100', '--batch-size', '32', '--device', 'cpu']
 

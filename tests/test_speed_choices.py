@@ -16,7 +16,8 @@ from kd.models import build_model, model_names
 from kd.run.advice import cpu_run_advice
 from kd.run.teacher import cached_test_logits, logits_key, logits_path, save_test_logits
 from kd.engine.progress import DurationEstimate, PhaseWork, format_duration
-from kd.run.tuning import fastest_teacher, fold_batchnorm, measure_precisions
+from kd.run.teacher_form import fastest_teacher, fold_batchnorm
+from kd.run.tuning import measure_precisions
 
 
 def _randomise_batchnorm(model, seed=0):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from kd.methods.plan import point_shapes
 from kd.models.features import WithPoints
 from kd.models import build_model, count_parameters, feature_points, model_names
-from kd.run.tuning import fold_batchnorm
+from kd.run.teacher_form import fold_batchnorm
 
 # name: (parameters at 10 classes, at 100 classes)
 PARAMS = {

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kd.models.features import WithPoints
 from kd.models import build_model, count_parameters, feature_points
-from kd.run.tuning import fold_batchnorm
+from kd.run.teacher_form import fold_batchnorm
 
 NAMES = ['shufflev1', 'shufflev2']
 

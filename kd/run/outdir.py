@@ -12,10 +12,14 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 from kd.files.checkpoint import atomic_write_text
 from kd.report.report import drop_phase, read_results, write_results_files
+from kd.run.config import UsageError
 
 PREVIOUS = 'previous'
 RESULTS_FILES = ('results.json', 'results.md', 'curves.png')
@@ -76,21 +80,34 @@ def planned_files(phase, model_names, folders, top_copies):
     return sorted(set(files))
 
 
-def write_manifest(out_dir, phase, models, folders, files, *, subset, dataset, seeds,
-                   finished):
-    """Write OUT_DIR/run_<phase>.json atomically. models: {name: {'arch', 'loss', 'params'}};
-    folders: the run folders relative to OUT_DIR; files: planned_files (those that exist are
-    kept when finished). The start time of a resumed run is kept."""
-    previous = read_manifest(out_dir, phase) or {}
+@dataclass(frozen=True)
+class Manifest:
+    """What OUT_DIR/run_<phase>.json says of a run besides its command and times."""
+    phase: str
+    models: dict                  # {name: {'arch', 'loss', 'params'}}
+    folders: list                 # the run folders relative to OUT_DIR ('.' for OUT_DIR)
+    files: list                   # planned_files
+    subset: Optional[int]
+    dataset: str
+    seeds: list
+
+
+def write_manifest(out_dir, manifest, finished):
+    """Write OUT_DIR/run_<phase>.json atomically (manifest: a Manifest); the planned files that
+    exist are kept when finished. The start time of a resumed run is kept."""
+    previous = read_manifest(out_dir, manifest.phase) or {}
     now = time.strftime('%Y-%m-%dT%H:%M:%S')
+    files = manifest.files
     if finished:
         files = [f for f in files if os.path.exists(os.path.join(out_dir, f))]
-    manifest = {
-        'phase': phase, 'models': models, 'folders': folders, 'files': files, 'seeds': seeds,
-        'subset': subset, 'dataset': dataset, 'command': ' '.join(sys.argv),
+    written = {
+        'phase': manifest.phase, 'models': manifest.models, 'folders': manifest.folders,
+        'files': files, 'seeds': manifest.seeds, 'subset': manifest.subset,
+        'dataset': manifest.dataset, 'command': ' '.join(sys.argv),
         'started': previous.get('started', now) if previous.get('finished') is False else now,
         'finished': finished, **({'finished_at': now} if finished else {})}
-    atomic_write_text(manifest_path(out_dir, phase), json.dumps(manifest, indent=2) + '\n')
+    atomic_write_text(manifest_path(out_dir, manifest.phase),
+                      json.dumps(written, indent=2) + '\n')
 
 
 def owned_files(out_dir, phase, keep=()):
@@ -199,3 +216,17 @@ def summarize(paths, phase):
     counted = [f'best_<model>.pth/.json of {len(models)} models'] if models else []
     counted += [f'log_<model>.csv of {len(logs)} models'] if logs else []
     return counted + items + ([f'the {phase} files of {" ".join(seeds)}'] if seeds else [])
+
+
+def check_out_dir(path):
+    """Create --out-dir if needed and prove it is writable, before any training."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f'--out-dir {path} is a file, not a directory')
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f'--out-dir {path} cannot be written: {e.strerror or e}') from None
+

@@ -6,10 +6,8 @@
   precision every time (PrecisionDecisions).
 - Whether students of one architecture train as one vmapped stack (stacked.py): on CUDA, when
   a few timed steps of both ways say so.
-- The teacher's inference form during the students' phase: its weights never change there, so
-  each BatchNorm that follows a convolution is folded into it (same outputs, fewer passes over
-  memory), and for long runs an Inductor-compiled, frozen graph is tried and kept only when it
-  measures faster and its compile time is repaid by the forwards ahead.
+
+The teacher's inference form during the students' phase is chosen in teacher_form.py.
 """
 import copy
 import hashlib
@@ -18,20 +16,17 @@ import math
 import os
 import statistics
 import time  # wall-clock stamps (time.strftime): when a decision was made
+from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from kd.files.checkpoint import atomic_write_text
-from kd.models.features import WithPoints, split_output, trace_points
-from kd.engine.distributed import all_reduce_sum
+from kd.engine.distributed import DistInfo, all_reduce_sum
 from kd.models import build_model
 from kd.report.report import cpu_identity
 from kd.engine.stacked import StudentStack, stacking_problem
-from kd.engine.timing import Stopwatch, seconds_per_call
+from kd.engine.timing import seconds_per_call
 from kd.engine.loop import autocast, choose_precision, precision_name, train_step, train_step_stacked
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
@@ -195,119 +190,6 @@ class PrecisionDecisions:
 
 
 # ---------------------------------------------------------------------------------------------
-# The frozen teacher
-
-def fold_batchnorm(model, points=None):
-    """A copy of `model` for inference with every BatchNorm2d that directly follows a Conv2d
-    folded into that convolution's weights and bias.
-
-    conv -> BN computes gamma * (W x + b - mean) / sqrt(var + eps) + beta, itself a convolution
-    with weights W * gamma / sqrt(var + eps): one pass over the activations instead of two.
-    Other layers are kept as they are. The copy is in eval mode and holds no gradients.
-    points ({name: spec}, features.py): the copy returns (logits, {name: tensor}) with those
-    features, equal to the eager ones (a convolution whose output is itself a point is not
-    folded; a BatchNorm's point becomes its folded convolution's output).
-    """
-    model = copy.deepcopy(model).eval()
-    graph_module = trace_points(model, points)
-    modules = dict(graph_module.named_modules())
-    for node in list(graph_module.graph.nodes):
-        if node.op != 'call_module' or type(modules[node.target]) is not nn.BatchNorm2d:
-            continue
-        conv_node = node.args[0]
-        if not (isinstance(conv_node, fx.Node) and conv_node.op == 'call_module'
-                and type(modules[conv_node.target]) is nn.Conv2d and len(conv_node.users) == 1):
-            continue
-        fused = fuse_conv_bn_eval(modules[conv_node.target], modules[node.target])
-        parent, _, name = conv_node.target.rpartition('.')
-        setattr(graph_module.get_submodule(parent) if parent else graph_module, name, fused)
-        node.replace_all_uses_with(conv_node)
-        graph_module.graph.erase_node(node)
-    graph_module.graph.eliminate_dead_code()
-    graph_module.delete_all_unused_submodules()
-    graph_module.recompile()
-    for p in graph_module.parameters():
-        p.requires_grad_(False)
-    return graph_module
-
-
-def tensors_match(a, b, tolerance):
-    """Equal up to tolerance relative to the tensor's scale (a deep net's logits can be in the
-    hundreds)."""
-    return bool((a - b).abs().max() <= tolerance * max(1.0, a.abs().max().item()))
-
-
-def compile_frozen(model):
-    """torch.compile for inference with Inductor's freezing (constants folded into the graph)."""
-    return torch.compile(model, options={'freezing': True})
-
-
-def fastest_teacher(teacher, batch_shape, device, precision, forwards_ahead, log=print,
-                    compile_model=False, points=None):
-    """The teacher in its inference form for the students' forwards, and a record of it.
-
-    points ({name: spec}, features.py): the form returns (logits, {name: tensor}) with the
-    features the feature distillers need, and must reproduce the eager ones too.
-    BatchNorm-folded when that reproduces the eager outputs (else eager); with compile_model
-    (--compile), that model compiled with Inductor's freezing, kept if it reproduces the
-    outputs. No timing decides the form: each form rounds differently, and the students learn
-    from its logits, so a choice that followed the load of the moment (or the number of seeds
-    ahead) would give the same command, or the same seed in a grid, other numbers. The forms'
-    seconds per batch are measured and recorded (forwards_ahead: the training forwards ahead,
-    for the record's estimate).
-    """
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_shape, generator=gen).to(device).contiguous(
-        memory_format=torch.channels_last)
-    quarter = images[:max(1, batch_shape[0] // 4)]
-
-    def forward(model, x):
-        with torch.inference_mode(), autocast(device, precision):
-            logits, feats = split_output(model(x))
-            return [logits.float()] + [feats[k].float() for k in sorted(feats)]
-
-    def outputs_match(a, b, tolerance):
-        return len(a) == len(b) and all(tensors_match(x, y, tolerance) for x, y in zip(a, b))
-
-    eager = WithPoints(teacher, points) if points else teacher
-    reference = forward(eager, quarter)  # also eager's warm-up
-    tolerance = 1e-3 if precision is None else 5e-2
-    candidates = {'eager': eager}
-    try:
-        folded = fold_batchnorm(teacher, points).to(device, memory_format=torch.channels_last)
-        if outputs_match(reference, forward(folded, quarter), tolerance):
-            candidates['folded'] = folded
-        else:
-            log('teacher: the folded form does not reproduce the eager outputs; not used')
-    except Exception as e:  # a model fx cannot trace stays eager
-        log(f'teacher: BatchNorm folding is not possible for this model ({type(e).__name__})')
-    scale = batch_shape[0] / len(quarter)
-    seconds = {name: scale * seconds_per_call(lambda m=model: forward(m, quarter), device)
-               for name, model in candidates.items()}
-    # Folding does the same arithmetic as eager minus one pass over every folded activation,
-    # so it is used whenever it reproduces the outputs; its timing is recorded, not obeyed.
-    best = 'folded' if 'folded' in candidates else 'eager'
-    record = {'estimated_forward_seconds': round(forwards_ahead * seconds[best], 1)}
-    if compile_model:
-        watch = Stopwatch(device).start()
-        try:
-            compiled = compile_frozen(candidates[best])
-            forward(compiled, images)  # compiles
-            record['compile_seconds'] = round(watch.elapsed(), 1)
-            seconds['compiled'] = seconds_per_call(lambda: forward(compiled, images), device,
-                                                   warmup=1)
-            if outputs_match(reference, forward(compiled, quarter), tolerance):
-                candidates['compiled'], best = compiled, 'compiled'
-            else:
-                log('teacher: the compiled form does not reproduce the eager outputs; not used')
-        except Exception as e:  # no compiler toolchain, an unsupported op: stay uncompiled
-            record['compile_error'] = f'{type(e).__name__}: {str(e)[:200]}'
-    record['seconds_per_batch'] = {k: round(v, 4) for k, v in seconds.items()}
-    record['chosen'] = best
-    return candidates[best], record
-
-
-# ---------------------------------------------------------------------------------------------
 # The choices of a run, made once per invocation
 
 def rule_precisions(specs, device, amp, with_teacher):
@@ -319,9 +201,20 @@ def rule_precisions(specs, device, amp, with_teacher):
             choose_precision('teacher', device, amp) if with_teacher else None)
 
 
-def decide_precisions(specs, device, amp, dist, batch_shape, num_classes, teacher=None,
-                      teacher_arch=None, store=None, log=print):
-    """({model name: dtype}, teacher dtype or None, record) for a new run of this phase.
+@dataclass(frozen=True)
+class Workload:
+    """What the speed choices time: the run's device, one process's batch shape (N, C, H, W),
+    the models' class count (for the timed labels) and the torchrun processes (DistInfo)."""
+    device: torch.device
+    batch_shape: tuple
+    num_classes: int = 10
+    dist: DistInfo = field(default_factory=DistInfo)
+
+
+def decide_precisions(specs, workload, amp, teacher=None, teacher_arch=None, store=None,
+                      log=print):
+    """({model name: dtype}, teacher dtype or None, record) for a new run of this phase, on
+    workload (a Workload).
 
     CUDA, or amp True / False (--amp / --no-amp): rule_precisions. A CPU in auto mode: per
     architecture and mode (training; the teacher's inference) on this batch shape, the decision
@@ -333,69 +226,79 @@ def decide_precisions(specs, device, amp, dist, batch_shape, num_classes, teache
     'stored and measured', 'decisions': {key: {'fp32', 'bf16' (images/s), 'chosen', 'source',
     'decided'}} or None}.
     """
+    device = workload.device
     if device.type != 'cpu' or amp is not None:
         precisions, teacher_precision = rule_precisions(specs, device, amp, teacher is not None)
         source = 'rule' if amp is None else '--amp' if amp else '--no-amp'
         return precisions, teacher_precision, {'source': source, 'decisions': None}
-    jobs = {(s.arch, True): (lambda s=s: build_model(s.arch, num_classes=num_classes))
+    jobs = {(s.arch, True): (lambda s=s: build_model(s.arch, num_classes=workload.num_classes))
             for s in specs}
     if teacher is not None:
         jobs[(teacher_arch, False)] = lambda: teacher
     decisions, chosen = {}, {}
     for (arch, training), make in jobs.items():
-        key = decision_key(arch, training, batch_shape)
-        stored = store.get(key) if store is not None else None
-        figures = torch.tensor([1.0] + [stored[n] for n in PRECISIONS] if stored else
-                               [0.0] * (1 + len(PRECISIONS)), dtype=torch.float64)
-        all_reduce_sum(figures)  # every process decides from the same figures
-        if figures[0].item() == dist.world_size:
-            source, decided = 'stored', stored['decided']
-        else:
-            figures = torch.tensor([0.0] + [v for v in measure_precisions(
-                make(), batch_shape, device, training, num_classes).values()],
-                dtype=torch.float64)
-            all_reduce_sum(figures)
-            source, decided = 'measured', time.strftime('%Y-%m-%d %H:%M')
-        rates = {n: round(v / dist.world_size, 1)
-                 for n, v in zip(PRECISIONS, figures[1:].tolist())}
-        chosen[(arch, training)] = precision_from_rates(rates)
-        name = precision_name(chosen[(arch, training)])
-        decisions[key] = dict(rates, chosen=name, source=source, decided=decided)
-        kept = None
-        if source == 'measured' and store is not None and dist.is_main:
-            kept = store.put({key: dict(rates, chosen=name, decided=decided)})
-        where = (f'stored in {store.path}; delete it to measure again' if source == 'stored'
-                 or kept else 'not stored')
-        how = (f'decided on {decided[:10]}' if source == 'stored' else 'measured now')
-        log(f"precision: {arch} ({'training' if training else 'inference'}): {name}, {how} on "
-            f"this machine (fp32 {rates['fp32']:.0f} images/s, bf16 {rates['bf16']:.0f}; "
-            f"bf16 only when {BF16_MIN_SPEEDUP:g}x faster); {where}")
+        key = decision_key(arch, training, workload.batch_shape)
+        decisions[key] = decide_one(arch, training, make, workload, store, log)
+        chosen[(arch, training)] = PRECISIONS[decisions[key]['chosen']]
     sources = sorted({d['source'] for d in decisions.values()}, reverse=True)
     return ({s.name: chosen[(s.arch, True)] for s in specs},
             chosen.get((teacher_arch, False)) if teacher is not None else None,
             {'source': ' and '.join(sources), 'decisions': decisions})
 
 
-def decide_stacking(trainees, mode, compiled, num_classes, device, dist, teacher,
-                    teacher_precision, recipe, batch_shape, log):
+def decide_one(arch, training, make, workload, store, log):
+    """The decision of one architecture and mode (decide_precisions's entry): stored when every
+    process has it in `store`, else measured on make() and stored."""
+    dist, batch_shape = workload.dist, workload.batch_shape
+    key = decision_key(arch, training, batch_shape)
+    stored = store.get(key) if store is not None else None
+    figures = torch.tensor([1.0] + [stored[n] for n in PRECISIONS] if stored else
+                           [0.0] * (1 + len(PRECISIONS)), dtype=torch.float64)
+    all_reduce_sum(figures)  # every process decides from the same figures
+    if figures[0].item() == dist.world_size:
+        source, decided = 'stored', stored['decided']
+    else:
+        figures = torch.tensor([0.0] + [v for v in measure_precisions(
+            make(), batch_shape, workload.device, training, workload.num_classes).values()],
+            dtype=torch.float64)
+        all_reduce_sum(figures)
+        source, decided = 'measured', time.strftime('%Y-%m-%d %H:%M')
+    rates = {n: round(v / dist.world_size, 1)
+             for n, v in zip(PRECISIONS, figures[1:].tolist())}
+    name = precision_name(precision_from_rates(rates))
+    kept = None
+    if source == 'measured' and store is not None and dist.is_main:
+        kept = store.put({key: dict(rates, chosen=name, decided=decided)})
+    where = (f'stored in {store.path}; delete it to measure again' if source == 'stored'
+             or kept else 'not stored')
+    how = (f'decided on {decided[:10]}' if source == 'stored' else 'measured now')
+    log(f"precision: {arch} ({'training' if training else 'inference'}): {name}, {how} on "
+        f"this machine (fp32 {rates['fp32']:.0f} images/s, bf16 {rates['bf16']:.0f}; "
+        f"bf16 only when {BF16_MIN_SPEEDUP:g}x faster); {where}")
+    return dict(rates, chosen=name, source=source, decided=decided)
+
+
+def decide_stacking(trainees, workload, recipe, mode, compiled, teacher=None,
+                    teacher_precision=None, log=print):
     """(train the students as one vmapped stack?, record). mode: --stack-students; on / off
-    decide; auto stacks on CUDA when a few timed steps of both ways say the stack is faster.
-    compiled: --compile; num_classes: the models' output count (for the timed labels)."""
+    decide; auto stacks on CUDA when a few timed steps of both ways (on workload's batch shape,
+    with `teacher` in teacher_precision) say the stack is faster. compiled: --compile."""
     if mode == 'off' or len(trainees) < 2:
         return False, {'mode': mode, 'stacked': False}
-    problem = stacking_problem(trainees, dist.enabled, compiled)
+    problem = stacking_problem(trainees, workload.dist.enabled, compiled)
     if problem:
         if mode == 'on' or any(t.distiller is not None for t in trainees):
             log(f'students: not stacked ({problem}); they train one after another')
         return False, {'mode': mode, 'stacked': False, 'why_not': problem}
     if mode == 'on':
         return True, {'mode': 'on', 'stacked': True}
+    device, batch_shape = workload.device, workload.batch_shape
     if device.type != 'cuda':
         return False, {'mode': 'auto', 'stacked': False, 'why_not': 'auto stacks on CUDA only'}
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch_shape, generator=gen).to(device).contiguous(
         memory_format=torch.channels_last)
-    labels = torch.randint(0, num_classes, (batch_shape[0],), generator=gen).to(device)
+    labels = torch.randint(0, workload.num_classes, (batch_shape[0],), generator=gen).to(device)
     seconds = time_both(trainees, recipe, teacher, images, labels, teacher_precision)
     stacked = seconds['stacked'] < seconds['loop']
     log(f"students: {len(trainees)} in a loop {seconds['loop'] * 1e3:.1f} ms per step, stacked "

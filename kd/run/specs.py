@@ -1,0 +1,113 @@
+"""The models of a phase: one ModelSpec per model it trains, the students' feature plan, and the
+trainees of one seed built from them."""
+from dataclasses import dataclass, field
+
+import torch
+
+from kd.engine.trainee import Trainee, TraineeOptions
+from kd.methods.losses import expand_grid, setting_name
+from kd.methods.plan import plan_features
+from kd.models import build_model, feature_points
+from kd.recipes.recipe import prepare_model
+from kd.run.config import UsageError
+
+
+@dataclass
+class ModelSpec:
+    name: str                     # student_kd, student_base, kd_T4_a0.1, ... or teacher
+    arch: str                     # a name from models.MODELS
+    loss: str                     # a name from losses.LOSSES
+    params: dict = field(default_factory=dict)
+
+
+def student_specs(config):
+    """The students of a run: one per setting of the loss grid, plus the baseline.
+
+    One setting keeps today's names (student_kd, student_base); several are named by their
+    setting (kd_T4_a0.1, dkd_T4, ...), and the best of them on validation also becomes
+    best_student_kd.pth.
+    """
+    grid = expand_grid(config.loss, config.temperature, config.alpha, config.beta, config.gamma,
+                       config.logit_standardization, sets=config.sets)
+    arch = config.student_model
+    if len(grid) == 1:
+        specs = [ModelSpec('student_kd', arch, *grid[0])]
+    else:
+        specs = [ModelSpec(setting_name(loss, params), arch, loss, params)
+                 for loss, params in grid]
+    if not config.no_baseline:
+        specs.append(ModelSpec('student_base', arch, 'ce', {}))
+    return specs
+
+
+def phase_specs(config):
+    """The models `config.phase` trains ('teacher' or 'students')."""
+    if config.phase == 'teacher':
+        return [ModelSpec('teacher', config.teacher_arch or config.recipe.teacher_arch, 'ce', {})]
+    return student_specs(config)
+
+
+def feature_plan(specs, teacher, teacher_arch, device, num_classes, image_shape):
+    """The distillers.FeaturePlan of the students' feature methods (None when none), measured
+    on images of the dataset's image_shape (C, H, W); a model without the points a method reads
+    is a usage error, found before any training."""
+    built = {}
+    students = [(s.arch, s.loss, built.setdefault(s.arch, build_model(s.arch, num_classes)),
+                 s.params) for s in specs]
+    try:
+        return plan_features(students, teacher, feature_points(teacher_arch, teacher),
+                             device, num_classes, teacher_arch=teacher_arch,
+                             image_shape=image_shape)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def distilled_names(specs):
+    return [s.name for s in specs if s.name not in ('teacher', 'student_base')]
+
+
+@dataclass(frozen=True)
+class TraineeSetup:
+    """What the trainees of every seed of a phase share."""
+    recipe: object                # the run's recipe.Recipe
+    device: torch.device
+    precisions: dict              # {model name: autocast dtype, None for fp32}
+    num_classes: int              # the models' outputs
+    compile_model: bool = False   # torch.compile them (--compile)
+    ddp: bool = False             # wrap them for torchrun's processes
+
+
+def make_trainees(specs, setup, seed, train_loader=None, features=None):
+    """The trainees of one seed (setup: a TraineeSetup), torch.compile'd when
+    setup.compile_model. Students start from identical weights: differences between them come
+    from their losses alone. train_loader: the images the recipe initialises from
+    (recipe.prepare_model: the whitening layer), whose labels by index CRD's memory uses;
+    features: the distillers.FeaturePlan of feature methods (None: logit losses only)."""
+    recipe, num_classes = setup.recipe, setup.num_classes
+    torch.manual_seed(seed)
+    first = prepare_model(build_model(specs[0].arch, num_classes=num_classes), recipe,
+                          train_loader)
+    trainees = []
+    for spec in specs:
+        module = first if spec is specs[0] else build_model(spec.arch, num_classes=num_classes)
+        if module is not first:
+            prepare_model(module, recipe, train_loader,
+                          like=first if spec.arch == specs[0].arch else None)
+        trainees.append(Trainee(spec.name, module, spec.loss, recipe, setup.device,
+                                setup.precisions[spec.name], TraineeOptions(
+                                    ddp=setup.ddp, compile_model=setup.compile_model,
+                                    loss_params=spec.params,
+                                    distiller=distiller_of(features, spec, seed, train_loader),
+                                    points=features.student_points.get(spec.arch)
+                                    if features is not None else None)))
+    return trainees
+
+
+def distiller_of(features, spec, seed, train_loader):
+    """The feature method's Distiller of a student (None for a logit loss), initialised from
+    `seed` alone: a method's connectors start the same in a grid and alone."""
+    if features is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return features.build(spec.loss, spec.params, spec.arch, train_loader.labels)

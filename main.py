@@ -14,7 +14,7 @@ import math
 import os
 import sys
 
-from kd.recipes import recipe as r
+import kd.recipes as r
 from kd.files.checkpoint import CheckpointError
 from kd.run.config import UsageError, resolve
 from kd.data.datasets import dataset_names
@@ -22,10 +22,11 @@ from kd.engine.distributed import shutdown_distributed
 from kd.methods.grid import SET_SYNTAX
 from kd.methods.registry import HYPER, LOSSES
 from kd.models import model_names
-from kd.run.runner import resume_command, run
+from kd.run.commands import resume_command
+from kd.run.runner import run
 from kd.engine.signals import NonFiniteLoss, StartupInterrupted, StopNow, TrainingInterrupted
 from kd.run.tuning import BF16_MIN_SPEEDUP, CACHE_ENV, decisions_path
-from kd.data.loader import DataError
+from kd.data.datasets import DataError
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -10,4 +10,5 @@ from kd.engine.evaluate import accuracy, evaluate, predict, predict_views  # noq
 from kd.engine.loop import LoopCallbacks, LoopOptions, PhaseFiles, train_phase  # noqa: F401
 from kd.engine.step import PhaseTeacher, train_step  # noqa: F401
 from kd.engine.trainee import Trainee, TraineeOptions  # noqa: F401
-from kd.recipes.recipe import Recipe, lr_at, make_optimizer, warmup_steps  # noqa: F401
+from kd.recipes.base import Recipe  # noqa: F401
+from kd.recipes.optim import lr_at, make_optimizer, warmup_steps  # noqa: F401

@@ -36,13 +36,16 @@ import torchvision  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 
 from kd.data.datasets import CIFAR10  # noqa: E402
-from kd.methods.losses import LOSSES  # noqa: E402
+from kd.methods.registry import LOSSES  # noqa: E402
 from kd.models import StudentNet, TeacherNet  # noqa: E402
-from kd.report.report import cpu_identity  # noqa: E402
+from kd.report.provenance import cpu_identity  # noqa: E402
 from kd.run.device import device_arg  # noqa: E402
 from kd.engine.timing import Stopwatch, seconds_per_call  # noqa: E402
-from kd.engine.loop import (Recipe, Trainee, choose_precision, make_optimizer, precision_name,  # noqa: E402
-                   train_step)
+from kd.recipes.base import Recipe
+from kd.engine.trainee import Trainee
+from kd.engine.precision import choose_precision, precision_name
+from kd.recipes.optim import make_optimizer
+from kd.engine.step import train_step
 from kd.data.loader import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_cifar10,  # noqa: E402
                             make_loaders)
 from kd.methods.plain_kd import kd_loss  # noqa: E402

@@ -25,13 +25,14 @@ import torch  # noqa: E402
 
 from kd.data.datasets import CIFAR10  # noqa: E402
 from kd.methods.plan import plan_features  # noqa: E402
-from kd.methods.losses import LOSSES  # noqa: E402
+from kd.methods.registry import LOSSES  # noqa: E402
 from kd.models import build_model, feature_points  # noqa: E402
 from kd.recipes import get_recipe  # noqa: E402
-from kd.report.report import cpu_identity  # noqa: E402
+from kd.report.provenance import cpu_identity  # noqa: E402
 from kd.run.device import device_arg  # noqa: E402
 from kd.engine.timing import seconds_per_call  # noqa: E402
-from kd.engine.loop import Trainee, train_step  # noqa: E402
+from kd.engine.trainee import Trainee  # noqa: E402
+from kd.engine.step import train_step  # noqa: E402
 from kd.engine.trainee import TraineeOptions  # noqa: E402
 from kd.run.teacher_form import fold_batchnorm  # noqa: E402
 from kd.data.loader import Batch  # noqa: E402

@@ -37,7 +37,9 @@ from kd.data.datasets import CIFAR10  # noqa: E402
 from kd.models import build_model, count_macs  # noqa: E402
 from kd.recipes import get_recipe, prepare_model  # noqa: E402
 from kd.engine.timing import seconds_per_call  # noqa: E402
-from kd.engine.loop import Trainee, choose_precision, teacher_forward, train_step  # noqa: E402
+from kd.engine.trainee import Trainee  # noqa: E402
+from kd.engine.precision import choose_precision  # noqa: E402
+from kd.engine.step import teacher_forward, train_step  # noqa: E402
 
 IMAGES, EPOCHS = 50_000, 10  # CIFAR-10's training set, the fast recipe's epochs
 

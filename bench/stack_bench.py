@@ -25,8 +25,10 @@ from kd.models import StudentNet, TeacherNet  # noqa: E402
 from kd.run.device import device_arg  # noqa: E402
 from kd.engine.stacked import StudentStack  # noqa: E402
 from kd.engine.timing import seconds_per_call  # noqa: E402
-from kd.engine.loop import (Recipe, Trainee, choose_precision, precision_name, train_step,  # noqa: E402
-                   train_step_stacked)
+from kd.recipes.base import Recipe
+from kd.engine.trainee import Trainee
+from kd.engine.precision import choose_precision, precision_name
+from kd.engine.step import train_step, train_step_stacked
 from kd.run.teacher_form import fold_batchnorm  # noqa: E402
 from kd.run.tuning import measure_precisions, precision_from_rates  # noqa: E402
 

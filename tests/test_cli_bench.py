@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-from kd.methods import plan as distillers  # noqa: F401  (registers the feature methods)
 from conftest import run_bench
-from kd.methods.losses import LOSSES
+from kd.methods.registry import LOSSES
 from kd.models import StudentNet, TeacherNet
 
 pytestmark = pytest.mark.slow  # long end-to-end runs: python -m pytest -m slow

@@ -59,3 +59,24 @@ def test_parameters_pile_up_into_objects():
     assert not too_many, too_many
     many = [f'{w}: {p} parameters' for w, _, p in functions if p > MANY_PARAMETERS]
     assert len(many) <= MANY_PARAMETER_FUNCTIONS, many
+
+
+def _fresh(code):
+    """What `code` prints in a new interpreter (nothing imported before it)."""
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_a_registry_is_complete_on_import():
+    """Importing a registry's own module brings every family with it (the package's __init__
+    imports them): the loss registry alone lists the feature methods, the model registry the
+    whole zoo."""
+    import kd.methods  # noqa: F401  (this process: everything, to compare with)
+    import kd.models  # noqa: F401
+    from kd.methods.registry import LOSSES
+    from kd.models.registry import MODELS
+    assert _fresh('from kd.methods.registry import LOSSES; print(*LOSSES)') == list(LOSSES)
+    assert _fresh('from kd.models.registry import MODELS; print(*MODELS)') == list(MODELS)
+    assert {'fitnet', 'crd', 'reviewkd', 'dkd'} <= set(LOSSES) and len(MODELS) >= 26

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.methods import plan as distillers  # noqa: F401  (registers the feature methods)
 from kd.methods.grid import expand_grid, setting_name
 from kd.methods.registry import LOSSES, get_loss
 

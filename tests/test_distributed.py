@@ -418,7 +418,7 @@ def test_stop_requests_are_agreed_every_few_batches_only_over_processes(
     from kd.engine.signals import StopSignal
     from kd.engine.trainee import Trainee
     from kd.models import StudentNet
-    from kd.recipes.recipe import Recipe
+    from kd.recipes.base import Recipe
     from kd.data.loader import make_loaders
     arrays = (torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8), torch.arange(100) % 10,
               torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10) % 10)
@@ -441,7 +441,7 @@ def test_ddp_students_skip_the_buffer_broadcast_and_sync_their_batchnorm(tmp_pat
     from kd.engine.distributed import SyncBatchNorm2d
     from kd.engine.trainee import Trainee, TraineeOptions
     from kd.models import StudentNet
-    from kd.recipes.recipe import Recipe
+    from kd.recipes.base import Recipe
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=0,
                             world_size=1)
     try:

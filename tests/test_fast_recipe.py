@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import main
 from kd import recipes as r
 from conftest import ROOT, run_cli
-from kd.methods.losses import get_loss
+from kd.methods.registry import get_loss
 from kd.models import AirbenchNet, build_model
 from kd.engine.stacked import stacking_problem
 from kd.engine.evaluate import predict, predict_views

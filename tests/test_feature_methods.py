@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import main
-from kd.methods.plan import (BuildContext, build_distiller, contrast_loss, draw_negatives,
-                        point_shapes)
+from kd.methods.plan import BuildContext, build_distiller, point_shapes
+from kd.methods.contrastive import contrast_loss, draw_negatives
 from kd.models import MODELS, StudentNet, TeacherNet, build_model, feature_points
 from kd.recipes import get_recipe
 from kd.engine.step import train_step

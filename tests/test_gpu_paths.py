@@ -10,7 +10,7 @@ from kd.models import StudentNet, build_model, model_names
 from kd.engine.precision import choose_precision, configure_backends
 from kd.engine.step import train_step
 from kd.engine.trainee import Trainee
-from kd.recipes.recipe import Recipe
+from kd.recipes.base import Recipe
 from kd.data.loader import CifarLoader
 
 CUDA = torch.device('cuda')

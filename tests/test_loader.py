@@ -17,9 +17,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 import utils
-from kd.data.loader import (CIFAR10_MEAN, CIFAR10_STD, CifarLoader, DataError, DataSource,
-                            LoaderOptions, crop_flip, get_cifar10_loaders, load_cifar10,
-                            load_loaders, make_loaders, read_cifar_batch, split_train_val)
+from kd.data.loader import (CIFAR10_MEAN, CIFAR10_STD, CifarLoader, DataSource, LoaderOptions,
+                            crop_flip, get_cifar10_loaders, load_cifar10, load_loaders,
+                            make_loaders, read_cifar_batch, split_train_val)
+from kd.data.datasets import DataError
 
 PAD = 4
 MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1) * 255

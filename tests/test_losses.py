@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import utils
-from kd.methods import plan as distillers  # noqa: F401  (registers the feature methods: the registry is then whole)
 from kd.methods.grid import expand_grid, setting_name
 from kd.methods.registry import LOSSES, get_loss, register_loss
 

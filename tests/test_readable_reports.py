@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from kd.methods.losses import LOSSES, expand_grid, get_loss, setting_name
+from kd.methods.registry import LOSSES, get_loss
+from kd.methods.grid import expand_grid, setting_name
 from kd.report.curves import curves_figure, plot_curves
 from kd.report.grid import grid_figure, plot_grid
 from kd.report.stats import aggregate_models, gains

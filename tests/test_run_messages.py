@@ -11,9 +11,10 @@ import main
 from kd.engine.loop import LoopCallbacks, LoopOptions, PhaseFiles, train_phase
 from kd.engine.signals import NonFiniteLoss, StopNow, StopSignal
 from kd.engine.trainee import Trainee
-from kd.recipes.recipe import Recipe
+from kd.recipes.base import Recipe
 from conftest import run_cli
-from kd.methods.losses import LOSSES, DistillLoss, ce_loss
+from kd.methods.registry import LOSSES, DistillLoss
+from kd.methods.losses import ce_loss
 from kd.models import build_model
 from kd.run.configuration import print_configuration, resolved_configuration
 from kd.run.specs import phase_specs

@@ -7,7 +7,7 @@ from kd.models import StudentNet, build_model
 from kd.engine.stacked import StudentStack, stacking_problem
 from kd.engine.step import train_step, train_step_stacked
 from kd.engine.trainee import Trainee, TraineeOptions
-from kd.recipes.recipe import Recipe
+from kd.recipes.base import Recipe
 from kd.run.tuning import time_both
 
 SETTINGS = [('kd', {'temperature': 4.0, 'alpha': 0.1}), ('dkd', {'temperature': 4.0}),

@@ -14,7 +14,7 @@ from kd.models import StudentNet, build_model
 from kd.engine.progress import DurationEstimate, PhaseWork
 from kd.engine.stacked import StudentStack
 from kd.engine.trainee import Trainee
-from kd.recipes.recipe import Recipe
+from kd.recipes.base import Recipe
 
 PROJECT = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "kd", "**", "*.py"), recursive=True))
 BENCH = sorted(glob.glob(os.path.join(ROOT, 'bench', '*.py')))

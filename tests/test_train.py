@@ -8,7 +8,8 @@ from kd.engine.precision import choose_precision
 from kd.engine.state import PhaseProgress, save_state
 from kd.engine.step import train_step
 from kd.engine.trainee import Trainee
-from kd.recipes.recipe import Recipe, lr_at, warmup_steps
+from kd.recipes.base import Recipe
+from kd.recipes.optim import lr_at, warmup_steps
 
 
 def test_warmup_then_cosine_to_zero():

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kd.data.datasets import (CIFAR10, DataError, DatasetArrays, ensure_dataset,  # noqa: F401
-                      find_folder, get_dataset, load_dataset, read_batch)
+from kd.data.datasets import (CIFAR10, DatasetArrays, ensure_dataset, find_folder, get_dataset,
+                              load_dataset, read_batch)
 
 # CIFAR-10's constants and readers under the names notebooks already use (datasets.py has them
 # for every dataset)

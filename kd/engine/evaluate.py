@@ -5,7 +5,7 @@ from tqdm import tqdm
 
 from kd.engine.distributed import all_gather_cat
 from kd.engine.precision import autocast
-from kd.recipes.recipe import tta_logits
+from kd.recipes.tta import tta_logits
 
 
 @torch.inference_mode()

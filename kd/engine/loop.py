@@ -26,19 +26,8 @@ from kd.engine.signals import TrainingInterrupted
 from kd.engine.state import PhaseProgress, restore_state, save_state
 from kd.engine.step import NO_TEACHER, LockstepSteps
 from kd.engine.timing import Stopwatch
-from kd.recipes.recipe import tta_view_count
+from kd.recipes.tta import tta_view_count
 
-# re-export until the merge: the names the run layer and the benchmarks import from here
-from kd.engine.evaluate import accuracy, predict, predict_views  # noqa: F401  re-export until the merge
-from kd.engine.precision import PRECISION_DTYPES, autocast  # noqa: F401  re-export until the merge
-from kd.engine.precision import choose_precision, configure_backends  # noqa: F401  re-export until the merge
-from kd.engine.precision import precision_name  # noqa: F401  re-export until the merge
-from kd.engine.signals import StopSignal  # noqa: F401  re-export until the merge
-from kd.engine.state import STATE_FORMAT  # noqa: F401  re-export until the merge
-from kd.engine.step import teacher_forward, train_step  # noqa: F401  re-export until the merge
-from kd.engine.step import train_step_stacked  # noqa: F401  re-export until the merge
-from kd.engine.trainee import Trainee  # noqa: F401  re-export until the merge
-from kd.recipes.recipe import Recipe, make_optimizer  # noqa: F401  re-export until the merge
 
 STOP_CHECK_EVERY = 10  # batches between the ranks' agreement on a stop request (torchrun)
 

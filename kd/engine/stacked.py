@@ -19,7 +19,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from kd.engine.step import train_step_stacked
-from kd.recipes.recipe import make_optimizer, param_groups, set_learning_rates
+from kd.recipes.optim import make_optimizer, param_groups, set_learning_rates
 
 
 class StudentStack:

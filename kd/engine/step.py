@@ -12,7 +12,8 @@ import torch
 
 from kd.engine.precision import autocast
 from kd.models.features import split_output
-from kd.recipes.recipe import lookahead_step, set_learning_rates
+from kd.recipes.lookahead import lookahead_step
+from kd.recipes.optim import set_learning_rates
 
 
 class StepResult(NamedTuple):

@@ -8,9 +8,10 @@ import torch
 
 from kd.engine.distributed import sync_batchnorm
 from kd.engine.precision import autocast
-from kd.methods.losses import get_loss
+from kd.methods.registry import get_loss
 from kd.models.features import FeatureCapture
-from kd.recipes.recipe import Lookahead, make_optimizer
+from kd.recipes.lookahead import Lookahead
+from kd.recipes.optim import make_optimizer
 
 
 def no_buffer_sync_argument():

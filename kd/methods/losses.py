@@ -22,10 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from kd.methods.registry import HyperParameter, register_loss
-# re-export until the merge: the registry and the grid lived here
-from kd.methods.registry import (  # noqa: F401
-    HYPER, HYPER_PARAMETERS, LOSSES, DistillLoss, get_loss, register_distiller, takes)
-from kd.methods.grid import expand_grid, setting_name  # noqa: F401  (re-export until the merge)
 
 # Decoupled KD, as in the authors' configuration (mdistiller/engine/cfg.py, CFG.DKD): the
 # defaults of dkd's settings tckd_weight, nckd_weight and warmup

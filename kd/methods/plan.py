@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kd.data.datasets import CIFAR10
-from kd.methods.contrastive import contrast_loss, draw_negatives  # noqa: F401  (re-exported)
-from kd.methods.base import BuildContext, Distiller, stage_names  # noqa: F401  (re-exported)
+from kd.methods.base import BuildContext
 from kd.models.features import FeatureCapture
 from kd.methods.registry import get_loss
 from kd.models import bn_before_relu, feature_points

@@ -17,7 +17,6 @@ from its default ('dkd_T4_w10'), so runs at the defaults keep their names and fi
 """
 import dataclasses
 import inspect
-import itertools
 import math
 from dataclasses import dataclass
 from types import MappingProxyType

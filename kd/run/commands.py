@@ -6,7 +6,7 @@ import sys
 
 from kd.methods.grid import setting_args
 from kd.methods.registry import HYPER_PARAMETERS
-from kd.report.report import ranked_students, warmup_notes
+from kd.report.tables import ranked_students, warmup_notes
 from kd.run.config import flag_args
 
 QUICK_RUN = ['--epochs', '3', '--subset', '2000']

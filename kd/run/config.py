@@ -21,7 +21,8 @@ from typing import Optional
 
 from kd.data.datasets import get_dataset
 from kd.methods.grid import parse_sets
-from kd.recipes.recipe import DEFAULTS, Recipe, get_recipe, resolve_recipe, scaled_lr
+from kd.recipes.defaults import DEFAULTS
+from kd.recipes.base import Recipe, get_recipe, resolve_recipe, scaled_lr
 
 PHASES = ('teacher', 'students', 'evaluate')
 

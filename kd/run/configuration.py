@@ -1,9 +1,10 @@
 """The printed configuration: what a phase runs with, every value resolved ('Configuration:'),
 recorded as results.json's config['configuration']; and the losses' resolved settings."""
-from kd.engine.loop import choose_precision, precision_name
-from kd.methods.losses import HYPER, HYPER_PARAMETERS, get_loss, takes
-from kd.recipes.recipe import RECIPE, get_recipe, scaled_lr
-from kd.report.report import device_name
+from kd.engine.precision import choose_precision, precision_name
+from kd.methods.registry import HYPER, HYPER_PARAMETERS, get_loss, takes
+from kd.recipes.defaults import RECIPE
+from kd.recipes.base import get_recipe, scaled_lr
+from kd.report.provenance import device_name
 from kd.run.specs import distilled_names
 
 

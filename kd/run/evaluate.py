@@ -7,10 +7,12 @@ from typing import Callable, Optional
 import torch
 
 from kd.data.loader import make_loaders
-from kd.engine.loop import PRECISION_DTYPES, accuracy, choose_precision, predict, predict_views
+from kd.engine.precision import PRECISION_DTYPES, choose_precision
+from kd.engine.evaluate import accuracy, predict, predict_views
 from kd.files.checkpoint import read_checkpoint, read_record
-from kd.recipes.recipe import get_recipe, recipe_names
-from kd.report.report import print_table, read_results
+from kd.recipes.base import get_recipe, recipe_names
+from kd.report.tables import print_table
+from kd.report.results import read_results
 from kd.run.config import UsageError
 from kd.run.outdir import read_manifest
 from kd.run.teacher import (load_for_inference, logits_key, provenance_problems, rebuild,

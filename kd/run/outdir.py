@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from kd.files.checkpoint import atomic_write_text
-from kd.report.report import drop_phase, read_results, write_results_files
+from kd.report.results import drop_phase, read_results, write_results_files
 from kd.run.config import UsageError
 
 PREVIOUS = 'previous'

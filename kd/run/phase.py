@@ -18,8 +18,9 @@ from kd.engine.stacked import StudentStack
 from kd.engine.step import LockstepSteps, PhaseTeacher
 from kd.engine.timing import Stopwatch
 from kd.files.checkpoint import record_path
-from kd.recipes.recipe import loader_options
-from kd.report.report import device_name, write_results
+from kd.recipes.prepare import loader_options
+from kd.report.provenance import device_name
+from kd.report.results import write_results
 from kd.run.advice import cpu_run_advice
 from kd.run.commands import fast_run_commands, quick_run_commands
 from kd.run.config import UsageError

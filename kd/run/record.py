@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from kd.engine.loop import precision_name
+from kd.engine.precision import precision_name
 from kd.run.config import RunConfig
 from kd.run.configuration import loss_settings, resolved_configuration
 

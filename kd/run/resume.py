@@ -3,7 +3,7 @@ configuration, the same images, a precision the run can keep), and the line a re
 import os
 import time  # wall-clock stamps only (when a state was saved)
 
-from kd.engine.loop import STATE_FORMAT
+from kd.engine.state import STATE_FORMAT
 from kd.files.checkpoint import load_file
 from kd.run.config import UsageError
 

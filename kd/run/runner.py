@@ -11,12 +11,13 @@ from dataclasses import replace
 from kd.data.datasets import effective_subset, get_dataset, load_dataset
 from kd.data.loader import split_train_val
 from kd.engine.distributed import barrier, init_distributed
-from kd.engine.loop import StopSignal, configure_backends
+from kd.engine.signals import StopSignal
+from kd.engine.precision import configure_backends
 from kd.engine.timing import Stopwatch
 from kd.files.checkpoint import CheckpointError
-from kd.report.report import describe_gains, print_table, write_results
+from kd.report.tables import describe_gains, print_table
+from kd.report.results import write_results
 from kd.run.commands import missing_teacher_message, rerun_command
-from kd.run.commands import resume_command  # noqa: F401  re-export until the merge (main.py)
 from kd.run.config import UsageError
 from kd.run.configuration import print_configuration
 from kd.run.device import resolve_device

@@ -5,10 +5,10 @@ from dataclasses import dataclass, field
 import torch
 
 from kd.engine.trainee import Trainee, TraineeOptions
-from kd.methods.losses import expand_grid, setting_name
+from kd.methods.grid import expand_grid, setting_name
 from kd.methods.plan import plan_features
 from kd.models import build_model, feature_points
-from kd.recipes.recipe import prepare_model
+from kd.recipes.prepare import prepare_model
 from kd.run.config import UsageError
 
 

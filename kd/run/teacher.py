@@ -13,10 +13,11 @@ import torch
 
 from kd.data.datasets import effective_subset, get_dataset
 from kd.models import build_model, model_names
-from kd.recipes.recipe import RECIPE, get_recipe
+from kd.recipes.defaults import RECIPE
+from kd.recipes.base import get_recipe
 from kd.files.checkpoint import (CheckpointError, WeightsMismatch, atomic_save, load_file,
                         load_weights, read_checkpoint, read_record, record_path)
-from kd.engine.loop import predict
+from kd.engine.evaluate import predict
 
 SPLIT_KEYS = ('dataset', 'split_seed', 'val_fraction', 'subset')  # which images are held out
 

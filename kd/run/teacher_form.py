@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kd.engine.loop import autocast
+from kd.engine.precision import autocast
 from kd.engine.timing import Stopwatch, seconds_per_call
 from kd.models.features import WithPoints, split_output, trace_points
 

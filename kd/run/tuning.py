@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from kd.files.checkpoint import atomic_write_text
 from kd.engine.distributed import DistInfo, all_reduce_sum
 from kd.models import build_model
-from kd.report.report import cpu_identity
+from kd.report.provenance import cpu_identity
 from kd.engine.stacked import StudentStack, stacking_problem
 from kd.engine.timing import seconds_per_call
-from kd.engine.loop import autocast, choose_precision, precision_name, train_step, train_step_stacked
+from kd.engine.precision import autocast, choose_precision, precision_name
+from kd.engine.step import train_step, train_step_stacked
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
 PROBE_SLOWDOWN_LIMIT = 2.0   # a precision this much slower on the probe is not timed further

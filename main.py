@@ -6,8 +6,8 @@
     python main.py --loss fitnet dkd --set fitnet.beta=50,100 --set dkd.warmup=10   # settings
     python main.py --evaluate                       # test accuracy of the last runs' checkpoints
 
-This file parses the command line; config.py resolves and validates it into one RunConfig;
-runner.py runs that.
+This file parses the command line; kd/run/config.py resolves and validates it into one frozen
+RunConfig; kd/run/runner.py runs that.
 """
 import argparse
 import math

@@ -14,7 +14,8 @@ from kd.methods.losses import dkd_loss
 from kd.methods.plan import build_distiller
 from kd.methods.registry import HYPER, LOSSES, HyperParameter, get_loss, register_loss
 from kd.run.config import FLAGS, UsageError, flag_args
-from kd.run.runner import describe_loss_settings, loss_settings, student_specs
+from kd.run.configuration import describe_loss_settings, loss_settings
+from kd.run.specs import student_specs
 
 
 def names_and_params(argv):

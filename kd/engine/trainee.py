@@ -36,7 +36,7 @@ class TraineeOptions:
 class Trainee:
     """A model being trained: its plain module, what the loop calls, optimizer, precision, loss.
 
-    loss is a name from losses.LOSSES ('ce' for the baseline, 'kd', 'dkd', 'ls', ...);
+    loss is a name from kd.methods.registry.LOSSES ('ce' for the baseline, 'kd', 'dkd', 'ls', ...);
     options.loss_params its hyper-parameters (default: the loss's own, LOSSES[loss].defaults,
     as on the command line: kd T=4 alpha=0.1, ls T=2 alpha=0.1). The recipe gives the
     optimizer (recipe.make_optimizer), the label smoothing of the hard-label term and the

@@ -14,7 +14,7 @@ The contract, in `Distiller.forward(student_logits, teacher_logits, labels, *, s
 teacher_feats, batch, epoch, label_smoothing)`:
 - logits are B x C (any floating dtype), labels B int64;
 - feats map the point names the method asked for (`points(...)`: 'stem', 'stage2',
-  'stage2_pre', 'pooled', ... as model_base names them) to the tensors of this batch:
+  'stage2_pre', 'pooled', ... as kd/models/registry.py names them) to the tensors of this batch:
   B x C x H x W for stages, B x D for 'pooled'; the teacher's are float32 copies without
   gradient;
 - batch: the loader's utils.Batch (the images' indices in the training set, for CRD's memory);
@@ -63,7 +63,7 @@ class BuildContext:
     the training images by their index in the training set (the loader's Batch.indices);
     num_classes: C; teacher_bn: {pre-activation point: (weight, bias)}, detached copies of the
     affine parameters of the teacher's BatchNorm before the ReLU at that point
-    (model_base.bn_before_relu; OFD's margins), None when the teacher names none.
+    (kd.models.registry.bn_before_relu; OFD's margins), None when the teacher names none.
     """
     student_shapes: Mapping[str, torch.Size]
     teacher_shapes: Mapping[str, torch.Size]

@@ -345,7 +345,7 @@ class OverhaulFeatureDistillation(Distiller):
     the last n = min(Ns, Nt) of each paired in order (mdistiller's _align_list). For stage j of
     n (1-based), S_j: B x Cs x H x W, T_j: B x Ct x H' x W' average-pooled to H x W, connector
     c_j (ofd_connector, Cs -> Ct) and margins m_j: Ct from the teacher's BatchNorm before the
-    ReLU at that point (ofd_margin; BuildContext.teacher_bn, which model_base.bn_before_relu
+    ReLU at that point (ofd_margin; BuildContext.teacher_bn, which kd.models.registry.bn_before_relu
     names):
     ofd = sum_j partial_l2(c_j(S_j), T_j, m_j) / 2^(n - j);  loss = CE + beta * ofd.
     The margins are buffers (saved in the resume state), float32 as in the reference, computed

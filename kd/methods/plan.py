@@ -46,7 +46,7 @@ def point_shapes(model, points, device, image_shape=CIFAR10.image_shape):
 
 def teacher_batchnorms(teacher, names):
     """{point: (weight, bias)} of the BatchNorms `names` ({point: module path}, as
-    model_base.bn_before_relu) of `teacher`: detached float32 copies on the CPU (ones and zeros
+    kd.models.registry.bn_before_relu) of `teacher`: detached float32 copies on the CPU (ones and zeros
     for a BN without affine parameters), or None when `names` is empty."""
     if not names:
         return None

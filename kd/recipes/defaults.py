@@ -18,7 +18,7 @@ RECIPE = 'standard'
 # Every command-line flag's default, by argparse name: main.build_parser and config.flag_args
 # read them here. None: resolved later (the recipe's epochs, batch size, lr, weight decay, test
 # interval and architectures; each loss's temperature, alpha and beta from
-# losses.LOSSES[name].defaults, gamma likewise, logit standardisation off;
+# kd.methods.registry.LOSSES[name].defaults, gamma likewise, logit standardisation off;
 # the teacher checkpoint OUT_DIR/best_teacher.pth; amp decided per device).
 DEFAULTS = MappingProxyType({
     'train_teacher': False, 'evaluate': False, 'recipe': RECIPE, 'dataset': DATASET,

@@ -181,7 +181,7 @@ def print_table(models, log=print):
 
 def warmup_notes(models, epochs):
     """Sentences for the losses of `models` whose distillation weight ramps up over more epochs
-    than the run had (DKD's over kd.methods.losses.DKD_WARMUP_EPOCHS): such students never
+    than the run had (DKD's over its declared warm-up, dkd.warmup): such students never
     trained at their full weight, so a ranking of them says little about the method."""
     notes = []
     for loss in dict.fromkeys(e.get('loss') for e in models.values() if e.get('loss')):

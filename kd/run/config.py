@@ -1,7 +1,7 @@
 """The run configuration: the command line's flags resolved once into one frozen `RunConfig`.
 
     config = resolve(main.build_parser().parse_args(argv))   # main.parse_config(argv)
-    runner.run(config)
+    kd.run.runner.run(config)
 
 `resolve` is the only constructor: it puts the recipe's values where a flag left one open (epochs,
 batch size, learning rate scaled to the batch, weight decay, test interval), the dataset's class
@@ -91,7 +91,7 @@ class RunConfig:
     teacher_checkpoint_given: bool
     """Whether --teacher-checkpoint was given (which advice a missing file gets)."""
     device: str
-    """--device as given: 'auto', 'cpu', 'cuda' or 'cuda:N' (runner.resolve_device)."""
+    """--device as given: 'auto', 'cpu', 'cuda' or 'cuda:N' (kd.run.device.resolve_device)."""
     amp: Optional[bool]
     """--amp True, --no-amp False; None: decided per device (and kept on --resume)."""
     stack_students: str
@@ -162,7 +162,7 @@ class RunConfig:
 
     def record(self):
         """The configuration keys every run records (results.json's config, the resume state's
-        'config', compared by runner.RUN_KEYS on --resume): {key: value}, JSON-ready."""
+        'config', compared by kd.run.resume.RUN_KEYS on --resume): {key: value}, JSON-ready."""
         return {'dataset': self.dataset, 'num_classes': self.num_classes, 'epochs': self.epochs,
                 'batch_size': self.batch_size, 'lr': self.lr,
                 'weight_decay': self.weight_decay, 'val_fraction': self.val_fraction,

@@ -16,7 +16,7 @@ from kd.run.config import UsageError
 class ModelSpec:
     name: str                     # student_kd, student_base, kd_T4_a0.1, ... or teacher
     arch: str                     # a name from models.MODELS
-    loss: str                     # a name from losses.LOSSES
+    loss: str                     # a name from kd.methods.registry.LOSSES
     params: dict = field(default_factory=dict)
 
 
@@ -48,7 +48,7 @@ def phase_specs(config):
 
 
 def feature_plan(specs, teacher, teacher_arch, device, num_classes, image_shape):
-    """The distillers.FeaturePlan of the students' feature methods (None when none), measured
+    """The kd.methods.plan.FeaturePlan of the students' feature methods (None when none), measured
     on images of the dataset's image_shape (C, H, W); a model without the points a method reads
     is a usage error, found before any training."""
     built = {}
@@ -82,7 +82,7 @@ def make_trainees(specs, setup, seed, train_loader=None, features=None):
     setup.compile_model. Students start from identical weights: differences between them come
     from their losses alone. train_loader: the images the recipe initialises from
     (recipe.prepare_model: the whitening layer), whose labels by index CRD's memory uses;
-    features: the distillers.FeaturePlan of feature methods (None: logit losses only)."""
+    features: the kd.methods.plan.FeaturePlan of feature methods (None: logit losses only)."""
     recipe, num_classes = setup.recipe, setup.num_classes
     torch.manual_seed(seed)
     first = prepare_model(build_model(specs[0].arch, num_classes=num_classes), recipe,

@@ -354,3 +354,20 @@ def test_curves_of_a_recipe_that_keeps_the_last_epoch_name_its_last_validation_a
         texts = [t.get_text() for t in fig.legends[0].get_texts()]
         assert any(t.endswith(f'({label})') for t in texts), texts
         plt.close(fig)
+
+
+def test_grid_png_draws_a_method_setting_given_with_set(tmp_path):
+    """A grid over a method's own setting (--set dkd.warmup=1,20) gets its heat map, its axis
+    named by the setting's declaration."""
+    from kd.report.grid import grid_axes, grid_cells
+    from kd.report.settings import axis_label, value_text
+    models = {'student_base': {'loss': 'ce', 'best_val_acc': 40.0}}
+    for warmup, acc in ((1, 41.0), (20, 39.0)):
+        params = {'temperature': 4.0, 'warmup': warmup}
+        models[setting_name('dkd', params)] = {'loss': 'dkd', 'loss_params': params,
+                                               'best_val_acc': acc}
+    assert grid_axes(models, 'dkd') == ('warmup', 'temperature')
+    assert sorted(grid_cells(models)['dkd']) == [(1, 4.0), (20, 4.0)]
+    assert axis_label('warmup', 'dkd') == 'warm-up epochs' and value_text('warmup', 1, 'dkd') == '1'
+    assert plot_grid(models, str(tmp_path / 'grid.png'), log=lambda *_: None) is not None
+    assert (tmp_path / 'grid.png').stat().st_size > 1000

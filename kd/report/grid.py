@@ -17,9 +17,12 @@ def grid_axes(models, loss):
     (kd: T and α; crd_kd: T and β; fitnet: β; dist gridded over γ alone: γ)."""
     entries = [e for e in models.values() if e.get('loss') == loss]
     taken = {k for e in entries for k in (e.get('loss_params') or {})}
-    varying = [k for k in settings() if k in taken
-               and len({_param(e, k) for e in entries}) > 1]
-    keys = varying + [k for k in settings() if k in taken and k not in varying]
+    # the shared knobs in the methods' order, then the method's own settings (--set) as seen
+    order = [k for k in settings() if k in taken] + \
+        [k for e in entries for k in (e.get('loss_params') or {}) if k not in settings()]
+    order = list(dict.fromkeys(order))
+    varying = [k for k in order if len({_param(e, k) for e in entries}) > 1]
+    keys = varying + [k for k in order if k not in varying]
     return (keys[0] if keys else None), (keys[1] if len(keys) > 1 else None)
 
 
@@ -78,13 +81,13 @@ def _label_axes(ax, models, loss, temps, alphas):
     row_key, col_key = grid_axes(models, loss)
     if alphas == [None]:
         ax.set_xticks([])
-        ax.set_xlabel('one setting' if col_key is None else axis_label(col_key))
+        ax.set_xlabel('one setting' if col_key is None else axis_label(col_key, loss))
     else:
-        ax.set_xticks(range(len(alphas)), [value_text(col_key, a) for a in alphas])
-        ax.set_xlabel(axis_label(col_key))
-    ax.set_yticks(range(len(temps)), ['-' if t is None else value_text(row_key, t)
+        ax.set_xticks(range(len(alphas)), [value_text(col_key, a, loss) for a in alphas])
+        ax.set_xlabel(axis_label(col_key, loss))
+    ax.set_yticks(range(len(temps)), ['-' if t is None else value_text(row_key, t, loss)
                                       for t in temps])
-    ax.set_ylabel('no hyper-parameter' if row_key is None else axis_label(row_key))
+    ax.set_ylabel('no hyper-parameter' if row_key is None else axis_label(row_key, loss))
     ax.set_title(loss, fontsize=10)
 
 

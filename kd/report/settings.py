@@ -19,14 +19,29 @@ def is_switch(key):
     return key in HYPER and HYPER[key].switch
 
 
-def axis_label(key):
-    """The setting's name on a heat map's axis, e.g. 'temperature T'."""
-    return HYPER[key].label
+def _declared(key, loss):
+    """The HyperParameter of `key`: a shared knob's, else the one `loss` declares (None for a
+    loss or setting this code does not know)."""
+    if key in HYPER:
+        return HYPER[key]
+    try:
+        return get_loss(loss).setting(key)
+    except (KeyError, TypeError):
+        return None
 
 
-def value_text(key, value):
+def axis_label(key, loss=None):
+    """The setting's name on a heat map's axis, e.g. 'temperature T', 'warm-up epochs w'
+    (a method's own setting, declared with `loss`)."""
+    h = _declared(key, loss)
+    return key if h is None else h.label
+
+
+def value_text(key, value, loss=None):
     """A value of the setting as a heat map's tick shows it."""
-    return HYPER[key].text(value)
+    h = _declared(key, loss)
+    return f'{value:g}' if h is None and isinstance(value, (int, float)) else \
+        str(value) if h is None else h.text(value)
 
 
 def warmup_epochs(loss, params=({},)):

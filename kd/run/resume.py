@@ -59,12 +59,40 @@ def find_states(phase, saved, resume, restart, config_by_seed):
                        and state['config'].get(k, 'standard' if k == 'recipe' else None)
                        != new.get(k)]
             if changed:
-                details = ', '.join(f"{k}: {state['config'].get(k)!r} -> {new.get(k)!r}"
+                details = '; '.join(describe_change(k, state['config'].get(k), new.get(k))
                                     for k in changed)
                 raise UsageError(f'cannot resume {path}: the configuration changed ({details}); '
                                  f'use the original flags, or --restart to start over')
             states[seed] = state
     return states
+
+
+def describe_change(key, before, after):
+    """One configuration key's change, in words: the students' by name and setting (which
+    students come or go, which setting of a student changed), any other as 'key: old -> new'."""
+    if key != 'students' or not isinstance(before, list) or not isinstance(after, list):
+        return f'{key}: {before!r} -> {after!r}'
+    old = {s.get('name'): s for s in before}
+    new = {s.get('name'): s for s in after}
+    parts = [f'{verb}: {", ".join(names)}' for verb, names in (
+        ('students no longer trained', [n for n in old if n not in new]),
+        ('new students', [n for n in new if n not in old])) if names]
+    for name in (n for n in old if n in new and old[n] != new[n]):
+        a, b = old[name], new[name]
+        keys = [k for k in ('loss', 'params') if a.get(k) != b.get(k)]
+        if 'params' in keys:  # name the settings that changed
+            pa, pb = a.get('params') or {}, b.get('params') or {}
+            keys.remove('params')
+            keys += [f'params.{k}' for k in dict.fromkeys([*pa, *pb]) if pa.get(k) != pb.get(k)]
+        parts += [f'{name} {k}: {_at(a, k)!r} -> {_at(b, k)!r}' for k in keys]
+    return '; '.join(parts) or f'{key}: {before!r} -> {after!r}'
+
+
+def _at(student, key):
+    """A student's entry at 'loss' or 'params.NAME'."""
+    if key.startswith('params.'):
+        return (student.get('params') or {}).get(key[len('params.'):])
+    return student.get(key)
 
 
 def check_resume_data(saved, arrays, log):

@@ -177,12 +177,14 @@ def test_a_resume_refusal_names_the_students_and_settings_that_changed():
     kd3 = dict(kd4, params={'temperature': 3.0, 'alpha': 0.1})
     base = {'name': 'student_base', 'loss': 'ce', 'params': {}}
     assert describe_change('students', [kd4, base], [kd3, base]) == \
-        'student_kd params.temperature: 4.0 -> 3.0'
+        'student_kd (temperature: 4.0 -> 3.0)'
     b50, b60, b100 = ({'name': f'fitnet_b{b}', 'loss': 'fitnet', 'params': {'beta': float(b)}}
                       for b in (50, 60, 100))
     assert describe_change('students', [b50, b100], [b60, b100]) == \
-        'students no longer trained: fitnet_b50; new students: fitnet_b60'
+        'fitnet_b50 -> fitnet_b60 (beta: 50.0 -> 60.0)'
+    assert describe_change('students', [b50, b100], [b100]) == \
+        'students no longer trained: fitnet_b50'
     dkd = {'name': 'student_kd', 'loss': 'dkd', 'params': {'temperature': 4.0}}
     assert describe_change('students', [kd4], [dkd]) == \
-        "student_kd loss: 'kd' -> 'dkd'; student_kd params.alpha: 0.1 -> None"
+        "student_kd (loss: 'kd' -> 'dkd', alpha: 0.1 -> None)"
     assert describe_change('epochs', 2, 3) == 'epochs: 2 -> 3'

@@ -68,31 +68,31 @@ def find_states(phase, saved, resume, restart, config_by_seed):
 
 
 def describe_change(key, before, after):
-    """One configuration key's change, in words: the students' by name and setting (which
-    students come or go, which setting of a student changed), any other as 'key: old -> new'."""
+    """One configuration key's change, in words: the students' by name and setting (a student
+    whose loss or settings changed, or which students come or go), any other as
+    'key: old -> new'."""
     if key != 'students' or not isinstance(before, list) or not isinstance(after, list):
         return f'{key}: {before!r} -> {after!r}'
-    old = {s.get('name'): s for s in before}
-    new = {s.get('name'): s for s in after}
-    parts = [f'{verb}: {", ".join(names)}' for verb, names in (
-        ('students no longer trained', [n for n in old if n not in new]),
-        ('new students', [n for n in new if n not in old])) if names]
-    for name in (n for n in old if n in new and old[n] != new[n]):
-        a, b = old[name], new[name]
-        keys = [k for k in ('loss', 'params') if a.get(k) != b.get(k)]
-        if 'params' in keys:  # name the settings that changed
-            pa, pb = a.get('params') or {}, b.get('params') or {}
-            keys.remove('params')
-            keys += [f'params.{k}' for k in dict.fromkeys([*pa, *pb]) if pa.get(k) != pb.get(k)]
-        parts += [f'{name} {k}: {_at(a, k)!r} -> {_at(b, k)!r}' for k in keys]
+    if len(before) == len(after):   # the same grid with other values: student by student
+        parts = [_student_change(a, b) for a, b in zip(before, after) if a != b]
+    else:
+        old, new = [s.get('name') for s in before], [s.get('name') for s in after]
+        parts = [f'{verb}: {", ".join(names)}' for verb, names in (
+            ('students no longer trained', [n for n in old if n not in new]),
+            ('new students', [n for n in new if n not in old])) if names]
     return '; '.join(parts) or f'{key}: {before!r} -> {after!r}'
 
 
-def _at(student, key):
-    """A student's entry at 'loss' or 'params.NAME'."""
-    if key.startswith('params.'):
-        return (student.get('params') or {}).get(key[len('params.'):])
-    return student.get(key)
+def _student_change(a, b):
+    """'kd_T4_a0.1 -> kd_T4_a0.5 (alpha: 0.1 -> 0.5)': one student's name, loss and settings
+    before and after."""
+    pa, pb = a.get('params') or {}, b.get('params') or {}
+    changes = [f"loss: {a.get('loss')!r} -> {b.get('loss')!r}"] if a.get('loss') != b.get('loss') \
+        else []
+    changes += [f'{k}: {pa.get(k)!r} -> {pb.get(k)!r}' for k in dict.fromkeys([*pa, *pb])
+                if pa.get(k) != pb.get(k)]
+    name = a.get('name') if a.get('name') == b.get('name') else f"{a.get('name')} -> {b.get('name')}"
+    return f'{name} ({", ".join(changes)})'
 
 
 def check_resume_data(saved, arrays, log):

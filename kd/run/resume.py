@@ -91,7 +91,9 @@ def _student_change(a, b):
         else []
     changes += [f'{k}: {pa.get(k)!r} -> {pb.get(k)!r}' for k in dict.fromkeys([*pa, *pb])
                 if pa.get(k) != pb.get(k)]
-    name = a.get('name') if a.get('name') == b.get('name') else f"{a.get('name')} -> {b.get('name')}"
+    name = a.get('name')
+    if b.get('name') != name:
+        name = f"{name} -> {b.get('name')}"
     return f'{name} ({", ".join(changes)})'
 
 

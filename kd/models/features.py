@@ -9,6 +9,8 @@ to read them, giving the same tensors:
 - `trace_points`: a torch.fx graph whose output is (logits, {point: tensor}), for the frozen
   teacher, whose BatchNorm-folded or compiled rebuild has no modules left to hook.
 """
+import difflib
+
 import torch.fx as fx
 import torch.nn as nn
 
@@ -21,15 +23,43 @@ def parse_point(spec):
     return path, bool(sep)
 
 
+def nearest_modules(model, path, n=5):
+    """', '.join of `model`'s module paths closest to `path` (difflib), else its first few."""
+    names = [name for name, _ in model.named_modules() if name]
+    close = difflib.get_close_matches(path, names, n=n, cutoff=0.4)
+    return ', '.join(close or names[:n]) or 'it has no submodules'
+
+
 def check_points(model, points):
-    """Raise ValueError naming the first point whose module `model` does not have."""
+    """Raise ValueError naming the first point whose module `model` does not have, and the
+    model's module paths nearest to it."""
     for name, spec in points.items():
         path, _ = parse_point(spec)
         try:
             model.get_submodule(path)
         except AttributeError:
-            raise ValueError(f'feature point {name!r}: the model has no module {path!r}') \
-                from None
+            raise ValueError(f'feature point {name!r}: the model has no module {path!r} '
+                             f'(nearest: {nearest_modules(model, path)})') from None
+
+
+def given_points(specs, model, what='model'):
+    """{point name: spec} of module paths given in order (--teacher-points, --student-points):
+    'stage1'..'stageN' as the feature methods read stages, and 'pooled' the input of the model's
+    last nn.Linear (its classifier's embedding, as CRD and the relation methods read it) unless
+    it has none. ValueError naming a path `model` lacks and its nearest module names (`what`
+    says which model)."""
+    points = {f'stage{i}': spec for i, spec in enumerate(specs, 1)}
+    for spec in specs:
+        path, _ = parse_point(spec)
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f'{what} has no module {path!r} (nearest: '
+                             f'{nearest_modules(model, path)})') from None
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        points['pooled'] = f'{linears[-1]}:in'
+    return points
 
 
 class FeatureCapture:

@@ -256,7 +256,7 @@ def test_a_teacher_fx_cannot_trace_gives_its_points_by_hooks():
 def test_timm_models_build_when_timm_is_installed():
     pytest.importorskip('timm')
     check_model('timm:resnet10t')
-    model = build_model('timm:resnet10t', num_classes=5)
+    model = build_model('timm:resnet10t', num_classes=5).eval()
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
     with pytest.raises(ArchError, match="timm has no model 'resnet10tt'"):
         check_model('timm:resnet10tt')

@@ -100,12 +100,12 @@ def phase_flags(a):
     a('--student-arch', default=default['student_arch'], metavar='ARCH',
       help=f'student architecture, as --teacher-arch (default: the recipe\'s, '
            f'{defaults.student_arch} / {fast.student_arch})')
-    a('--teacher-points', nargs='+', default=None, metavar='PATHS',
+    a('--teacher-points', nargs='+', default=default['teacher_points'], metavar='PATHS',
       help='the teacher\'s feature points by module path, in order (\'layer2,layer3\'; '
            '\'PATH:in\' is the module\'s input): the feature methods read them as stage1..N '
            '(the input of the last nn.Linear as the pooled embedding) (default: the registered '
            'model\'s points)')
-    a('--student-points', nargs='+', default=None, metavar='PATHS',
+    a('--student-points', nargs='+', default=default['student_points'], metavar='PATHS',
       help='the students\' feature points by module path, as --teacher-points')
     a('--loss', nargs='+', default=list(default['loss']), choices=[n for n in LOSSES if n != 'ce'],
       metavar='NAME',

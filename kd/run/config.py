@@ -211,8 +211,8 @@ def resolve(args):
                     else recipe.test_every or recipe.epochs),  # 0: the last epoch only
         teacher_arch=checked_arch(given['teacher_arch'], '--teacher-arch'),
         student_arch=checked_arch(given['student_arch'], '--student-arch'),
-        teacher_points=point_list(given.get('teacher_points')),
-        student_points=point_list(given.get('student_points')),
+        teacher_points=point_list(given['teacher_points']),
+        student_points=point_list(given['student_points']),
         loss=tuple(given['loss']), temperature=values('temperature'), alpha=values('alpha'),
         beta=values('beta'), gamma=values('gamma'),
         logit_standardization=values('logit_standardization'), sets=sets,

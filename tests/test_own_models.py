@@ -260,3 +260,27 @@ def test_timm_models_build_when_timm_is_installed():
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
     with pytest.raises(ArchError, match="timm has no model 'resnet10tt'"):
         check_model('timm:resnet10tt')
+
+
+def test_a_teacher_of_a_user_file_trains_and_its_edited_file_is_warned(cifar_dir, tmp_path,
+                                                                       capsys):
+    """--train-teacher with a user's file: best_teacher.json records its content; the students
+    of a later run are told when the file is no longer the one the teacher trained with."""
+    net = write_user_net(str(tmp_path))
+    common = ['--epochs', '1', '--subset', '64', '--batch-size', '8', '--device', 'cpu',
+              '--no-amp', '--data-dir', cifar_dir, '--out-dir', str(tmp_path / 'out')]
+    assert main.main(['--train-teacher', '--teacher-arch', f'{net}:MyNet', *common]) == 0
+    with open(tmp_path / 'out' / 'best_teacher.json') as f:
+        record = json.load(f)
+    assert record['arch'] == f'{net}:MyNet'
+    assert record['arch_sha256'] == source_sha256(f'{net}:MyNet')
+    with open(net, 'a') as f:
+        f.write('\n# edited\n')
+    capsys.readouterr()
+    # its points by module path; the teacher arch comes from its record
+    assert main.main(['--loss', 'at', '--teacher-points', 'block1,block2', '--student-arch',
+                      'cnn', '--no-baseline', *common]) == 0
+    out = capsys.readouterr().out
+    assert f'warning: {net}:MyNet is not the file' in out
+    assert results(tmp_path / 'out')['config']['teacher_arch_sha256'] == \
+        source_sha256(f'{net}:MyNet')

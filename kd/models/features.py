@@ -1,8 +1,9 @@
 """Intermediate features by name, taken without touching a model's `forward`.
 
 A point spec is a module path: 'layer2' is the output of `model.layer2`, 'fc:in' the first
-input of `model.fc` (models.py names the standard points of every registered model). Two ways
-to read them, giving the same tensors:
+input of `model.fc` (kd/models/registry.py names the standard points of every registered model;
+`given_points` names those of any model from the paths a user gives, --teacher-points and
+--student-points). Two ways to read them, giving the same tensors:
 
 - `FeatureCapture`: forward hooks on the modules, for the students (they train eagerly, under
   DistributedDataParallel or torch.compile);

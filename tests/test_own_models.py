@@ -240,7 +240,8 @@ def test_a_teacher_fx_cannot_trace_gives_its_points_by_hooks():
     torch.manual_seed(0)
     teacher = Untraceable().eval()
     points = given_points(('conv', 'fc:in'), teacher)
-    assert points == {'stage1': 'conv', 'stage2': 'fc:in', 'pooled': 'fc:in'}
+    assert points == {'stage1': 'conv', 'stage2': 'fc:in', 'stage1_pre': 'conv',
+                      'stage2_pre': 'fc:in', 'pooled': 'fc:in'}
     logs = []
     form, record = fastest_teacher(teacher, (8, 3, 32, 32), torch.device('cpu'), None, 10,
                                    log=logs.append, points=points)

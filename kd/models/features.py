@@ -45,11 +45,15 @@ def check_points(model, points):
 
 def given_points(specs, model, what='model'):
     """{point name: spec} of module paths given in order (--teacher-points, --student-points):
-    'stage1'..'stageN' as the feature methods read stages, and 'pooled' the input of the model's
-    last nn.Linear (its classifier's embedding, as CRD and the relation methods read it) unless
-    it has none. ValueError naming a path `model` lacks and its nearest module names (`what`
-    says which model)."""
-    points = {f'stage{i}': spec for i, spec in enumerate(specs, 1)}
+    'stage1'..'stageN' as the feature methods read stages, each also as its 'stageN_pre' (a
+    user's model names no pre-activation apart: ReviewKD reads the teacher's there; OFD still
+    needs its BatchNorms named, so it refuses such a teacher), and 'pooled' the input of the
+    model's last nn.Linear (its classifier's embedding, as CRD and the relation methods read it)
+    unless it has none. ValueError naming a path `model` lacks and its nearest module names
+    (`what` says which model)."""
+    points = {}
+    for i, spec in enumerate(specs, 1):
+        points[f'stage{i}'] = points[f'stage{i}_pre'] = spec
     for spec in specs:
         path, _ = parse_point(spec)
         try:

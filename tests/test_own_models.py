@@ -285,3 +285,11 @@ def test_a_teacher_of_a_user_file_trains_and_its_edited_file_is_warned(cifar_dir
     assert f'warning: {net}:MyNet is not the file' in out
     assert results(tmp_path / 'out')['config']['teacher_arch_sha256'] == \
         source_sha256(f'{net}:MyNet')
+
+
+def test_a_feature_method_without_the_teachers_points_is_refused(own, tmp_path, capsys):
+    args = list(own['args'])
+    del args[args.index('--teacher-points'):args.index('--teacher-points') + 2]
+    err = refused(args, tmp_path, capsys)
+    assert err == ('error: --loss fitnet at: the teacher torchvision:resnet18 names no feature '
+                   'points; give them by module path (--teacher-points PATH,...)')

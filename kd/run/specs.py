@@ -90,10 +90,11 @@ def feature_plan(specs, teacher, teacher_arch, device, num_classes, image_shape,
                           if given.teacher else feature_points(teacher_arch, teacher))
         student_points = {arch: given_points(given.student, module, f'the student {arch}')
                           for arch, module in built.items()} if given.student else None
-        if not teacher_points and any(is_feature_method(s.loss) for s in specs):
-            raise ValueError(f'--loss {" ".join(s.loss for s in specs)}: the teacher '
-                             f'{teacher_arch} names no feature points; give them by module '
-                             f'path (--teacher-points PATH,...)')
+        methods = list(dict.fromkeys(s.loss for s in specs if is_feature_method(s.loss)))
+        if not teacher_points and methods:
+            raise ValueError(f'--loss {" ".join(methods)}: the teacher {teacher_arch} names no '
+                             f'feature points; give them by module path (--teacher-points '
+                             f'PATH,...)')
         return plan_features(students, teacher, teacher_points, device, num_classes,
                              teacher_arch=teacher_arch, image_shape=image_shape,
                              student_points=student_points)

@@ -219,6 +219,9 @@ def test_a_module_class_builds_and_is_identified_by_its_file(tmp_path, monkeypat
     with pytest.raises(ArchError, match="no such module"):
         check_model('user_pkg.nope:MyNet')
     assert type(build_model('torchvision:shufflenet_v2_x0_5', 5)).__name__ == 'ShuffleNetV2'
+    # an auxiliary classifier would make training forwards return a tuple: built without it
+    googlenet = build_model('torchvision:googlenet', 3).train()
+    assert googlenet(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
 
 
 class Untraceable(nn.Module):

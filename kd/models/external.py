@@ -20,6 +20,7 @@ import sys
 import torch.nn as nn
 
 LIBRARIES = ('torchvision', 'timm')
+AUX_LOGITS = ('googlenet', 'inception_v3')  # torchvision models with auxiliary classifiers
 FORMS = 'a registered name, torchvision:NAME, timm:NAME, FILE.py:CLASS or package.module:CLASS'
 
 
@@ -61,7 +62,9 @@ def check_torchvision(name):
 def build_torchvision(name, num_classes):
     import torchvision.models  # lazy: see torchvision_names
     check_torchvision(name)
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    # their auxiliary classifiers make training forwards return a tuple: logits only here
+    extra = {'aux_logits': False} if name in AUX_LOGITS else {}
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
 
 
 def timm_module():

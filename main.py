@@ -91,13 +91,22 @@ def phase_flags(a):
            f'{r.RECIPE})')
     a('--dataset', default=default['dataset'], choices=dataset_names(),
       help=f'cifar10 (10 classes) or cifar100 (100 classes) (default: {r.DATASET})')
-    a('--teacher-arch', default=default['teacher_arch'], choices=model_names(),
-      help=f'teacher architecture; the students\' phase and --evaluate read it from the '
-           f'checkpoint\'s record (default: the recipe\'s, {defaults.teacher_arch} / '
-           f'{fast.teacher_arch})')
-    a('--student-arch', default=default['student_arch'], choices=model_names(),
-      help=f'student architecture (default: the recipe\'s, {defaults.student_arch} / '
-           f'{fast.student_arch})')
+    a('--teacher-arch', default=default['teacher_arch'], metavar='ARCH',
+      help=f'teacher architecture: a registered model ({", ".join(model_names())}), or your '
+           f'own: torchvision:NAME, timm:NAME, FILE.py:CLASS or package.module:CLASS (built '
+           f'with num_classes=, no pretrained weights); the students\' phase and --evaluate '
+           f'read it from the checkpoint\'s record (default: the recipe\'s, '
+           f'{defaults.teacher_arch} / {fast.teacher_arch})')
+    a('--student-arch', default=default['student_arch'], metavar='ARCH',
+      help=f'student architecture, as --teacher-arch (default: the recipe\'s, '
+           f'{defaults.student_arch} / {fast.student_arch})')
+    a('--teacher-points', nargs='+', default=default['teacher_points'], metavar='PATHS',
+      help='the teacher\'s feature points by module path, in order (\'layer2,layer3\'; '
+           '\'PATH:in\' is the module\'s input): the feature methods read them as stage1..N '
+           '(the input of the last nn.Linear as the pooled embedding) (default: the registered '
+           'model\'s points)')
+    a('--student-points', nargs='+', default=default['student_points'], metavar='PATHS',
+      help='the students\' feature points by module path, as --teacher-points')
     a('--loss', nargs='+', default=list(default['loss']), choices=[n for n in LOSSES if n != 'ce'],
       metavar='NAME',
       help='distillation loss(es): ' + ', '.join(n for n in LOSSES if n != 'ce')

@@ -23,8 +23,9 @@ BENCH = sorted(glob.glob(os.path.join(ROOT, 'bench', '*.py')))
 LAZY = {
     'matplotlib': 'optional: a run without it writes no plots',
     'torch.utils.tensorboard': 'optional: --tensorboard needs the tensorboard package',
-    'torchvision': 'about a second to import, in every process; only a download and the '
-                   'recorded versions need it',
+    'torchvision': 'about a second to import, in every process; only a download, the '
+                   'recorded versions and torchvision:NAME models need it',
+    'timm': 'optional (requirements-optional.txt): only timm:NAME models need it',
 }
 # bench/reference_kd.py is the reference code's training script, kept as its authors wrote it
 # (its own SGD and wall clock), to be compared against.

@@ -99,14 +99,16 @@ class FeaturePlan:
 
 
 def plan_features(students, teacher, teacher_points, device, num_classes, teacher_arch=None,
-                  image_shape=CIFAR10.image_shape):
+                  image_shape=CIFAR10.image_shape, student_points=None):
     """The FeaturePlan of `students` [(arch, loss name, student module built as arch[, the
     setting's params: what the method reads may depend on them, e.g. FitNet's hint])] against
     `teacher` (eager, with its points {name: spec}; teacher_arch: its registered name, for the
     BatchNorms given to register_model, else its class's bn_before_relu() names them), or None
     when no student uses a feature method. ValueError (a message for the user) when a model
     lacks the points a method reads, or the teacher something else it needs. image_shape: the
-    dataset's (C, H, W), which the points' shapes are measured at."""
+    dataset's (C, H, W), which the points' shapes are measured at (the connectors are sized from
+    them). student_points: {arch: {point: spec}} given by module path (features.given_points),
+    in place of what the registry names for those architectures."""
     students = [s for s in students if is_feature_method(s[1])]
     if not students:
         return None
@@ -115,9 +117,11 @@ def plan_features(students, teacher, teacher_points, device, num_classes, teache
     plan = FeaturePlan({}, {}, {}, teacher_shapes, num_classes, teacher_bn)
     for arch, loss_name, module, *params in students:
         if arch not in plan.student_points:
-            plan.student_points[arch] = feature_points(arch, module)
+            plan.student_points[arch] = (student_points or {}).get(arch) or \
+                feature_points(arch, module)
             if not plan.student_points[arch]:
                 raise ValueError(f'--loss {loss_name}: model {arch!r} names no feature points; '
+                                 f'give them by module path (--student-points PATH,...) or '
                                  f'register it with register_model({arch!r}, points=...)')
             plan.student_shapes[arch] = point_shapes(module, plan.student_points[arch], device,
                                                      image_shape)

@@ -6,8 +6,9 @@ from kd.models.airbench import AirbenchGroup, AirbenchNet, airbench94, airbench9
 from kd.models.default_pair import BasicBlock, StudentNet, TeacherNet, conv_bn_relu  # noqa: F401
 from kd.models.mobilenet import InvertedResidual, MobileNetV2, mobilenetv2  # noqa: F401
 from kd.models.registry import (BN_BEFORE_RELU, MODELS, POINTS, Classifier,  # noqa: F401
-                                bn_before_relu, build_model, feature_points,
+                                bn_before_relu, build_model, check_model, feature_points,
                                 init_like_reference, model_names, register_model, stage_points)
+from kd.models.external import ArchError, is_external, source_sha256  # noqa: F401
 from kd.models.resnets import (Bottleneck, BottleneckResNet, CifarResNet,  # noqa: F401
                                ResNetBlock, WideBlock, WideResNet, resnet8, resnet8x4, resnet14,
                                resnet20, resnet32, resnet32x4, resnet44, resnet50, resnet56,

@@ -1,14 +1,17 @@
 """Intermediate features by name, taken without touching a model's `forward`.
 
 A point spec is a module path: 'layer2' is the output of `model.layer2`, 'fc:in' the first
-input of `model.fc` (models.py names the standard points of every registered model). Two ways
-to read them, giving the same tensors:
+input of `model.fc` (kd/models/registry.py names the standard points of every registered model;
+`given_points` names those of any model from the paths a user gives, --teacher-points and
+--student-points). Two ways to read them, giving the same tensors:
 
 - `FeatureCapture`: forward hooks on the modules, for the students (they train eagerly, under
   DistributedDataParallel or torch.compile);
 - `trace_points`: a torch.fx graph whose output is (logits, {point: tensor}), for the frozen
   teacher, whose BatchNorm-folded or compiled rebuild has no modules left to hook.
 """
+import difflib
+
 import torch.fx as fx
 import torch.nn as nn
 
@@ -21,15 +24,47 @@ def parse_point(spec):
     return path, bool(sep)
 
 
+def nearest_modules(model, path, n=5):
+    """', '.join of `model`'s module paths closest to `path` (difflib), else its first few."""
+    names = [name for name, _ in model.named_modules() if name]
+    close = difflib.get_close_matches(path, names, n=n, cutoff=0.4)
+    return ', '.join(close or names[:n]) or 'it has no submodules'
+
+
 def check_points(model, points):
-    """Raise ValueError naming the first point whose module `model` does not have."""
+    """Raise ValueError naming the first point whose module `model` does not have, and the
+    model's module paths nearest to it."""
     for name, spec in points.items():
         path, _ = parse_point(spec)
         try:
             model.get_submodule(path)
         except AttributeError:
-            raise ValueError(f'feature point {name!r}: the model has no module {path!r}') \
-                from None
+            raise ValueError(f'feature point {name!r}: the model has no module {path!r} '
+                             f'(nearest: {nearest_modules(model, path)})') from None
+
+
+def given_points(specs, model, what='model'):
+    """{point name: spec} of module paths given in order (--teacher-points, --student-points):
+    'stage1'..'stageN' as the feature methods read stages, each also as its 'stageN_pre' (a
+    user's model names no pre-activation apart: ReviewKD reads the teacher's there; OFD still
+    needs its BatchNorms named, so it refuses such a teacher), and 'pooled' the input of the
+    model's last nn.Linear (its classifier's embedding, as CRD and the relation methods read it)
+    unless it has none. ValueError naming a path `model` lacks and its nearest module names
+    (`what` says which model)."""
+    points = {}
+    for i, spec in enumerate(specs, 1):
+        points[f'stage{i}'] = points[f'stage{i}_pre'] = spec
+    for spec in specs:
+        path, _ = parse_point(spec)
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f'{what} has no module {path!r} (nearest: '
+                             f'{nearest_modules(model, path)})') from None
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        points['pooled'] = f'{linears[-1]}:in'
+    return points
 
 
 class FeatureCapture:

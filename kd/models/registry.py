@@ -20,6 +20,8 @@ reference. A model that names none trains with every other method.
 import torch
 import torch.nn as nn
 
+from kd.models.external import build_external, check_arch, is_external
+
 MODELS = {}  # name -> constructor called as constructor(num_classes=...)
 POINTS = {}  # name -> {point name: 'module.path' or 'module.path:in'} given at registration
 BN_BEFORE_RELU = {}  # name -> {pre-activation point: 'module.path' of a BN} given at registration
@@ -82,10 +84,19 @@ def model_names():
 
 
 def build_model(name, num_classes=10):
-    """A new, freshly initialized model registered as `name`."""
+    """A new, freshly initialized model registered as `name`, or named by an architecture
+    string ('torchvision:NAME', 'timm:NAME', 'FILE.py:CLASS', 'module:CLASS': external.py)."""
+    if is_external(name):
+        return build_external(name, num_classes)
     if name not in MODELS:
         raise KeyError(f'unknown model {name!r}; known models: {", ".join(model_names())}')
     return MODELS[name](num_classes=num_classes)
+
+
+def check_model(name):
+    """Refuse (external.ArchError, one line naming the nearest names) a name that is neither
+    registered nor an architecture string naming a model that exists."""
+    check_arch(name, model_names())
 
 
 class Classifier(nn.Linear):

@@ -17,12 +17,13 @@ RECIPE = 'standard'
 
 # Every command-line flag's default, by argparse name: main.build_parser and config.flag_args
 # read them here. None: resolved later (the recipe's epochs, batch size, lr, weight decay, test
-# interval and architectures; each loss's temperature, alpha and beta from
+# interval and architectures (their feature points: the registered ones); each loss's temperature, alpha and beta from
 # kd.methods.registry.LOSSES[name].defaults, gamma likewise, logit standardisation off;
 # the teacher checkpoint OUT_DIR/best_teacher.pth; amp decided per device).
 DEFAULTS = MappingProxyType({
     'train_teacher': False, 'evaluate': False, 'recipe': RECIPE, 'dataset': DATASET,
     'teacher_arch': None, 'student_arch': None, 'loss': (LOSS,), 'epochs': None,
+    'teacher_points': None, 'student_points': None,  # --*-points: the registered points
     'batch_size': None, 'lr': None, 'weight_decay': None, 'temperature': None, 'alpha': None,
     'beta': None, 'gamma': None, 'logit_standardization': None, 'sets': None,  # --set: none
     'seed': 0, 'seeds': None, 'data_dir': './data', 'out_dir': '.', 'device': 'auto',

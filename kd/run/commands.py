@@ -60,7 +60,8 @@ def quick_run_commands(config, teacher_arch):
     arch = ['--teacher-arch', teacher_arch] if teacher_arch != config.recipe.teacher_arch else []
     commands = [['--train-teacher', *QUICK_RUN, *arch, *common, '--out-dir', folder]]
     if config.phase == 'students':
-        commands.append([*QUICK_RUN, *flag_args(config, ('student_arch', 'loss', 'temperature',
+        commands.append([*QUICK_RUN, *flag_args(config, ('student_arch', 'teacher_points',
+                                                          'student_points', 'loss', 'temperature',
                                                           'alpha', 'beta', 'gamma',
                                                           'logit_standardization', 'sets',
                                                           'no_baseline')),
@@ -108,7 +109,8 @@ def rerun_command(models, config):
     flags = ['--loss', best['loss']] + setting_args(best['loss'], params)
     # everything else that made this run's numbers, so the seeds confirm this very setting
     keep = ['--epochs', str(epochs)] + flag_args(
-        config, DATA_FLAGS + ('subset', 'student_arch', 'batch_size', 'lr', 'weight_decay',
+        config, DATA_FLAGS + ('subset', 'teacher_arch', 'student_arch', 'teacher_points',
+                            'student_points', 'batch_size', 'lr', 'weight_decay',
                             'test_every', 'stack_students', 'compile')) + \
         ['--teacher-checkpoint', config.teacher_checkpoint,
          '--out-dir', os.path.normpath(os.path.join(config.out_dir, distilled[0]))]

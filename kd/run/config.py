@@ -21,6 +21,8 @@ from typing import Optional
 
 from kd.data.datasets import get_dataset
 from kd.methods.grid import parse_sets
+from kd.models import ArchError, check_model
+from kd.models.features import parse_point
 from kd.recipes.defaults import DEFAULTS
 from kd.recipes.base import Recipe, get_recipe, resolve_recipe, scaled_lr
 
@@ -62,6 +64,11 @@ class RunConfig:
     """--teacher-arch as given; None: the teacher checkpoint's record, else the recipe's."""
     student_arch: Optional[str]
     """--student-arch as given; None: the recipe's (`student_model`)."""
+    teacher_points: Optional[tuple] = None
+    """--teacher-points: the teacher's feature points by module path ('layer3', 'fc:in'), in
+    order, read as stage1..N by the feature methods; None: its registered points."""
+    student_points: Optional[tuple] = None
+    """--student-points: the students' feature points by module path, as --teacher-points."""
     loss: tuple
     """Names of the distillation losses (--loss), in order; each trains one student per setting."""
     temperature: Optional[tuple]
@@ -202,7 +209,10 @@ def resolve(args):
         val_fraction=given['val_fraction'], split_seed=given['split_seed'],
         test_every=(given['test_every'] if given['test_every'] is not None
                     else recipe.test_every or recipe.epochs),  # 0: the last epoch only
-        teacher_arch=given['teacher_arch'], student_arch=given['student_arch'],
+        teacher_arch=checked_arch(given['teacher_arch'], '--teacher-arch'),
+        student_arch=checked_arch(given['student_arch'], '--student-arch'),
+        teacher_points=point_list(given['teacher_points']),
+        student_points=point_list(given['student_points']),
         loss=tuple(given['loss']), temperature=values('temperature'), alpha=values('alpha'),
         beta=values('beta'), gamma=values('gamma'),
         logit_standardization=values('logit_standardization'), sets=sets,
@@ -214,6 +224,33 @@ def resolve(args):
         device=given['device'], amp=given['amp'], stack_students=given['stack_students'],
         compile=given['compile'], resume=given['resume'], restart=given['restart'],
         tensorboard=given['tensorboard'])
+
+
+def checked_arch(arch, flag):
+    """`arch` (None, a registered name or an architecture string, kd/models/external.py) once
+    it names a model that exists; UsageError, one line with the nearest names, else."""
+    if arch is not None:
+        try:
+            check_model(arch)
+        except ArchError as e:
+            raise UsageError(f'{flag} {arch}: {e}') from None
+    return arch
+
+
+def point_list(values):
+    """--teacher-points / --student-points as a tuple of module paths (each value may hold
+    several, separated by commas), or None when not given; UsageError for an empty one."""
+    if values is None:
+        return None
+    points = tuple(p.strip() for v in values for p in v.split(','))
+    if not all(points):
+        raise UsageError(f'feature points {",".join(values)!r}: an empty module path')
+    for point in points:
+        try:
+            parse_point(point)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return points
 
 
 def resolve_sets(texts, losses, training_students=True):
@@ -233,7 +270,8 @@ def resolve_sets(texts, losses, training_students=True):
 
 # every flag a RunConfig holds, by argparse name ('phase' is --train-teacher / --evaluate,
 # 'seeds' is --seed or --seeds, 'sets' is --set)
-FLAGS = ('phase', 'recipe', 'dataset', 'teacher_arch', 'student_arch', 'loss', 'epochs',
+FLAGS = ('phase', 'recipe', 'dataset', 'teacher_arch', 'student_arch', 'teacher_points',
+         'student_points', 'loss', 'epochs',
          'batch_size', 'lr', 'weight_decay', 'temperature', 'alpha', 'beta', 'gamma',
          'logit_standardization', 'sets', 'seeds', 'data_dir',
          'out_dir', 'device', 'subset', 'val_fraction', 'split_seed', 'test_every', 'no_baseline',

@@ -143,7 +143,7 @@ def evaluate_one(run, name, data):
     model, arch = rebuild(path, record, config.teacher_arch if is_teacher else config.student_arch,
                           recipe.teacher_arch if is_teacher else recipe.student_arch,
                           config.num_classes, '--teacher-arch' if is_teacher else '--student-arch',
-                          dataset=config.dataset)
+                          dataset=config.dataset, log=log)
     loaded, sha256 = read_checkpoint(path, f'{type(model).__name__} checkpoint')
     # the accuracy below is that of these weights, whatever their record or folder say (a
     # manifest has said already whether its run is unfinished)

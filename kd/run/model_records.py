@@ -42,8 +42,16 @@ def write_model_records(run_dir, specs, models, config):
             # the precision it trained and was tested in: --evaluate reproduces test_acc with it
             **({'precision': entry['precision']} if entry.get('precision') else {}),
             **({'teacher_sha256': config['teacher_sha256']} if 'teacher_sha256' in config else {}),
+            **arch_source(spec, config),
         })
     return hashes
+
+
+def arch_source(spec, config):
+    """{'arch_sha256': the content of the user's file its architecture names, as the run read
+    it} for a model of a user's file ({} otherwise): --evaluate and later phases compare it."""
+    key = 'teacher_arch_sha256' if spec.name == 'teacher' else 'student_arch_sha256'
+    return {'arch_sha256': config[key]} if config.get(key) else {}
 
 
 def promote_best_student(run_dir, specs, models, log):

@@ -30,7 +30,8 @@ from kd.run.outdir import Manifest, planned_files, set_aside, write_manifest
 from kd.run.record import DataDigests, Precisions
 from kd.run.resume import (check_resume_data, describe_resume, find_states, load_states,
                            resumed_amp, run_dirs, saved_precisions)
-from kd.run.specs import TraineeSetup, distilled_names, feature_plan, make_trainees
+from kd.run.specs import (GivenPoints, TraineeSetup, distilled_names, feature_plan,
+                          make_trainees)
 from kd.run.teacher import (logits_key, logits_path, save_test_logits, store_test_logits,
                             teacher_test_logits)
 from kd.run.teacher_form import fastest_teacher
@@ -124,7 +125,8 @@ def plan_phase(record, dist, arrays, teacher, log):
     data = seed_loaders(config, device, dist, arrays, config.seeds[0])
     dataset = get_dataset(config.dataset)  # the image size comes from the dataset
     features = feature_plan(specs, teacher, record.teacher.arch, device, config.num_classes,
-                            dataset.image_shape) if config.phase == 'students' else None
+                            dataset.image_shape, GivenPoints.of(config)) \
+        if config.phase == 'students' else None
     batch_shape = dataset.batch_shape(config.batch_size // dist.world_size)
     try:
         extra = {s.name: features.state_bytes(s.loss, s.params, s.arch, data.train.labels)

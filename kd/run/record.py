@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from kd.engine.precision import precision_name
+from kd.models import source_sha256
 from kd.run.config import RunConfig
 from kd.run.configuration import loss_settings, resolved_configuration
 
@@ -61,12 +62,18 @@ class RunRecord:
     teacher_form: Optional[dict] = None  # teacher_form.fastest_teacher's record
     seed: Optional[int] = None    # one seed's record
     stacking: Optional[dict] = None  # tuning.decide_stacking's record
+    sources: Optional[dict] = None  # {architecture: sha256 of the user's file it names}
 
     @classmethod
     def start(cls, config, device, world_size=1, specs=(), teacher=None):
-        """The record of a run about to start: nothing learned yet, --amp as given."""
+        """The record of a run about to start: nothing learned yet, --amp as given; the content
+        of the user's files its architectures name read now (external.source_sha256), so a
+        file changed during or after the run is told apart."""
+        archs = {s.arch for s in specs} | ({teacher.arch} if teacher else set())
+        sources = {a: source_sha256(a) for a in sorted(archs)}
         return cls(config=config, device=device, world_size=world_size, specs=tuple(specs),
-                   teacher=teacher, amp=config.amp)
+                   teacher=teacher, amp=config.amp,
+                   sources={a: d for a, d in sources.items() if d} or None)
 
     def configuration(self):
         """The printed configuration (configuration.resolved_configuration), as this record
@@ -106,7 +113,7 @@ class RunRecord:
         their losses' settings and their teacher."""
         config, specs = self.config, self.specs
         if config.phase == 'teacher':
-            return {'teacher_arch': specs[0].arch}
+            return {'teacher_arch': specs[0].arch, **self._source('teacher', specs[0].arch)}
         distilled = [s for s in specs if s.name != 'student_base']
         # every loss's resolved settings; one setting also as its T and alpha (those it takes)
         out = dict(distilled[0].params) if len(distilled) == 1 else {}
@@ -116,4 +123,16 @@ class RunRecord:
             students=[{'name': s.name, 'loss': s.loss, 'params': s.params} for s in specs],
             teacher_checkpoint=config.teacher_checkpoint, teacher_arch=self.teacher.arch,
             teacher_sha256=self.teacher.sha256)
+        out.update(self._source('student', specs[0].arch))
+        out.update(self._source('teacher', self.teacher.arch))
+        for who in ('teacher', 'student'):  # the points given by module path, when given
+            if getattr(config, f'{who}_points'):
+                out[f'{who}_points'] = list(getattr(config, f'{who}_points'))
         return out
+
+    def _source(self, who, arch):
+        """{'<who>_arch_sha256': the content of the user's file `arch` names} ({} for a
+        registered or library model): written only where there is one, so the records of
+        registered models are as before."""
+        digest = (self.sources or {}).get(arch)
+        return {f'{who}_arch_sha256': digest} if digest else {}

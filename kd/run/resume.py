@@ -10,10 +10,12 @@ from kd.run.config import UsageError
 # Configuration keys that change what a run computes: a resumed run must agree on all of them.
 RUN_KEYS = {
     'teacher': ('dataset', 'teacher_arch', 'epochs', 'batch_size', 'lr', 'weight_decay', 'seed',
-                'val_fraction', 'split_seed', 'subset', 'precision', 'recipe'),
+                'val_fraction', 'split_seed', 'subset', 'precision', 'recipe',
+                'teacher_arch_sha256'),
     'students': ('dataset', 'student_arch', 'students', 'epochs', 'batch_size', 'lr',
                  'weight_decay', 'seed', 'val_fraction', 'split_seed', 'subset', 'precision',
-                 'teacher_sha256', 'recipe'),
+                 'teacher_sha256', 'recipe', 'student_arch_sha256', 'teacher_arch_sha256',
+                 'student_points', 'teacher_points'),
 }
 
 

@@ -5,9 +5,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kd.engine.trainee import Trainee, TraineeOptions
-from kd.methods.grid import expand_grid, setting_name
-from kd.methods.plan import plan_features
+from kd.methods.grid import SetValues, expand_grid, setting_name
+from kd.methods.plan import is_feature_method, plan_features
+from kd.methods.registry import get_loss
 from kd.models import build_model, feature_points
+from kd.models.features import given_points
 from kd.recipes.prepare import prepare_model
 from kd.run.config import UsageError
 
@@ -15,7 +17,7 @@ from kd.run.config import UsageError
 @dataclass
 class ModelSpec:
     name: str                     # student_kd, student_base, kd_T4_a0.1, ... or teacher
-    arch: str                     # a name from models.MODELS
+    arch: str                     # a name from models.MODELS, or an architecture string
     loss: str                     # a name from kd.methods.registry.LOSSES
     params: dict = field(default_factory=dict)
 
@@ -28,7 +30,7 @@ def student_specs(config):
     best_student_kd.pth.
     """
     grid = expand_grid(config.loss, config.temperature, config.alpha, config.beta, config.gamma,
-                       config.logit_standardization, sets=config.sets)
+                       config.logit_standardization, sets=config.sets + implied_sets(config))
     arch = config.student_model
     if len(grid) == 1:
         specs = [ModelSpec('student_kd', arch, *grid[0])]
@@ -47,17 +49,55 @@ def phase_specs(config):
     return student_specs(config)
 
 
-def feature_plan(specs, teacher, teacher_arch, device, num_classes, image_shape):
+def implied_sets(config):
+    """The settings that points given by module path imply: a method's stage index ('hint',
+    FitNets') beyond the fewest points given becomes that last given point (so
+    `--teacher-points layer3 --student-points block2` pairs the two), unless --set gives it."""
+    given = [len(p) for p in (config.teacher_points, config.student_points) if p]
+    if not given:
+        return ()
+    explicit = {(s.method, s.name) for s in config.sets}
+    out = []
+    for loss in config.loss:
+        hint = get_loss(loss).settings.get('hint')
+        if hint is not None and (loss, 'hint') not in explicit and hint.default > min(given):
+            out.append(SetValues(loss, 'hint', (min(given),)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class GivenPoints:
+    """Feature points given by module path (--teacher-points, --student-points), or None."""
+    teacher: tuple = None
+    student: tuple = None
+
+    @classmethod
+    def of(cls, config):
+        return cls(config.teacher_points, config.student_points)
+
+
+def feature_plan(specs, teacher, teacher_arch, device, num_classes, image_shape,
+                 given=GivenPoints()):
     """The kd.methods.plan.FeaturePlan of the students' feature methods (None when none), measured
-    on images of the dataset's image_shape (C, H, W); a model without the points a method reads
-    is a usage error, found before any training."""
+    on images of the dataset's image_shape (C, H, W); given: the GivenPoints, in place of the
+    registered ones. A model without the points a method reads, or without a given module
+    path, is a usage error, found before any training."""
     built = {}
     students = [(s.arch, s.loss, built.setdefault(s.arch, build_model(s.arch, num_classes)),
                  s.params) for s in specs]
     try:
-        return plan_features(students, teacher, feature_points(teacher_arch, teacher),
-                             device, num_classes, teacher_arch=teacher_arch,
-                             image_shape=image_shape)
+        teacher_points = (given_points(given.teacher, teacher, f'the teacher {teacher_arch}')
+                          if given.teacher else feature_points(teacher_arch, teacher))
+        student_points = {arch: given_points(given.student, module, f'the student {arch}')
+                          for arch, module in built.items()} if given.student else None
+        methods = list(dict.fromkeys(s.loss for s in specs if is_feature_method(s.loss)))
+        if not teacher_points and methods:
+            raise ValueError(f'--loss {" ".join(methods)}: the teacher {teacher_arch} names no '
+                             f'feature points; give them by module path (--teacher-points '
+                             f'PATH,...)')
+        return plan_features(students, teacher, teacher_points, device, num_classes,
+                             teacher_arch=teacher_arch, image_shape=image_shape,
+                             student_points=student_points)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -12,7 +12,7 @@ import os
 import torch
 
 from kd.data.datasets import effective_subset, get_dataset
-from kd.models import build_model, model_names
+from kd.models import ArchError, build_model, model_names, source_sha256
 from kd.recipes.defaults import RECIPE
 from kd.recipes.base import get_recipe
 from kd.files.checkpoint import (CheckpointError, WeightsMismatch, atomic_save, load_file,
@@ -87,10 +87,13 @@ def load_for_inference(model, path, device, arch=None, num_classes=None, record=
     return model
 
 
-def rebuild(path, record, requested_arch, default_arch, num_classes, what, dataset=None):
+def rebuild(path, record, requested_arch, default_arch, num_classes, what, dataset=None,
+            log=None):
     """The empty model a checkpoint's weights go into: the architecture and class count its
     record names (or the requested / default ones when it has no record). A requested
-    architecture or a class count that differs from the record is refused, naming both."""
+    architecture or a class count that differs from the record is refused, naming both, and so
+    is an architecture string that builds nothing now (a user's file gone). log: warned when
+    the user's file the architecture names has changed since the weights were trained."""
     arch = requested_arch or default_arch
     if record is not None:
         recorded = record.get('arch', default_arch)
@@ -104,7 +107,29 @@ def rebuild(path, record, requested_arch, default_arch, num_classes, what, datas
             raise TeacherMismatch(f'{path} predicts the {record["num_classes"]} classes'
                                   f'{trained_on} (its record says so), but {here} '
                                   f'{num_classes}')
-    return build_model(arch, num_classes=num_classes), arch
+    try:
+        model = build_model(arch, num_classes=num_classes)
+    except ArchError as e:
+        raise TeacherMismatch(f'{path} is a {arch}, which cannot be built now: {e}') from None
+    change = source_change(path, record, arch)
+    if change and log:
+        log(f'warning: {change}')
+    return model, arch
+
+
+def source_change(path, record, arch):
+    """A sentence when the user's file that `arch` names is not the one whose content sha256
+    the weights' record holds (it was edited since they were trained), else None.
+
+    A warning, not a refusal: the weights still have to load into the changed class strictly, and
+    an edit that leaves the computation as it was (a comment, a new helper) is common; what
+    is computed may differ, so the run says so, and records the file it used."""
+    recorded = (record or {}).get('arch_sha256')
+    now = source_sha256(arch) if recorded else None
+    if not recorded or now == recorded:
+        return None
+    return (f'{arch} is not the file {path} was trained with (sha256 {recorded[:12]} in its '
+            f'record, {now[:12]} now): its weights run in the changed code')
 
 
 def unfinished_run(checkpoint_path, phase):
@@ -185,7 +210,7 @@ def load_teacher(path, device, num_classes, *, arch=None, default_arch=None, spl
     # a teacher without a record is taken to be the recipe's teacher unless --teacher-arch says
     default_arch = default_arch or get_recipe(RECIPE).teacher_arch
     model, arch = rebuild(path, record, arch, default_arch, num_classes, '--teacher-arch',
-                          dataset=split['dataset'])
+                          dataset=split['dataset'], log=log)
     model = load_for_inference(model, path, device, arch=arch, num_classes=num_classes,
                                record=record, log=log, loaded=loaded)
     return model, arch, sha256, record

@@ -91,31 +91,31 @@ class VGG(nn.Module):
                 for i in range(1, 5)}
 
 
-@register_model('vgg8')
+@register_model('vgg8', min_size=8)
 def vgg8(num_classes=10):
     """VGG-8 with BatchNorm, a student (vgg13's): 3.97M parameters at 100 classes."""
     return VGG(8, num_classes)
 
 
-@register_model('vgg11')
+@register_model('vgg11', min_size=8)
 def vgg11(num_classes=10):
     """VGG-11 with BatchNorm: 9.28M parameters at 100 classes."""
     return VGG(11, num_classes)
 
 
-@register_model('vgg13')
+@register_model('vgg13', min_size=8)
 def vgg13(num_classes=10):
     """VGG-13 with BatchNorm, a teacher: 9.46M parameters at 100 classes."""
     return VGG(13, num_classes)
 
 
-@register_model('vgg16')
+@register_model('vgg16', min_size=8)
 def vgg16(num_classes=10):
     """VGG-16 with BatchNorm: 14.77M parameters at 100 classes."""
     return VGG(16, num_classes)
 
 
-@register_model('vgg19')
+@register_model('vgg19', min_size=8)
 def vgg19(num_classes=10):
     """VGG-19 with BatchNorm: 20.09M parameters at 100 classes."""
     return VGG(19, num_classes)

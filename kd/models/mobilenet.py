@@ -49,11 +49,12 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2 for 32x32 images (x: N x 3 x 32 x 32 -> logits N x num_classes), expansion T,
-    channels scaled by `width` (the last 1x1 convolution keeps 1280 up to width 1).
+    """MobileNetV2 for 32x32 images (x: N x 3 x H x W -> logits N x num_classes; any side from
+    16 pixels runs), expansion T, channels scaled by `width` (the last 1x1 convolution keeps 1280
+    up to width 1).
 
     A stride-2 3x3 stem to 16x16, seven groups of inverted residual blocks down to 2x2, a 1x1
-    convolution to 1280 channels, average pooling and one linear layer.
+    convolution to 1280 channels, global average pooling and one linear layer.
     """
 
     def __init__(self, expansion=6, width=0.5, num_classes=10):

@@ -78,10 +78,15 @@ def test_register_and_duplicate(monkeypatch):
     registry = dict(MODELS)
     monkeypatch.setattr(model_base, 'MODELS', registry)
     monkeypatch.setattr(models, 'MODELS', registry)
+    monkeypatch.setitem(model_base.MIN_SIZE, 'tiny', None)  # the entry is removed after the test
 
-    @register_model('tiny')
+    @register_model('tiny', min_size=5)
     def tiny(num_classes=10):
         return nn.Linear(3, num_classes)
+
+    assert model_base.MIN_SIZE['tiny'] == 5  # the size check reads it (tests/test_image_size.py)
+    with pytest.raises(ValueError, match="'tiny' cannot run on 4x6 images"):
+        models.check_image_size('tiny', (3, 4, 6))
 
     assert tiny(4).out_features == 4  # the decorator hands the function back unchanged
     assert build_model('tiny', num_classes=5).out_features == 5

@@ -11,6 +11,10 @@ from kd.models.registry import Classifier, register_model, stage_points
 # which initialises the whitening layer from data (init_whitening) and freezes the BatchNorm
 # scales (freeze_norm_scales); under any other recipe they train as ordinary layers.
 
+# the 2x2 whitening takes one pixel off, then three max-pools of 2 halve it: 9 -> 8 -> 1x1
+AIRBENCH_MIN_SIZE = 9
+
+
 def fast_batchnorm(num_features, momentum=0.4, eps=1e-12):
     """A BatchNorm2d with fast running statistics: each batch moves them by 40% (momentum 0.4 in
     PyTorch's convention), so the few hundred steps of a short run end with statistics of the
@@ -42,7 +46,7 @@ class AirbenchNet(nn.Module):
     """airbench94's network; `widths` are the three groups' channels (64, 256, 256 in the paper).
 
     32x32 input -> whitening 2x2 conv (24 channels, no padding: 31x31) -> GELU -> groups at
-    31x31, 15x15, 7x7 -> max-pool 3 -> linear (no bias) -> logits / 9.
+    31x31, 15x15, 7x7 -> global max-pool (3x3 here) -> linear (no bias) -> logits / 9.
     """
 
     WHITENING_EPS = 5e-4  # added to the patch covariance's eigenvalues (noise-free directions)
@@ -62,7 +66,9 @@ class AirbenchNet(nn.Module):
         x = self.groups(F.gelu(self.whiten(x)))
         # scaling the features is scaling the logits (no bias), and the classifier's output
         # stays the logits, computed in float32
-        return self.classifier(F.max_pool2d(x, 3).flatten(1) * self.logit_scale)
+        # the paper's max-pool 3 takes the whole 3x3 map of a 32x32 input; the global maximum
+        # is the same there and runs at any size
+        return self.classifier(F.adaptive_max_pool2d(x, 1).flatten(1) * self.logit_scale)
 
     def feature_points(self):
         groups = [f'groups.{i}' for i in range(len(self.groups))]
@@ -110,13 +116,13 @@ class AirbenchNet(nn.Module):
         self.whiten.weight.requires_grad_(False)
 
 
-@register_model('airbench94')
+@register_model('airbench94', min_size=AIRBENCH_MIN_SIZE)
 def airbench94(num_classes=10):
     """airbench94's network (64/256/256 channels), the fast recipe's teacher: 1.97M parameters."""
     return AirbenchNet(num_classes, (64, 256, 256))
 
 
-@register_model('airbench94_small')
+@register_model('airbench94_small', min_size=AIRBENCH_MIN_SIZE)
 def airbench94_small(num_classes=10):
     """The same family at 32/64/64 channels, the fast recipe's student."""
     return AirbenchNet(num_classes, (32, 64, 64))

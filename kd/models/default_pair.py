@@ -32,7 +32,7 @@ class BasicBlock(nn.Module):
         return self.relu_out(out + self.shortcut(x))
 
 
-@register_model('resnet18')
+@register_model('resnet18', min_size=8)
 class TeacherNet(nn.Module):
     """ResNet-18 for CIFAR: 3x3 stem without max-pool, stages of 64-128-256-512 channels.
 
@@ -78,7 +78,7 @@ def conv_bn_relu(in_channels, out_channels, pool=False):
     return nn.Sequential(*layers)
 
 
-@register_model('cnn')
+@register_model('cnn', min_size=8)
 class StudentNet(nn.Module):
     """A plain CNN (conv-BN-ReLU blocks with max-pooling, global average pooling, no residuals).
 

@@ -49,11 +49,12 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2 for 32x32 images (x: N x 3 x 32 x 32 -> logits N x num_classes), expansion T,
-    channels scaled by `width` (the last 1x1 convolution keeps 1280 up to width 1).
+    """MobileNetV2 for 32x32 images (x: N x 3 x H x W -> logits N x num_classes; any side from
+    16 pixels runs), expansion T, channels scaled by `width` (the last 1x1 convolution keeps 1280
+    up to width 1).
 
     A stride-2 3x3 stem to 16x16, seven groups of inverted residual blocks down to 2x2, a 1x1
-    convolution to 1280 channels, average pooling and one linear layer.
+    convolution to 1280 channels, global average pooling and one linear layer.
     """
 
     def __init__(self, expansion=6, width=0.5, num_classes=10):
@@ -72,9 +73,10 @@ class MobileNetV2(nn.Module):
         self.blocks = nn.ModuleList(groups)
         last_channels = int(1280 * width) if width > 1.0 else 1280
         self.conv2 = conv_bn_relu(in_channels, last_channels, 1)
-        # the reference's pooling, sized for 32x32 inputs (2x2 here): another size fails at
-        # the classifier instead of giving a network the reference never trained
-        self.avgpool = nn.AvgPool2d(2, ceil_mode=True)
+        # the reference's AvgPool2d(2, ceil_mode=True) averages the whole 2x2 map of a 32x32
+        # input; pooling adaptively to 1x1 is the same there and runs at any size (no
+        # parameters: the keys are the reference's)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         # a Sequential only for the reference's key names (classifier.0.weight)
         self.classifier = nn.Sequential(Classifier(last_channels, num_classes))
         init_like_reference(self)  # the reference's normal(0, sqrt(2 / (k * k * out_channels)))
@@ -106,7 +108,7 @@ class MobileNetV2(nn.Module):
                 for i, group in enumerate((1, 2, 4, 6), 1)}
 
 
-@register_model('mobilenetv2')
+@register_model('mobilenetv2', min_size=16)  # five stride-2 layers: 32x32 -> 2x2
 def mobilenetv2(num_classes=10):
     """The benchmarks' MobileNetV2 (T=6, width 0.5), a student: 0.81M parameters at 100 classes."""
     return MobileNetV2(6, 0.5, num_classes)

@@ -25,9 +25,10 @@ from kd.models.external import build_external, check_arch, is_external
 MODELS = {}  # name -> constructor called as constructor(num_classes=...)
 POINTS = {}  # name -> {point name: 'module.path' or 'module.path:in'} given at registration
 BN_BEFORE_RELU = {}  # name -> {pre-activation point: 'module.path' of a BN} given at registration
+MIN_SIZE = {}  # name -> the smallest image side (pixels) it runs at, given at registration
 
 
-def register_model(name, points=None, bn_before_relu=None):
+def register_model(name, points=None, bn_before_relu=None, min_size=1):
     """Decorator: make the class or function buildable as build_model(name, num_classes).
 
     points: the model's feature points, {name: 'module.path' | 'module.path:in'} (see the
@@ -35,7 +36,8 @@ def register_model(name, points=None, bn_before_relu=None):
     `feature_points()` needs none, and a model without points still trains with every logit
     loss. bn_before_relu: {pre-activation point: 'module.path' of its BatchNorm2d} (see the
     module docstring), for OFD's margins; a model whose class defines `bn_before_relu()` needs
-    none.
+    none. min_size: the smallest image height and width it runs at (its downsampling's; see
+    kd/models/sizes.py), checked by check_image_size before a run trains.
     """
     def add(constructor):
         # refuse silently replacing a model: a checkpoint saved under a name must keep meaning one network
@@ -46,6 +48,7 @@ def register_model(name, points=None, bn_before_relu=None):
             POINTS[name] = dict(points)
         if bn_before_relu is not None:
             BN_BEFORE_RELU[name] = dict(bn_before_relu)
+        MIN_SIZE[name] = min_size
         return constructor
     return add
 

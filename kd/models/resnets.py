@@ -211,86 +211,86 @@ class BottleneckResNet(nn.Module):
                 for i, s in enumerate(['layer1', 'layer2', 'layer3', 'layer4'], 1)}
 
 
-@register_model('resnet8')
+@register_model('resnet8', min_size=4)
 def resnet8(num_classes=10):
     """ResNet-8 (16-16-32-64 channels, one block per stage): 0.08M parameters at 100 classes."""
     return CifarResNet(8, (16, 16, 32, 64), num_classes)
 
 
-@register_model('resnet14')
+@register_model('resnet14', min_size=4)
 def resnet14(num_classes=10):
     """ResNet-14 (16-16-32-64 channels): 0.18M parameters at 100 classes."""
     return CifarResNet(14, (16, 16, 32, 64), num_classes)
 
 
-@register_model('resnet20')
+@register_model('resnet20', min_size=4)
 def resnet20(num_classes=10):
     """ResNet-20 (16-16-32-64 channels), resnet56's and resnet110's student: 0.28M parameters at
     100 classes."""
     return CifarResNet(20, (16, 16, 32, 64), num_classes)
 
 
-@register_model('resnet32')
+@register_model('resnet32', min_size=4)
 def resnet32(num_classes=10):
     """ResNet-32 (16-16-32-64 channels), resnet110's student: 0.47M parameters at 100 classes."""
     return CifarResNet(32, (16, 16, 32, 64), num_classes)
 
 
-@register_model('resnet44')
+@register_model('resnet44', min_size=4)
 def resnet44(num_classes=10):
     """ResNet-44 (16-16-32-64 channels): 0.67M parameters at 100 classes."""
     return CifarResNet(44, (16, 16, 32, 64), num_classes)
 
 
-@register_model('resnet56')
+@register_model('resnet56', min_size=4)
 def resnet56(num_classes=10):
     """ResNet-56 (16-16-32-64 channels), a teacher: 0.86M parameters at 100 classes."""
     return CifarResNet(56, (16, 16, 32, 64), num_classes)
 
 
-@register_model('resnet110')
+@register_model('resnet110', min_size=4)
 def resnet110(num_classes=10):
     """ResNet-110 (16-16-32-64 channels), a teacher: 1.74M parameters at 100 classes."""
     return CifarResNet(110, (16, 16, 32, 64), num_classes)
 
 
-@register_model('resnet32x4')
+@register_model('resnet32x4', min_size=4)
 def resnet32x4(num_classes=10):
     """ResNet-32x4, the usual CIFAR-100 teacher: 7.43M parameters at 100 classes."""
     return CifarResNet(32, (32, 64, 128, 256), num_classes)
 
 
-@register_model('resnet8x4')
+@register_model('resnet8x4', min_size=4)
 def resnet8x4(num_classes=10):
     """ResNet-8x4, resnet32x4's student: one block per stage, 1.23M parameters at 100 classes."""
     return CifarResNet(8, (32, 64, 128, 256), num_classes)
 
 
-@register_model('wrn_40_2')
+@register_model('wrn_40_2', min_size=4)
 def wrn_40_2(num_classes=10):
     """WRN-40-2, a teacher: 2.26M parameters at 100 classes."""
     return WideResNet(40, 2, num_classes)
 
 
-@register_model('wrn_16_2')
+@register_model('wrn_16_2', min_size=4)
 def wrn_16_2(num_classes=10):
     """WRN-16-2, wrn_40_2's student: 0.70M parameters at 100 classes."""
     return WideResNet(16, 2, num_classes)
 
 
-@register_model('wrn_40_1')
+@register_model('wrn_40_1', min_size=4)
 def wrn_40_1(num_classes=10):
     """WRN-40-1, wrn_40_2's student: 0.57M parameters at 100 classes."""
     return WideResNet(40, 1, num_classes)
 
 
-@register_model('wrn_16_1')
+@register_model('wrn_16_1', min_size=4)
 def wrn_16_1(num_classes=10):
     """WRN-16-1: 0.18M parameters at 100 classes."""
     return WideResNet(16, 1, num_classes)
 
 
-@register_model('resnet50')
+@register_model('resnet50', min_size=8)
 def resnet50(num_classes=10):
     """ResNet-50 for CIFAR (RepDistiller's `ResNet50`: Bottleneck blocks 3-4-6-3), a teacher:
     23.71M parameters at 100 classes."""

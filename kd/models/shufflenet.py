@@ -198,13 +198,13 @@ class ShuffleNetV2(nn.Module):
         return stage_points(stages, last, 'layer1:in', 'linear:in')
 
 
-@register_model('shufflev1')
+@register_model('shufflev1', min_size=8)
 def shufflev1(num_classes=10):
     """ShuffleNet (3 groups; 4, 8, 4 units), a student: 0.95M parameters at 100 classes."""
     return ShuffleNetV1((240, 480, 960), (4, 8, 4), 3, num_classes)
 
 
-@register_model('shufflev2')
+@register_model('shufflev2', min_size=8)
 def shufflev2(num_classes=10):
     """ShuffleNet V2 (width 1; 3, 7, 3 basic units), a student: 1.36M parameters at 100 classes."""
     return ShuffleNetV2((116, 232, 464, 1024), (3, 7, 3), num_classes)

@@ -37,10 +37,12 @@ def vgg_block(in_channels, widths):
 
 
 class VGG(nn.Module):
-    """VGG-depth with BatchNorm for 32x32 images (x: N x 3 x 32 x 32 -> logits N x num_classes).
+    """VGG-depth with BatchNorm for 32x32 images (x: N x 3 x H x W -> logits N x num_classes; any
+    side from 8 pixels runs).
 
-    Five blocks at 32, 16, 8, 4 and 4 pixels: max-pools after blocks 0-2 only, then global
-    average pooling and one linear layer on the 512 channels (no fully connected stack).
+    Five blocks at 32, 16, 8, 4 and 4 pixels (on 32x32 images): max-pools after blocks 0-2 only,
+    then global average pooling and one linear layer on the 512 channels (no fully connected
+    stack).
     """
 
     def __init__(self, depth, num_classes=10):
@@ -60,7 +62,9 @@ class VGG(nn.Module):
         # The reference also defines pool3 and applies it only to 64x64 inputs (its TinyImageNet
         # setting); on 32x32 images block4 runs at block3's 4x4. pool3 has no parameters, so
         # leaving it out changes no checkpoint key, and the forward needs no branch on the
-        # input's size (which torch.fx, used for the teacher's folded form, cannot trace).
+        # input's size (which torch.fx, used for the teacher's folded form, cannot trace). So on
+        # 64x64 images block4 runs at 8x8 here, at 4x4 in the reference: the same parameters,
+        # four times block4's multiply-accumulates, and another network than its TinyImageNet one.
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = Classifier(in_channels, num_classes)
         init_like_reference(self)  # the reference's normal(0, sqrt(2 / (k * k * out_channels)))
@@ -91,31 +95,31 @@ class VGG(nn.Module):
                 for i in range(1, 5)}
 
 
-@register_model('vgg8')
+@register_model('vgg8', min_size=8)
 def vgg8(num_classes=10):
     """VGG-8 with BatchNorm, a student (vgg13's): 3.97M parameters at 100 classes."""
     return VGG(8, num_classes)
 
 
-@register_model('vgg11')
+@register_model('vgg11', min_size=8)
 def vgg11(num_classes=10):
     """VGG-11 with BatchNorm: 9.28M parameters at 100 classes."""
     return VGG(11, num_classes)
 
 
-@register_model('vgg13')
+@register_model('vgg13', min_size=8)
 def vgg13(num_classes=10):
     """VGG-13 with BatchNorm, a teacher: 9.46M parameters at 100 classes."""
     return VGG(13, num_classes)
 
 
-@register_model('vgg16')
+@register_model('vgg16', min_size=8)
 def vgg16(num_classes=10):
     """VGG-16 with BatchNorm: 14.77M parameters at 100 classes."""
     return VGG(16, num_classes)
 
 
-@register_model('vgg19')
+@register_model('vgg19', min_size=8)
 def vgg19(num_classes=10):
     """VGG-19 with BatchNorm: 20.09M parameters at 100 classes."""
     return VGG(19, num_classes)

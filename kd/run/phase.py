@@ -18,6 +18,7 @@ from kd.engine.stacked import StudentStack
 from kd.engine.step import LockstepSteps, PhaseTeacher
 from kd.engine.timing import Stopwatch
 from kd.files.checkpoint import record_path
+from kd.models.sizes import image_size_problem
 from kd.recipes.prepare import loader_options
 from kd.report.provenance import device_name
 from kd.report.results import write_results
@@ -116,6 +117,15 @@ def train_phase_for_seeds(record, dist, arrays, stop=None, teacher=None, log=pri
     return summaries, plan.dirs, record
 
 
+def check_image_sizes(archs, image_shape):
+    """A model whose downsampling cannot run on the dataset's images is refused before any
+    training (UsageError, one line naming the size)."""
+    for arch in dict.fromkeys(archs):
+        problem = image_size_problem(arch, image_shape)
+        if problem:
+            raise UsageError(problem)
+
+
 def plan_phase(record, dist, arrays, teacher, log):
     """The PhasePlan of record's phase, and the record with what the first seed's data and the
     memory check taught: the images' digests and the memory estimate. A grid too large for the
@@ -124,6 +134,8 @@ def plan_phase(record, dist, arrays, teacher, log):
     main_log = log if dist.is_main else (lambda *_: None)
     data = seed_loaders(config, device, dist, arrays, config.seeds[0])
     dataset = get_dataset(config.dataset)  # the image size comes from the dataset
+    check_image_sizes([s.arch for s in specs] + ([record.teacher.arch] if record.teacher else []),
+                      dataset.image_shape)
     features = feature_plan(specs, teacher, record.teacher.arch, device, config.num_classes,
                             dataset.image_shape, GivenPoints.of(config)) \
         if config.phase == 'students' else None

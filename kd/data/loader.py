@@ -105,6 +105,7 @@ class DataSource:
     subset: int = None           # only the first N training and the first N test images
     val_fraction: float = 0.1    # held out of the training images for validation
     split_seed: int = 0          # which images are held out (see split_train_val)
+    image_size: int = None       # --image-size of a folder dataset (datasets.open_dataset)
 
     @classmethod
     def names(cls):
@@ -306,6 +307,16 @@ def split_train_val(num_images, val_fraction, split_seed=0):
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+def normalization(spec, arrays):
+    """(mean, std) the loaders normalize with: the spec's, else (a dataset that declares none)
+    the whole dataset's training images' (arrays.normalization, computed once)."""
+    if spec.mean is not None:
+        return spec.mean, spec.std
+    if not isinstance(arrays, DatasetArrays):
+        arrays = DatasetArrays(*arrays)
+    return arrays.normalization
+
+
 def load_loaders(source, batch_size=128, eval_batch_size=1000, options=None):
     """Train / validation / test loaders (a CifarData) over the images `source` (a DataSource)
     names, held on options.device.
@@ -319,19 +330,22 @@ def load_loaders(source, batch_size=128, eval_batch_size=1000, options=None):
     spec = get_dataset(source.dataset)
     arrays = source.arrays
     if arrays is None:
-        arrays = load_dataset(source.data_dir, spec, source.download)
+        arrays = load_dataset(source.data_dir, spec, source.download, source.image_size)
     elif not isinstance(arrays, DatasetArrays):
         arrays = DatasetArrays(*arrays)
     arrays = arrays.first(source.subset)
     train_x, train_y, test_x, test_y = arrays
     train_idx, val_idx = split_train_val(len(train_y), source.val_fraction, source.split_seed)
-    options = replace(options or LoaderOptions(), mean=spec.mean, std=spec.std)
+    mean, std = normalization(spec, arrays)
+    options = replace(options or LoaderOptions(), mean=mean, std=std)
+    if spec.padding_share:  # the crop scales with the image (CIFAR's 4 px per 32 px)
+        options = replace(options, padding=max(1, round(train_x.shape[-2] * spec.padding_share)))
     train = CifarLoader(train_x[train_idx], train_y[train_idx], batch_size, True, options)
     # evaluation loaders neither shuffle nor augment: they keep the default seed and
     # augmentation, as they always had (their batches carry seed 0)
     evaluation = LoaderOptions(options.device, channels_last=options.channels_last,
                                rank=options.rank, world_size=options.world_size,
-                               mean=spec.mean, std=spec.std)
+                               mean=mean, std=std)
     val = (CifarLoader(train_x[val_idx], train_y[val_idx], eval_batch_size, False, evaluation)
            if len(val_idx) else None)
     test = CifarLoader(test_x, test_y, eval_batch_size, False, evaluation)

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from kd.data.datasets import get_dataset
+from kd.data.datasets import LayoutError, open_dataset
 from kd.methods.grid import parse_sets
 from kd.recipes.defaults import DEFAULTS
 from kd.recipes.base import Recipe, get_recipe, resolve_recipe, scaled_lr
@@ -104,6 +104,8 @@ class RunConfig:
     """Set an unfinished run in out_dir aside and start over."""
     tensorboard: bool
     """Also write the per-epoch scalars to OUT_DIR/tensorboard/<phase>."""
+    image_size: Optional[int] = None
+    """--image-size N of a folder dataset (shorter side to N, centre crop); None: its own."""
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -160,6 +162,11 @@ class RunConfig:
         """The students' architecture: --student-arch, else the recipe's."""
         return self.student_arch or self.recipe.student_arch
 
+    def dataset_spec(self):
+        """The dataset as this run reads it (datasets.open_dataset: a folder dataset's scan of
+        data_dir put in; cached, so calling it again costs nothing)."""
+        return open_dataset(self.dataset, self.data_dir, self.image_size)
+
     def record(self):
         """The configuration keys every run records (results.json's config, the resume state's
         'config', compared by kd.run.resume.RUN_KEYS on --resume): {key: value}, JSON-ready."""
@@ -168,7 +175,9 @@ class RunConfig:
                 'weight_decay': self.weight_decay, 'val_fraction': self.val_fraction,
                 'split_seed': self.split_seed, 'subset': self.subset,
                 'test_every': self.test_every, 'data_dir': self.data_dir,
-                'out_dir': self.out_dir, 'compile': self.compile}
+                'out_dir': self.out_dir, 'compile': self.compile,
+                # a folder dataset's size (CIFAR's records keep their keys)
+                **({'image_size': self.image_size} if self.image_size else {})}
 
 
 def resolve(args):
@@ -181,9 +190,12 @@ def resolve(args):
         recipe = resolve_recipe(given['recipe'], epochs=given['epochs'],
                                 batch_size=given['batch_size'], lr=given['lr'],
                                 weight_decay=given['weight_decay'])
-        num_classes = get_dataset(given['dataset']).num_classes
+        num_classes = open_dataset(given['dataset'], given['data_dir'],
+                                   given.get('image_size')).num_classes
     except KeyError as e:
         raise UsageError(e.args[0]) from None
+    except LayoutError as e:  # a folder that cannot be used: before anything is written
+        raise UsageError(str(e)) from None
     if given['seed'] < 0:  # also when --seeds replaces it
         raise UsageError('--seed and --seeds must be >= 0')
     per_seed = given['seeds'] is not None
@@ -213,7 +225,7 @@ def resolve(args):
         teacher_checkpoint_given=checkpoint is not None,
         device=given['device'], amp=given['amp'], stack_students=given['stack_students'],
         compile=given['compile'], resume=given['resume'], restart=given['restart'],
-        tensorboard=given['tensorboard'])
+        tensorboard=given['tensorboard'], image_size=given.get('image_size'))
 
 
 def resolve_sets(texts, losses, training_students=True):
@@ -238,7 +250,7 @@ FLAGS = ('phase', 'recipe', 'dataset', 'teacher_arch', 'student_arch', 'loss', '
          'logit_standardization', 'sets', 'seeds', 'data_dir',
          'out_dir', 'device', 'subset', 'val_fraction', 'split_seed', 'test_every', 'no_baseline',
          'teacher_checkpoint', 'amp', 'stack_students', 'compile', 'resume', 'restart',
-         'tensorboard')
+         'tensorboard', 'image_size')
 
 
 def flag_args(config, dests):

@@ -9,7 +9,6 @@ import shutil
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from kd.data.datasets import get_dataset
 from kd.data.loader import make_loaders
 from kd.engine.distributed import DistInfo
 from kd.engine.loop import LoopCallbacks, LoopOptions, PhaseFiles, train_phase
@@ -122,7 +121,7 @@ def plan_phase(record, dist, arrays, teacher, log):
     config, device, specs = record.config, record.device, record.specs
     main_log = log if dist.is_main else (lambda *_: None)
     data = seed_loaders(config, device, dist, arrays, config.seeds[0])
-    dataset = get_dataset(config.dataset)  # the image size comes from the dataset
+    dataset = config.dataset_spec()  # the image size comes from the dataset
     features = feature_plan(specs, teacher, record.teacher.arch, device, config.num_classes,
                             dataset.image_shape) if config.phase == 'students' else None
     batch_shape = dataset.batch_shape(config.batch_size // dist.world_size)

@@ -285,6 +285,9 @@ class CifarData:
     # the CPU arrays the loaders were built from (after --subset): their train_sha256 /
     # test_sha256 identify exactly the images these loaders hold
     arrays: DatasetArrays = None
+    # (mean, std) computed from the training images of a dataset that declares none (recorded
+    # with the run); None when the dataset declares them (CIFAR)
+    normalization: tuple = None
 
     def val_fingerprint(self):
         """A short hash of the held-out image indices: equal fingerprints, same split."""
@@ -350,7 +353,7 @@ def load_loaders(source, batch_size=128, eval_batch_size=1000, options=None):
            if len(val_idx) else None)
     test = CifarLoader(test_x, test_y, eval_batch_size, False, evaluation)
     return CifarData(train, val, test, len(train_idx), len(val_idx), len(test_y), val_idx,
-                     arrays)
+                     arrays, None if spec.mean is not None else (mean, std))
 
 
 def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0.1, seed=0,

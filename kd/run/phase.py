@@ -136,7 +136,7 @@ def plan_phase(record, dist, arrays, teacher, log):
                      data, features, batch_shape, dist, arrays, main_log)
     # what the images are, whichever folder they were read from
     digests = DataDigests(data.val_fingerprint(), data.arrays.train_sha256,
-                          data.arrays.test_sha256)
+                          data.arrays.test_sha256, data.normalization)
     return plan, replace(record, data=digests,
                          memory_estimate_mb=round(memory_estimate / 2**20, 1))
 

@@ -1,0 +1,121 @@
+"""Tiny-ImageNet in its official layout: classes, val labels from the annotations, the split,
+the augmentation's shapes, the refusals, and a teacher and students trained on it in-process."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import main
+from folder_data import write_tinyimagenet
+from kd.data.datasets import LayoutError, get_dataset, load_dataset, open_dataset
+from kd.data.loader import make_loaders
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_tinyimagenet(str(tmp_path / 'data'))
+
+
+def test_classes_from_wnids_and_names_from_words(tiny):
+    spec = open_dataset('tinyimagenet', tiny)
+    assert spec.layout.classes == ('n01', 'n02', 'n03', 'n04')
+    assert spec.classes == tuple(f'thing {w}, a {w}' for w in spec.layout.classes)
+    assert spec.num_classes == 4 and spec.image_shape == (3, 64, 64)
+    assert spec.batch_shape(2) == (2, 3, 64, 64)
+    assert get_dataset('tiny-imagenet').name == 'tinyimagenet'
+
+
+def test_val_is_the_test_set_labelled_by_the_annotations(tiny):
+    arrays = load_dataset(tiny, 'tinyimagenet')
+    train_x, train_y, test_x, test_y = arrays
+    assert train_x.shape == (24, 3, 64, 64) and train_x.dtype == torch.uint8
+    assert train_y.tolist() == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 6  # wnids.txt's order
+    # val_<i>.JPEG is class (3 i) mod 4, files in name order: val_0, val_1, val_10, val_11, ...
+    names = sorted(f'val_{i}.JPEG' for i in range(12))
+    assert test_y.tolist() == [(3 * int(n[4:-5])) % 4 for n in names]
+    assert test_x.shape == (12, 3, 64, 64)  # test/ (unlabelled) is left out
+    # the normalisation is the training images' own, per channel
+    mean, std = arrays.normalization
+    expected = train_x.double().div(255).mean((0, 2, 3))
+    assert mean == pytest.approx(expected.tolist(), abs=1e-4)
+    assert all(0 < s < 0.5 for s in std)
+    # the data's identity is its content, wherever it lies
+    moved = os.path.join(os.path.dirname(tiny), 'moved')
+    shutil.copytree(tiny, moved)
+    again = load_dataset(moved, 'tinyimagenet')
+    assert (again.train_sha256, again.test_sha256) == (arrays.train_sha256, arrays.test_sha256)
+
+
+def test_the_split_and_the_augmentation_at_64(tiny):
+    data = make_loaders(tiny, 8, val_fraction=0.25, eval_batch_size=5, dataset='tinyimagenet',
+                        seed=3)
+    assert (data.num_train, data.num_val, data.num_test) == (18, 6, 12)
+    assert data.train.padding == 8  # CIFAR's 4 px per 32 px, at 64 px
+    assert data.train.mean.flatten().tolist() == pytest.approx(
+        [255 * m for m in data.arrays.normalization[0]])
+    batch = next(iter(data.train.batches()))
+    assert batch.images.shape == (8, 3, 64, 64) and batch.labels.shape == (8,)
+    x, y = next(iter(data.test))
+    assert x.shape == (5, 3, 64, 64)
+    # the held-out images come from train/, the same for a given split seed
+    again = make_loaders(tiny, 8, val_fraction=0.25, dataset='tinyimagenet', seed=9)
+    assert torch.equal(again.val_indices, data.val_indices)
+
+
+def test_image_size_resizes_at_load(tiny):
+    spec = open_dataset('tinyimagenet', tiny, image_size=32)
+    assert spec.image_shape == (3, 32, 32)
+    arrays = load_dataset(tiny, spec)
+    assert arrays.train_images.shape == (24, 3, 32, 32)
+
+
+@pytest.mark.parametrize('breaks, message', [
+    (lambda base: os.remove(os.path.join(base, 'val', 'val_annotations.txt')),
+     'val_annotations.txt is missing'),
+    (lambda base: [os.remove(os.path.join(base, 'train', 'n03', 'images', f))
+                   for f in os.listdir(os.path.join(base, 'train', 'n03', 'images'))],
+     'an empty class folder'),
+    (lambda base: shutil.rmtree(os.path.join(base, 'train', 'n02')), 'train/<wnid>/images'),
+    (lambda base: shutil.rmtree(base), 'tiny-imagenet-200'),
+])
+def test_a_broken_layout_is_refused_in_one_line_with_nothing_written(tiny, tmp_path, capsys,
+                                                                       breaks, message):
+    breaks(os.path.join(tiny, 'tiny-imagenet-200'))
+    with pytest.raises(LayoutError, match=message.replace('<', '.').replace('>', '.')):
+        open_dataset('tinyimagenet', tiny)
+    out = tmp_path / 'out'
+    code = main.main(['--train-teacher', '--dataset', 'tinyimagenet', '--data-dir', tiny,
+                      '--out-dir', str(out), '--device', 'cpu', '--epochs', '1'])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith('error: ') and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_image_size_is_refused_for_cifar(tmp_path, capsys):
+    code = main.main(['--dataset', 'cifar10', '--image-size', '64', '--data-dir',
+                      str(tmp_path), '--out-dir', str(tmp_path / 'out')])
+    assert code == 2
+    assert '--image-size is for the folder datasets' in capsys.readouterr().err
+
+
+def test_teacher_then_students_then_evaluate(tiny, tmp_path, capsys):
+    out = str(tmp_path / 'out')
+    common = ['--dataset', 'tinyimagenet', '--data-dir', tiny, '--out-dir', out,
+              '--device', 'cpu', '--epochs', '1', '--batch-size', '8', '--no-amp']
+    assert main.main(['--train-teacher', '--teacher-arch', 'resnet8'] + common) == 0
+    printed = capsys.readouterr().out
+    assert 'Tiny-ImageNet in ' in printed and 'of 4 classes at 64x64' in printed
+    with open(os.path.join(out, 'results.json')) as f:
+        config = json.load(f)['phases']['teacher']['config']
+    arrays = load_dataset(tiny, 'tinyimagenet')
+    assert config['dataset'] == 'tinyimagenet' and config['num_classes'] == 4
+    assert config['train_images_sha256'] == arrays.train_sha256
+    assert config['normalization'] == {'mean': list(arrays.normalization[0]),
+                                       'std': list(arrays.normalization[1])}
+    assert main.main(['--student-arch', 'resnet8', '--loss', 'kd', 'fitnet'] + common) == 0
+    assert os.path.exists(os.path.join(out, 'best_student_kd.pth'))
+    assert main.main(['--evaluate'] + common) == 0
+    assert 'Student (KD)' in capsys.readouterr().out

@@ -191,6 +191,12 @@ def data_flags(a):
       help='tinyimagenet / imagefolder: decode every image once to N x N (shorter side resized '
            'to N, then the centre N x N cropped), before the training crop and flip (default: '
            'the images\' own size, which must then be the same for all)')
+    a('--data-in-memory', choices=('auto', 'on', 'off'), default='auto',
+      help='tinyimagenet / imagefolder: on decodes every image once into memory (on the '
+           'training device), off streams them from the files with DataLoader workers (one '
+           'per core, at most 8) and pinned memory, auto keeps them in memory when the decoded '
+           'images take at most half the free memory; the same batches either way (default: '
+           'auto)')
     a('--out-dir', default=default['out_dir'],
       help='where checkpoints, logs and results go; a fresh run of a phase first moves the '
            f'files of its earlier run there to previous/<phase>-<time>/ (default: '

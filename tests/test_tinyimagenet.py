@@ -11,6 +11,7 @@ import main
 from folder_data import write_tinyimagenet
 from kd.data.datasets import LayoutError, get_dataset, load_dataset, open_dataset
 from kd.data.loader import make_loaders
+from kd.data.streaming import FolderImages, decide_in_memory
 
 
 @pytest.fixture
@@ -119,3 +120,61 @@ def test_teacher_then_students_then_evaluate(tiny, tmp_path, capsys):
     assert os.path.exists(os.path.join(out, 'best_student_kd.pth'))
     assert main.main(['--evaluate'] + common) == 0
     assert 'Student (KD)' in capsys.readouterr().out
+
+
+def test_streamed_and_in_memory_loaders_give_the_same_batches(tiny):
+    held = load_dataset(tiny, 'tinyimagenet')
+    streamed = load_dataset(tiny, 'tinyimagenet', in_memory=False)
+    assert isinstance(streamed.train_images, FolderImages)
+    assert streamed.train_images.shape == held.train_images.shape
+    # the same identity and normalisation, read from the files chunk by chunk
+    assert (streamed.train_sha256, streamed.test_sha256) == (held.train_sha256, held.test_sha256)
+    assert streamed.normalization == held.normalization
+    for subset in (None, 10):
+        loaders = [make_loaders(tiny, 8, val_fraction=0.25, eval_batch_size=5, seed=5,
+                                subset=subset, dataset='tinyimagenet', arrays=arrays)
+                   for arrays in (held, streamed)]
+        for name in ('train', 'val', 'test'):
+            a, b = (getattr(data, name) for data in loaders)
+            for _ in range(2):  # two epochs: fresh crops and flips, the same on both
+                pairs = list(zip(a.batches(), b.batches(), strict=True))
+                assert pairs
+                for x, y in pairs:
+                    assert torch.equal(x.indices, y.indices) and torch.equal(x.labels, y.labels)
+                    assert torch.equal(x.images, y.images)
+        assert torch.equal(loaders[0].train.dataset[2][0], loaders[1].train.dataset[2][0])
+
+
+def test_the_streamed_share_of_each_rank_is_its_slice_of_the_batch(tiny):
+    streamed = load_dataset(tiny, 'tinyimagenet', in_memory=False)
+    whole = make_loaders(tiny, 8, val_fraction=0.25, seed=1, dataset='tinyimagenet',
+                         arrays=streamed)
+    parts = [make_loaders(tiny, 8, val_fraction=0.25, seed=1, dataset='tinyimagenet',
+                          arrays=streamed, rank=r, world_size=2) for r in (0, 1)]
+    for one, *halves in zip(whole.train.batches(), *(p.train.batches() for p in parts)):
+        assert torch.equal(torch.cat([h.images for h in halves]), one.images)
+        assert torch.equal(torch.cat([h.indices for h in halves]), one.indices)
+
+
+def test_the_run_says_which_loader_it_chose(tiny, tmp_path, capsys):
+    assert decide_in_memory('auto', 100, 1000)[0] and not decide_in_memory('auto', 600, 1000)[0]
+    assert decide_in_memory('on', 10**12, 1)[0] and not decide_in_memory('off', 1, 10**12)[0]
+    common = ['--train-teacher', '--dataset', 'tinyimagenet', '--data-dir', tiny,
+              '--teacher-arch', 'cnn', '--device', 'cpu', '--epochs', '1', '--batch-size', '8',
+              '--no-amp']
+    results = {}
+    for mode in ('off', 'auto'):
+        out = str(tmp_path / mode)
+        assert main.main(common + ['--out-dir', out, '--data-in-memory', mode]) == 0
+        printed = capsys.readouterr().out
+        assert ('data: streamed from the files' in printed) == (mode == 'off')
+        assert ('data: decoded once into memory' in printed) == (mode == 'auto')
+        with open(os.path.join(out, 'results.json')) as f:
+            results[mode] = json.load(f)
+    # the same run either way: the same data digests and the same numbers
+    config = [results[m]['phases']['teacher']['config'] for m in ('off', 'auto')]
+    assert config[0]['train_images_sha256'] == config[1]['train_images_sha256']
+    assert results['off']['models'] == results['auto']['models']
+    code = main.main(['--dataset', 'cifar10', '--data-in-memory', 'off', '--data-dir',
+                      str(tmp_path), '--out-dir', str(tmp_path / 'c')])
+    assert code == 2 and 'always held in memory' in capsys.readouterr().err

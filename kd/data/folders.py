@@ -11,6 +11,7 @@ resized to N (bilinear, antialiased), then the centre N x N is cropped. This hap
 load time, for the training and the test images alike; the training loader's random crop and
 flip then act on the N x N images on the device, as for CIFAR.
 """
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -205,7 +206,7 @@ def decode_image(path, size):
             array = np.asarray(im, dtype=np.uint8)
     except OSError as e:
         raise DataError(f'{path} is not an image Pillow can read ({e})') from None
-    return array.transpose(2, 0, 1)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))  # a writable C x H x W copy
 
 
 def decode_items(items, size):
@@ -227,18 +228,28 @@ def decode_layout(layout):
             *decode_items(layout.test, layout.image_size))
 
 
+def image_chunks(images, size):
+    """Consecutive uint8 tensors of up to `size` images of `images`: slices of a tensor, or the
+    decoded chunks of images left in their files (streaming.FolderImages.chunks)."""
+    if hasattr(images, 'chunks'):
+        yield from images.chunks(size)
+        return
+    for lo in range(0, len(images), size):
+        yield images[lo:lo + size]
+
+
 def channel_stats(images, chunk=4096):
     """(mean, std) per channel of uint8 N x C x H x W `images`, pixels in 0..1, as tuples of
     floats rounded to 4 digits (what a DatasetSpec declares): the normalisation of a dataset
-    that declares none, from its training images."""
+    that declares none, from its training images (a tensor, or streaming.FolderImages)."""
     c = images.shape[1]
     total = torch.zeros(c, dtype=torch.float64)
     squares = torch.zeros(c, dtype=torch.float64)
-    for lo in range(0, len(images), chunk):
-        x = images[lo:lo + chunk].to(torch.float64).transpose(0, 1).reshape(c, -1) / 255
+    for x in image_chunks(images, chunk):
+        x = x.to(torch.float64).transpose(0, 1).reshape(c, -1) / 255
         total += x.sum(1)
         squares += (x * x).sum(1)
-    n = max(1, images.numel() // c)
+    n = max(1, math.prod(images.shape) // c)
     mean = total / n
     std = (squares / n - mean * mean).clamp_min(0).sqrt().clamp_min(1e-3)
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kd.data.streaming import stream_batches
 from kd.data.datasets import (CIFAR10, DatasetArrays, ensure_dataset, find_folder, get_dataset,
                               load_dataset, read_batch)
 
@@ -135,7 +136,8 @@ class CifarLoader:
         options = replace(options or LoaderOptions(), **changes)
         self.options = options
         self.device = torch.device(options.device)
-        self.images = images.to(self.device)
+        # a FolderImages (images too large for memory) stays in its files: see _gathered
+        self.images = images.to(self.device) if isinstance(images, torch.Tensor) else images
         self.labels = labels.to(self.device)
         self.batch_size, self.train, self.seed = int(batch_size), train, options.seed
         self.channels_last = options.channels_last
@@ -167,6 +169,8 @@ class CifarLoader:
         return CifarImages(self)
 
     def normalize(self, images_uint8):
+        if not isinstance(images_uint8, torch.Tensor):  # a FolderImages view: decoded now
+            images_uint8 = images_uint8.decode().to(self.device)
         if self.channels_last:  # reorder the 1-byte pixels, not the 4-byte floats
             images_uint8 = images_uint8.contiguous(memory_format=torch.channels_last)
         return (images_uint8.float() - self.mean) * self.inv_std
@@ -201,10 +205,10 @@ class CifarLoader:
         if self.train:  # the next pass is the next epoch, unless set_epoch says otherwise
             self.epoch, self.start_batch = epoch + 1, 0
         order, aug = self._plan(epoch)
-        for i in range(start_batch, len(self)):
+        steps = range(start_batch, len(self))
+        for i, x in zip(steps, self._gathered(order, [self._rank_slice(i) for i in steps])):
             lo, hi = self._rank_slice(i)
             idx = order[lo:hi]
-            x = self.images[idx]
             if aug is not None:
                 offsets, flips = aug[0][idx], aug[1][idx]
                 x = crop_flip(x, offsets[:, 0], offsets[:, 1], flips, self.padding,
@@ -213,6 +217,18 @@ class CifarLoader:
             yield Batch(self.normalize(x), self.labels[idx], idx, i, epoch, self.seed,
                         order[start:stop], lo - start)
 
+
+    def _gathered(self, order, slices):
+        """The uint8 images at positions [lo, hi) of the epoch's order, for each slice in turn:
+        gathered from the device store, or decoded from the files by DataLoader workers (a
+        FolderImages, streaming.stream_batches) and copied to the device."""
+        if isinstance(self.images, torch.Tensor):
+            for lo, hi in slices:
+                yield self.images[order[lo:hi]]
+            return
+        order = order.cpu()  # one copy, not one per batch
+        groups = [order[lo:hi].tolist() for lo, hi in slices]
+        yield from stream_batches(self.images, groups, self.device, self.images.workers)
 
     def first_epoch_flips(self):
         """flip='alternate': which images epoch 0 flips (N bools, from the seed alone)."""

@@ -106,6 +106,9 @@ class RunConfig:
     """Also write the per-epoch scalars to OUT_DIR/tensorboard/<phase>."""
     image_size: Optional[int] = None
     """--image-size N of a folder dataset (shorter side to N, centre crop); None: its own."""
+    data_in_memory: str = 'auto'
+    """--data-in-memory: a folder dataset decoded once into memory ('on'), streamed from its
+    files by DataLoader workers ('off'), or in memory when it fits the budget ('auto')."""
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -190,12 +193,15 @@ def resolve(args):
         recipe = resolve_recipe(given['recipe'], epochs=given['epochs'],
                                 batch_size=given['batch_size'], lr=given['lr'],
                                 weight_decay=given['weight_decay'])
-        num_classes = open_dataset(given['dataset'], given['data_dir'],
-                                   given.get('image_size')).num_classes
+        spec = open_dataset(given['dataset'], given['data_dir'], given.get('image_size'))
     except KeyError as e:
         raise UsageError(e.args[0]) from None
     except LayoutError as e:  # a folder that cannot be used: before anything is written
         raise UsageError(str(e)) from None
+    in_memory = given.get('data_in_memory') or 'auto'
+    if in_memory == 'off' and spec.scan is None:
+        raise UsageError(f'--data-in-memory off is for the folder datasets; '
+                         f'{given["dataset"]} is always held in memory')
     if given['seed'] < 0:  # also when --seeds replaces it
         raise UsageError('--seed and --seeds must be >= 0')
     per_seed = given['seeds'] is not None
@@ -209,7 +215,7 @@ def resolve(args):
     return RunConfig(
         phase='evaluate' if given['evaluate'] else 'teacher' if given['train_teacher']
         else 'students',
-        recipe=recipe, dataset=given['dataset'], num_classes=num_classes,
+        recipe=recipe, dataset=given['dataset'], num_classes=spec.num_classes,
         data_dir=given['data_dir'], out_dir=given['out_dir'], subset=given['subset'],
         val_fraction=given['val_fraction'], split_seed=given['split_seed'],
         test_every=(given['test_every'] if given['test_every'] is not None
@@ -225,7 +231,8 @@ def resolve(args):
         teacher_checkpoint_given=checkpoint is not None,
         device=given['device'], amp=given['amp'], stack_students=given['stack_students'],
         compile=given['compile'], resume=given['resume'], restart=given['restart'],
-        tensorboard=given['tensorboard'], image_size=given.get('image_size'))
+        tensorboard=given['tensorboard'], image_size=given.get('image_size'),
+        data_in_memory=in_memory)
 
 
 def resolve_sets(texts, losses, training_students=True):
@@ -250,7 +257,7 @@ FLAGS = ('phase', 'recipe', 'dataset', 'teacher_arch', 'student_arch', 'loss', '
          'logit_standardization', 'sets', 'seeds', 'data_dir',
          'out_dir', 'device', 'subset', 'val_fraction', 'split_seed', 'test_every', 'no_baseline',
          'teacher_checkpoint', 'amp', 'stack_students', 'compile', 'resume', 'restart',
-         'tensorboard', 'image_size')
+         'tensorboard', 'image_size', 'data_in_memory')
 
 
 def flag_args(config, dests):

@@ -9,6 +9,7 @@ import os
 from dataclasses import replace
 
 from kd.data.datasets import effective_subset, load_dataset
+from kd.data.streaming import decide_in_memory, decoded_bytes
 from kd.data.loader import split_train_val
 from kd.engine.distributed import barrier, init_distributed
 from kd.engine.signals import StopSignal
@@ -21,6 +22,7 @@ from kd.run.commands import missing_teacher_message, rerun_command
 from kd.run.config import UsageError
 from kd.run.configuration import print_configuration
 from kd.run.device import resolve_device
+from kd.run.memory import available_bytes
 from kd.run.evaluate import evaluate_checkpoints
 from kd.run.outdir import check_out_dir
 from kd.run.phase import run_info, train_phase_for_seeds
@@ -114,11 +116,16 @@ def select_data(record, dist, log):
     config = record.config
     spec = config.dataset_spec()  # a folder dataset: its scan of --data-dir
     main_log = log if dist.is_main else (lambda *_: None)
+    in_memory = True
+    if spec.scan is not None:  # a folder dataset: decoded into memory, or streamed
+        in_memory, why = decide_in_memory(config.data_in_memory, decoded_bytes(spec),
+                                          available_bytes(record.device))
+        main_log(why)
     if dist.is_main:  # one process downloads; the others wait and read
-        full = load_dataset(config.data_dir, spec)
+        full = load_dataset(config.data_dir, spec, in_memory=in_memory)
     barrier()
     if not dist.is_main:
-        full = load_dataset(config.data_dir, spec, download=False)
+        full = load_dataset(config.data_dir, spec, download=False, in_memory=in_memory)
     if spec.scan is not None:
         main_log(describe_folder_data(spec, full))
     arrays = full  # --evaluate takes each checkpoint's own test images unless --subset is given

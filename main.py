@@ -187,11 +187,11 @@ def data_flags(a):
       help='folder holding cifar-10-batches-py / cifar-100-python (or where to download it), '
            'tiny-imagenet-200/, or an image folder\'s train/ and val/ '
            f'(default: {default["data_dir"]})')
-    a('--image-size', type=positive_int, default=None, metavar='N',
+    a('--image-size', type=positive_int, default=default['image_size'], metavar='N',
       help='tinyimagenet / imagefolder: decode every image once to N x N (shorter side resized '
            'to N, then the centre N x N cropped), before the training crop and flip (default: '
            'the images\' own size, which must then be the same for all)')
-    a('--data-in-memory', choices=('auto', 'on', 'off'), default='auto',
+    a('--data-in-memory', choices=('auto', 'on', 'off'), default=default['data_in_memory'],
       help='tinyimagenet / imagefolder: on decodes every image once into memory (on the '
            'training device), off streams them from the files with DataLoader workers (one '
            'per core, at most 8) and pinned memory, auto keeps them in memory when the decoded '

@@ -178,3 +178,19 @@ def test_the_run_says_which_loader_it_chose(tiny, tmp_path, capsys):
     code = main.main(['--dataset', 'cifar10', '--data-in-memory', 'off', '--data-dir',
                       str(tmp_path), '--out-dir', str(tmp_path / 'c')])
     assert code == 2 and 'always held in memory' in capsys.readouterr().err
+
+
+def test_resume_continues_a_streamed_run(tiny, tmp_path, capsys):
+    out = str(tmp_path / 'out')
+    args = ['--train-teacher', '--dataset', 'tinyimagenet', '--data-dir', tiny, '--out-dir', out,
+            '--teacher-arch', 'cnn', '--device', 'cpu', '--batch-size', '8', '--no-amp',
+            '--data-in-memory', 'off']
+    assert main.main(args + ['--epochs', '1']) == 0
+    path = os.path.join(out, 'last_teacher.pt')
+    state = torch.load(path, weights_only=True)  # as if stopped after epoch 1 of 2
+    state['finished'], state['config']['epochs'] = False, 2
+    torch.save(state, path)
+    capsys.readouterr()
+    assert main.main(args + ['--epochs', '2', '--resume']) == 0
+    printed = capsys.readouterr().out
+    assert 'teacher  2/2' in printed and 'teacher  1/2' not in printed

@@ -1,12 +1,16 @@
-"""The CIFAR datasets this package trains on: one small description each, and the readers.
+"""The datasets this package trains on: one small description each, and the readers.
 
-A DatasetSpec says everything that differs between CIFAR-10 and CIFAR-100 (folder and file
-names, the key holding the labels, the number of classes and their names, the normalization
-statistics, the image shape, the archive and how to download it). The readers take a spec (or
-its name) and return the same thing for both: uint8 N x C x H x W images (the spec's
-image_shape: 3 x 32 x 32 for CIFAR) and int64 labels, as CPU tensors,
-in a DatasetArrays that also carries a sha256 of each split's content. Those digests, not the
-folder, identify the data wherever a run records or checks it.
+A DatasetSpec says everything that differs between datasets. For CIFAR-10 and CIFAR-100 (python
+pickle releases): folder and file names, the key holding the labels, the number of classes and
+their names, the normalization statistics, the image shape, the archive and how to download it.
+For a folder of image files (tinyimagenet, imagefolder): a scan of --data-dir (kd/data/folders.py)
+that finds the classes, the files and the image size; open_dataset puts them in the spec, and
+the normalization is computed from the training images. The readers take a spec (or its name)
+and return the same thing for all: uint8 N x C x H x W images (the spec's image_shape: 3 x 32 x
+32 for CIFAR) and int64 labels, as CPU tensors (or, for a folder too large for memory, images
+left in their files: streaming.FolderImages), in a DatasetArrays that also carries a sha256 of
+each split's content. Those digests, not the folder, identify the data wherever a run records
+or checks it.
 
 Batch files are unpickled with a restricted unpickler that builds numpy arrays and plain
 containers only: a data batch is data, not code.

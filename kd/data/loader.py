@@ -6,9 +6,12 @@ serve is a DataSource, how they serve them (device, seed, torchrun share, augmen
 LoaderOptions; load_loaders takes both, make_loaders the same as flat keywords.
 
 The whole dataset is held as one uint8 tensor on the training device; each batch is gathered,
-randomly cropped (4-pixel zero padding) and flipped for all images at once, then normalized.
-There are no DataLoader workers: on a GPU the card never waits for PIL, and on a CPU the cores
-do model work instead of decoding.
+randomly cropped (4-pixel zero padding for CIFAR, an eighth of the side for the folder
+datasets) and flipped for all images at once, then normalized. There are no DataLoader workers:
+on a GPU the card never waits for PIL, and on a CPU the cores do model work instead of
+decoding. The exception is a folder dataset too large for the memory budget: its images stay in
+their files (streaming.FolderImages) and DataLoader workers decode each batch, which is then
+cropped, flipped and normalized exactly as above, so the batches are the same.
 """
 import hashlib
 from dataclasses import dataclass, fields, replace
@@ -114,7 +117,8 @@ class DataSource:
 
 
 class CifarLoader:
-    """Batches of (normalized float32 images, int64 labels) from uint8 tensors held on `device`.
+    """Batches of (normalized float32 images, int64 labels) from uint8 tensors held on `device`
+    (or from a streaming.FolderImages, decoded batch by batch by DataLoader workers).
 
     Training loaders shuffle and augment with a per-epoch generator derived from (seed, epoch),
     so epoch e is the same batches whatever happened before it: a resumed run sees what an

@@ -193,12 +193,12 @@ def resolve(args):
         recipe = resolve_recipe(given['recipe'], epochs=given['epochs'],
                                 batch_size=given['batch_size'], lr=given['lr'],
                                 weight_decay=given['weight_decay'])
-        spec = open_dataset(given['dataset'], given['data_dir'], given.get('image_size'))
+        spec = open_dataset(given['dataset'], given['data_dir'], given['image_size'])
     except KeyError as e:
         raise UsageError(e.args[0]) from None
     except LayoutError as e:  # a folder that cannot be used: before anything is written
         raise UsageError(str(e)) from None
-    in_memory = given.get('data_in_memory') or 'auto'
+    in_memory = given['data_in_memory']
     if in_memory == 'off' and spec.scan is None:
         raise UsageError(f'--data-in-memory off is for the folder datasets; '
                          f'{given["dataset"]} is always held in memory')
@@ -231,7 +231,7 @@ def resolve(args):
         teacher_checkpoint_given=checkpoint is not None,
         device=given['device'], amp=given['amp'], stack_students=given['stack_students'],
         compile=given['compile'], resume=given['resume'], restart=given['restart'],
-        tensorboard=given['tensorboard'], image_size=given.get('image_size'),
+        tensorboard=given['tensorboard'], image_size=given['image_size'],
         data_in_memory=in_memory)
 
 

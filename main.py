@@ -90,7 +90,11 @@ def phase_flags(a):
            'resnet8x4). Flags given explicitly override its values (default: '
            f'{r.RECIPE})')
     a('--dataset', default=default['dataset'], choices=dataset_names(),
-      help=f'cifar10 (10 classes) or cifar100 (100 classes) (default: {r.DATASET})')
+      help='cifar10 (10 classes), cifar100 (100 classes), tinyimagenet (--data-dir holding '
+           'tiny-imagenet-200/ of the official release; its val/ is the test set; 64x64) or '
+           'imagefolder (--data-dir holding train/<class>/* and val/<class>/* or '
+           'test/<class>/*, any image Pillow reads; see --image-size) (default: '
+           f'{r.DATASET})')
     a('--teacher-arch', default=default['teacher_arch'], metavar='ARCH',
       help=f'teacher architecture: a registered model ({", ".join(model_names())}), or your '
            f'own: torchvision:NAME, timm:NAME, FILE.py:CLASS or package.module:CLASS (built '
@@ -189,8 +193,19 @@ def data_flags(a):
       help='run once per seed into OUT_DIR/seed<N>/ and aggregate (mean, std, paired gains '
            'with 95%% CI); top-level best_*.pth are the first seed\'s (default: off, one --seed)')
     a('--data-dir', default=default['data_dir'],
-      help='folder holding cifar-10-batches-py / cifar-100-python, or where to download it '
+      help='folder holding cifar-10-batches-py / cifar-100-python (or where to download it), '
+           'tiny-imagenet-200/, or an image folder\'s train/ and val/ '
            f'(default: {default["data_dir"]})')
+    a('--image-size', type=positive_int, default=default['image_size'], metavar='N',
+      help='tinyimagenet / imagefolder: decode every image once to N x N (shorter side resized '
+           'to N, then the centre N x N cropped), before the training crop and flip (default: '
+           'the images\' own size, which must then be the same for all)')
+    a('--data-in-memory', choices=('auto', 'on', 'off'), default=default['data_in_memory'],
+      help='tinyimagenet / imagefolder: on decodes every image once into memory (on the '
+           'training device), off streams them from the files with DataLoader workers (one '
+           'per core, at most 8) and pinned memory, auto keeps them in memory when the decoded '
+           'images take at most half the free memory; the same batches either way (default: '
+           'auto)')
     a('--out-dir', default=default['out_dir'],
       help='where checkpoints, logs and results go; a fresh run of a phase first moves the '
            f'files of its earlier run there to previous/<phase>-<time>/ (default: '

@@ -1,12 +1,16 @@
-"""The CIFAR datasets this package trains on: one small description each, and the readers.
+"""The datasets this package trains on: one small description each, and the readers.
 
-A DatasetSpec says everything that differs between CIFAR-10 and CIFAR-100 (folder and file
-names, the key holding the labels, the number of classes and their names, the normalization
-statistics, the image shape, the archive and how to download it). The readers take a spec (or
-its name) and return the same thing for both: uint8 N x C x H x W images (the spec's
-image_shape: 3 x 32 x 32 for CIFAR) and int64 labels, as CPU tensors,
-in a DatasetArrays that also carries a sha256 of each split's content. Those digests, not the
-folder, identify the data wherever a run records or checks it.
+A DatasetSpec says everything that differs between datasets. For CIFAR-10 and CIFAR-100 (python
+pickle releases): folder and file names, the key holding the labels, the number of classes and
+their names, the normalization statistics, the image shape, the archive and how to download it.
+For a folder of image files (tinyimagenet, imagefolder): a scan of --data-dir (kd/data/folders.py)
+that finds the classes, the files and the image size; open_dataset puts them in the spec, and
+the normalization is computed from the training images. The readers take a spec (or its name)
+and return the same thing for all: uint8 N x C x H x W images (the spec's image_shape: 3 x 32 x
+32 for CIFAR) and int64 labels, as CPU tensors (or, for a folder too large for memory, images
+left in their files: streaming.FolderImages), in a DatasetArrays that also carries a sha256 of
+each split's content. Those digests, not the folder, identify the data wherever a run records
+or checks it.
 
 Batch files are unpickled with a restricted unpickler that builds numpy arrays and plain
 containers only: a data batch is data, not code.
@@ -15,38 +19,46 @@ import codecs
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache
+from typing import Callable
 
 import numpy as np
 import torch
 
+from kd.data.errors import DataError, LayoutError
+from kd.data.folders import channel_stats, decode_layout, scan_imagefolder, scan_tinyimagenet
+from kd.data.streaming import FolderImages
+
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar.html'
 
 
-class DataError(Exception):
-    """A dataset is missing, truncated or not what it claims; the message says which file and
-    what to do."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DatasetSpec:
-    """What a reader needs to know about one dataset in the python pickle release."""
+    """What a reader needs to know about one dataset: a python pickle release (CIFAR's: the
+    folder, file and label-key fields) or, with `scan`, a folder of image files whose classes,
+    files and image size a scan of --data-dir finds (open_dataset fills them in)."""
     name: str                  # registry key and CLI value: 'cifar10'
     title: str                 # for messages: 'CIFAR-10'
-    folder: str                # the extracted folder: 'cifar-10-batches-py'
-    train_files: tuple         # batch files of the training split, in order
-    test_files: tuple          # batch files of the test split, in order
-    label_key: str             # the batch dict's label entry: 'labels' / 'fine_labels'
-    num_classes: int
-    mean: tuple                # per-channel mean of the training images, pixels in 0..1
-    std: tuple                 # per-channel standard deviation, pixels in 0..1
-    classes: tuple             # class names in label order
-    channels: int              # colour channels of an image: 3
-    image_size: tuple          # (height, width) of an image in pixels: (32, 32)
-    archive: str               # the official archive: 'cifar-10-python.tar.gz'
-    torchvision_class: str     # torchvision.datasets class that downloads it: 'CIFAR10'
+    folder: str = ''           # the extracted folder: 'cifar-10-batches-py'
+    train_files: tuple = ()    # batch files of the training split, in order
+    test_files: tuple = ()     # batch files of the test split, in order
+    label_key: str = ''        # the batch dict's label entry: 'labels' / 'fine_labels'
+    num_classes: int = None    # None until a folder dataset is opened
+    mean: tuple = None         # per-channel mean of the training images, pixels in 0..1; None:
+    std: tuple = None          # computed from the training images (DatasetArrays.normalization)
+    classes: tuple = ()        # class names in label order
+    channels: int = 3          # colour channels of an image: 3
+    image_size: tuple = None   # (height, width) of an image in pixels: (32, 32)
+    archive: str = ''          # the official archive: 'cifar-10-python.tar.gz'
+    torchvision_class: str = ''  # torchvision.datasets class that downloads it: 'CIFAR10'
     url: str = CIFAR_URL       # where a person can fetch the archive by hand
+    # a folder dataset: scan(data_dir, image_size) -> folders.FolderLayout, raising LayoutError
+    scan: Callable = None
+    layout: object = None      # the FolderLayout an opened folder dataset reads (open_dataset)
+    # the training crop's padding as a share of the image's height (1/8: 8 px at 64 px, CIFAR's
+    # 4 px per 32 px); None: the recipe's padding in pixels
+    padding_share: float = None
 
     @property
     def image_shape(self):
@@ -108,7 +120,24 @@ CIFAR100 = DatasetSpec(
     channels=3, image_size=(32, 32),
     archive='cifar-100-python.tar.gz', torchvision_class='CIFAR100')
 
-DATASETS = {spec.name: spec for spec in (CIFAR10, CIFAR100)}
+# Tiny-ImageNet (200 classes of 64 x 64 images): the labelled val/ split is the test set, as
+# the field reports it. Its augmentation is CIFAR's scaled to 64 px: a random crop of the image
+# zero-padded by 8 pixels, and a horizontal flip - the choice of the logit-distillation papers'
+# Tiny-ImageNet tables (e.g. DKD's and the CTKD / MLKD code bases), and the one that stays a
+# device-side gather on the uint8 store (a random-resized crop needs a resampling per image).
+# The normalisation is computed from its training images (it declares none).
+TINYIMAGENET = DatasetSpec(
+    name='tinyimagenet', title='Tiny-ImageNet', folder='tiny-imagenet-200',
+    url='http://cs231n.stanford.edu/tiny-imagenet-200.zip', scan=scan_tinyimagenet,
+    padding_share=1 / 8)
+
+# Any folder in torchvision ImageFolder's layout (train/<class>/*, val/<class>/* or
+# test/<class>/*): the images' own size, or --image-size N (shorter side to N and centre crop,
+# once at load time); the training crop pads by an eighth of the side, CIFAR's ratio.
+IMAGEFOLDER = DatasetSpec(name='imagefolder', title='the image folder', scan=scan_imagefolder,
+                          padding_share=1 / 8)
+
+DATASETS = {spec.name: spec for spec in (CIFAR10, CIFAR100, TINYIMAGENET, IMAGEFOLDER)}
 
 
 def register_dataset(spec):
@@ -121,7 +150,7 @@ def register_dataset(spec):
 
 
 def dataset_names():
-    """The registered dataset names, e.g. for argparse choices: ['cifar10', 'cifar100']."""
+    """The registered dataset names, e.g. for argparse choices: ['cifar10', 'cifar100', ...]."""
     return list(DATASETS)
 
 
@@ -136,6 +165,46 @@ def get_dataset(name):
     if key not in DATASETS:
         raise KeyError(f'unknown dataset {name!r}; known datasets: {", ".join(DATASETS)}')
     return DATASETS[key]
+
+
+def open_dataset(name, data_dir='./data', image_size=None):
+    """The DatasetSpec of `name` (or a spec) as a run on data_dir reads it: CIFAR's as
+    registered; a folder dataset's with the scan of data_dir put in (its layout, class count
+    and names, image size; image_size: --image-size). Scans are cached per folder and size.
+
+    Raises KeyError for an unknown name, LayoutError for a folder that cannot be used or an
+    --image-size given to a dataset of fixed size.
+    """
+    spec = get_dataset(name)
+    if spec.scan is None:
+        if image_size is not None and tuple(spec.image_size) != (image_size, image_size):
+            raise LayoutError(f'--image-size is for the folder datasets ('
+                              f'{", ".join(n for n, s in DATASETS.items() if s.scan)}); '
+                              f'{spec.title} is {spec.image_size[0]}x{spec.image_size[1]}')
+        return spec
+    if spec.layout is not None:
+        return spec
+    root = os.path.abspath(data_dir)
+    layout = _scan(spec, root, image_size, _folder_signature(root))
+    return replace(spec, layout=layout, num_classes=len(layout.classes), classes=layout.names,
+                   image_size=tuple(layout.image_size))
+
+
+def _folder_signature(root):
+    """The modification times of root and its entries two levels down: a changed folder is
+    scanned again."""
+    times = []
+    for top, dirs, _ in os.walk(root):
+        times.append((top, os.stat(top).st_mtime_ns))
+        if top.count(os.sep) - root.count(os.sep) >= 2:
+            dirs[:] = []
+    return tuple(times)
+
+
+@lru_cache(maxsize=8)
+def _scan(spec, root, image_size, signature):
+    del signature  # part of the cache key only
+    return spec.scan(root, image_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,9 +331,16 @@ def content_sha256(images, labels):
     """sha256 (64 hex digits) of a split's content: the images' and labels' bytes with their
     shapes and dtypes, so equal digests mean the same pictures with the same labels in the same
     order, wherever the files lie. images, labels: contiguous CPU tensors (uint8 N x C x H x W,
-    int64 N). About 0.1 s for CIFAR's 184 MB on a CPU with SHA instructions."""
+    int64 N; images may be a streaming.FolderImages, read chunk by chunk, with the digest its
+    decoded tensor would have). About 0.1 s for CIFAR's 184 MB on a CPU with SHA
+    instructions."""
     h = hashlib.sha256()
     for tensor in (images, labels):
+        if isinstance(tensor, FolderImages):  # left in its files: the same bytes, decoded
+            h.update(f'|u1{tuple(tensor.shape)};'.encode())
+            for chunk in tensor.chunks(1024):
+                h.update(memoryview(chunk.contiguous().numpy()).cast('B'))
+            continue
         array = tensor.contiguous().numpy()
         h.update(f'{array.dtype.str}{array.shape};'.encode())
         h.update(memoryview(array).cast('B'))
@@ -285,10 +361,14 @@ class DatasetArrays(tuple):
     CPU tensors, which unpack and index like the 4-tuple they are, and that carry a content digest
     per split (train_sha256, test_sha256: content_sha256 of the images and labels, computed once,
     on first use). These digests, not the folder they were read from, identify the data in run
-    records, resume states and stored teacher logits."""
+    records, resume states and stored teacher logits. `normalization` is the per-channel
+    (mean, std) of the training images, for datasets that declare none: computed once, on first
+    use, and the same for the --subset arrays `first` makes (those of the whole dataset)."""
 
-    def __new__(cls, train_images, train_labels, test_images, test_labels):
-        return super().__new__(cls, (train_images, train_labels, test_images, test_labels))
+    def __new__(cls, train_images, train_labels, test_images, test_labels, whole=None):
+        self = super().__new__(cls, (train_images, train_labels, test_images, test_labels))
+        self._whole = whole  # the arrays `first` took these from: whose statistics they use
+        return self
 
     def __getnewargs__(self):  # copy and pickle rebuild it from its four tensors
         return tuple(self)
@@ -308,22 +388,40 @@ class DatasetArrays(tuple):
         """Digest of the test images and labels."""
         return content_sha256(self[2], self[3])
 
+    @cached_property
+    def normalization(self):
+        """(mean, std) per channel of the whole dataset's training images, pixels in 0..1."""
+        if self._whole is not None:
+            return self._whole.normalization
+        return channel_stats(self[0])
+
     def first(self, subset):
         """The arrays --subset uses: the first `subset` training and test images (views, no
         copy), with digests of those images alone; self when subset is None or takes them all."""
         if effective_subset(subset, len(self[1]), len(self[3])) is None:
             return self
         return DatasetArrays(self[0][:subset], self[1][:subset], self[2][:subset],
-                             self[3][:subset])
+                             self[3][:subset], whole=self)
 
 
-def load_dataset(data_dir='./data', spec_or_name='cifar10', download=True):
+def load_dataset(data_dir='./data', spec_or_name='cifar10', download=True, image_size=None,
+                 in_memory=True):
     """The dataset named (or described) by spec_or_name as DatasetArrays: (train_images,
     train_labels, test_images, test_labels), uint8 N x C x H x W (the spec's image_shape) and
-    int64 N CPU tensors, with
-    content digests. Raises DataError when the files are missing (and cannot be downloaded) or
-    are not the dataset's."""
+    int64 N CPU tensors, with content digests. A folder dataset is scanned (open_dataset;
+    image_size: --image-size) and every image decoded once; with in_memory=False its images
+    stay in their files (streaming.FolderImages, decoded batch by batch). Raises DataError when the files
+    are missing (and cannot be downloaded) or are not the dataset's, LayoutError for a folder
+    that cannot be used."""
     spec = get_dataset(spec_or_name)
+    if spec.scan is not None:  # image files: decoded once into the uint8 store, or left there
+        layout = open_dataset(spec, data_dir, image_size).layout
+        if in_memory:
+            return DatasetArrays(*decode_layout(layout))
+        return DatasetArrays(*(x for items in (layout.train, layout.test) for x in (
+            FolderImages([p for p, _ in items], layout.image_size),
+            torch.tensor([label for _, label in items], dtype=torch.int64))))
+    open_dataset(spec, data_dir, image_size)  # refuses an --image-size CIFAR cannot take
     folder = ensure_dataset(data_dir, spec, download)
     parts = {}
     for split, files in (('train', spec.train_files), ('test', spec.test_files)):

@@ -6,9 +6,12 @@ serve is a DataSource, how they serve them (device, seed, torchrun share, augmen
 LoaderOptions; load_loaders takes both, make_loaders the same as flat keywords.
 
 The whole dataset is held as one uint8 tensor on the training device; each batch is gathered,
-randomly cropped (4-pixel zero padding) and flipped for all images at once, then normalized.
-There are no DataLoader workers: on a GPU the card never waits for PIL, and on a CPU the cores
-do model work instead of decoding.
+randomly cropped (4-pixel zero padding for CIFAR, an eighth of the side for the folder
+datasets) and flipped for all images at once, then normalized. There are no DataLoader workers:
+on a GPU the card never waits for PIL, and on a CPU the cores do model work instead of
+decoding. The exception is a folder dataset too large for the memory budget: its images stay in
+their files (streaming.FolderImages) and DataLoader workers decode each batch, which is then
+cropped, flipped and normalized exactly as above, so the batches are the same.
 """
 import hashlib
 from dataclasses import dataclass, fields, replace
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kd.data.streaming import stream_batches
 from kd.data.datasets import (CIFAR10, DatasetArrays, ensure_dataset, find_folder, get_dataset,
                               load_dataset, read_batch)
 
@@ -105,6 +109,7 @@ class DataSource:
     subset: int = None           # only the first N training and the first N test images
     val_fraction: float = 0.1    # held out of the training images for validation
     split_seed: int = 0          # which images are held out (see split_train_val)
+    image_size: int = None       # --image-size of a folder dataset (datasets.open_dataset)
 
     @classmethod
     def names(cls):
@@ -112,7 +117,8 @@ class DataSource:
 
 
 class CifarLoader:
-    """Batches of (normalized float32 images, int64 labels) from uint8 tensors held on `device`.
+    """Batches of (normalized float32 images, int64 labels) from uint8 tensors held on `device`
+    (or from a streaming.FolderImages, decoded batch by batch by DataLoader workers).
 
     Training loaders shuffle and augment with a per-epoch generator derived from (seed, epoch),
     so epoch e is the same batches whatever happened before it: a resumed run sees what an
@@ -134,7 +140,8 @@ class CifarLoader:
         options = replace(options or LoaderOptions(), **changes)
         self.options = options
         self.device = torch.device(options.device)
-        self.images = images.to(self.device)
+        # a FolderImages (images too large for memory) stays in its files: see _gathered
+        self.images = images.to(self.device) if isinstance(images, torch.Tensor) else images
         self.labels = labels.to(self.device)
         self.batch_size, self.train, self.seed = int(batch_size), train, options.seed
         self.channels_last = options.channels_last
@@ -166,6 +173,8 @@ class CifarLoader:
         return CifarImages(self)
 
     def normalize(self, images_uint8):
+        if not isinstance(images_uint8, torch.Tensor):  # a FolderImages view: decoded now
+            images_uint8 = images_uint8.decode().to(self.device)
         if self.channels_last:  # reorder the 1-byte pixels, not the 4-byte floats
             images_uint8 = images_uint8.contiguous(memory_format=torch.channels_last)
         return (images_uint8.float() - self.mean) * self.inv_std
@@ -200,10 +209,10 @@ class CifarLoader:
         if self.train:  # the next pass is the next epoch, unless set_epoch says otherwise
             self.epoch, self.start_batch = epoch + 1, 0
         order, aug = self._plan(epoch)
-        for i in range(start_batch, len(self)):
+        steps = range(start_batch, len(self))
+        for i, x in zip(steps, self._gathered(order, [self._rank_slice(i) for i in steps])):
             lo, hi = self._rank_slice(i)
             idx = order[lo:hi]
-            x = self.images[idx]
             if aug is not None:
                 offsets, flips = aug[0][idx], aug[1][idx]
                 x = crop_flip(x, offsets[:, 0], offsets[:, 1], flips, self.padding,
@@ -212,6 +221,18 @@ class CifarLoader:
             yield Batch(self.normalize(x), self.labels[idx], idx, i, epoch, self.seed,
                         order[start:stop], lo - start)
 
+
+    def _gathered(self, order, slices):
+        """The uint8 images at positions [lo, hi) of the epoch's order, for each slice in turn:
+        gathered from the device store, or decoded from the files by DataLoader workers (a
+        FolderImages, streaming.stream_batches) and copied to the device."""
+        if isinstance(self.images, torch.Tensor):
+            for lo, hi in slices:
+                yield self.images[order[lo:hi]]
+            return
+        order = order.cpu()  # one copy, not one per batch
+        groups = [order[lo:hi].tolist() for lo, hi in slices]
+        yield from stream_batches(self.images, groups, self.device, self.images.workers)
 
     def first_epoch_flips(self):
         """flip='alternate': which images epoch 0 flips (N bools, from the seed alone)."""
@@ -284,6 +305,9 @@ class CifarData:
     # the CPU arrays the loaders were built from (after --subset): their train_sha256 /
     # test_sha256 identify exactly the images these loaders hold
     arrays: DatasetArrays = None
+    # (mean, std) computed from the training images of a dataset that declares none (recorded
+    # with the run); None when the dataset declares them (CIFAR)
+    normalization: tuple = None
 
     def val_fingerprint(self):
         """A short hash of the held-out image indices: equal fingerprints, same split."""
@@ -306,6 +330,16 @@ def split_train_val(num_images, val_fraction, split_seed=0):
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+def normalization(spec, arrays):
+    """(mean, std) the loaders normalize with: the spec's, else (a dataset that declares none)
+    the whole dataset's training images' (arrays.normalization, computed once)."""
+    if spec.mean is not None:
+        return spec.mean, spec.std
+    if not isinstance(arrays, DatasetArrays):
+        arrays = DatasetArrays(*arrays)
+    return arrays.normalization
+
+
 def load_loaders(source, batch_size=128, eval_batch_size=1000, options=None):
     """Train / validation / test loaders (a CifarData) over the images `source` (a DataSource)
     names, held on options.device.
@@ -319,24 +353,27 @@ def load_loaders(source, batch_size=128, eval_batch_size=1000, options=None):
     spec = get_dataset(source.dataset)
     arrays = source.arrays
     if arrays is None:
-        arrays = load_dataset(source.data_dir, spec, source.download)
+        arrays = load_dataset(source.data_dir, spec, source.download, source.image_size)
     elif not isinstance(arrays, DatasetArrays):
         arrays = DatasetArrays(*arrays)
     arrays = arrays.first(source.subset)
     train_x, train_y, test_x, test_y = arrays
     train_idx, val_idx = split_train_val(len(train_y), source.val_fraction, source.split_seed)
-    options = replace(options or LoaderOptions(), mean=spec.mean, std=spec.std)
+    mean, std = normalization(spec, arrays)
+    options = replace(options or LoaderOptions(), mean=mean, std=std)
+    if spec.padding_share:  # the crop scales with the image (CIFAR's 4 px per 32 px)
+        options = replace(options, padding=max(1, round(train_x.shape[-2] * spec.padding_share)))
     train = CifarLoader(train_x[train_idx], train_y[train_idx], batch_size, True, options)
     # evaluation loaders neither shuffle nor augment: they keep the default seed and
     # augmentation, as they always had (their batches carry seed 0)
     evaluation = LoaderOptions(options.device, channels_last=options.channels_last,
                                rank=options.rank, world_size=options.world_size,
-                               mean=spec.mean, std=spec.std)
+                               mean=mean, std=std)
     val = (CifarLoader(train_x[val_idx], train_y[val_idx], eval_batch_size, False, evaluation)
            if len(val_idx) else None)
     test = CifarLoader(test_x, test_y, eval_batch_size, False, evaluation)
     return CifarData(train, val, test, len(train_idx), len(val_idx), len(test_y), val_idx,
-                     arrays)
+                     arrays, None if spec.mean is not None else (mean, std))
 
 
 def make_loaders(data_dir='./data', batch_size=128, device='cpu', val_fraction=0.1, seed=0,

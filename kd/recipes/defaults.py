@@ -30,5 +30,5 @@ DEFAULTS = MappingProxyType({
     'subset': None, 'val_fraction': VAL_FRACTION, 'split_seed': SPLIT_SEED, 'test_every': None,
     'no_baseline': False, 'teacher_checkpoint': None, 'num_workers': 2, 'amp': None,
     'stack_students': 'auto', 'compile': False, 'resume': False, 'restart': False,
-    'tensorboard': False,
+    'tensorboard': False, 'image_size': None, 'data_in_memory': 'auto',
 })

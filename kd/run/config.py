@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from kd.data.datasets import get_dataset
+from kd.data.datasets import LayoutError, open_dataset
 from kd.methods.grid import parse_sets
 from kd.models import ArchError, check_model
 from kd.models.features import parse_point
@@ -111,6 +111,11 @@ class RunConfig:
     """Set an unfinished run in out_dir aside and start over."""
     tensorboard: bool
     """Also write the per-epoch scalars to OUT_DIR/tensorboard/<phase>."""
+    image_size: Optional[int] = None
+    """--image-size N of a folder dataset (shorter side to N, centre crop); None: its own."""
+    data_in_memory: str = 'auto'
+    """--data-in-memory: a folder dataset decoded once into memory ('on'), streamed from its
+    files by DataLoader workers ('off'), or in memory when it fits the budget ('auto')."""
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -167,6 +172,11 @@ class RunConfig:
         """The students' architecture: --student-arch, else the recipe's."""
         return self.student_arch or self.recipe.student_arch
 
+    def dataset_spec(self):
+        """The dataset as this run reads it (datasets.open_dataset: a folder dataset's scan of
+        data_dir put in; cached, so calling it again costs nothing)."""
+        return open_dataset(self.dataset, self.data_dir, self.image_size)
+
     def record(self):
         """The configuration keys every run records (results.json's config, the resume state's
         'config', compared by kd.run.resume.RUN_KEYS on --resume): {key: value}, JSON-ready."""
@@ -175,7 +185,9 @@ class RunConfig:
                 'weight_decay': self.weight_decay, 'val_fraction': self.val_fraction,
                 'split_seed': self.split_seed, 'subset': self.subset,
                 'test_every': self.test_every, 'data_dir': self.data_dir,
-                'out_dir': self.out_dir, 'compile': self.compile}
+                'out_dir': self.out_dir, 'compile': self.compile,
+                # a folder dataset's size (CIFAR's records keep their keys)
+                **({'image_size': self.image_size} if self.image_size else {})}
 
 
 def resolve(args):
@@ -188,9 +200,15 @@ def resolve(args):
         recipe = resolve_recipe(given['recipe'], epochs=given['epochs'],
                                 batch_size=given['batch_size'], lr=given['lr'],
                                 weight_decay=given['weight_decay'])
-        num_classes = get_dataset(given['dataset']).num_classes
+        spec = open_dataset(given['dataset'], given['data_dir'], given['image_size'])
     except KeyError as e:
         raise UsageError(e.args[0]) from None
+    except LayoutError as e:  # a folder that cannot be used: before anything is written
+        raise UsageError(str(e)) from None
+    in_memory = given['data_in_memory']
+    if in_memory == 'off' and spec.scan is None:
+        raise UsageError(f'--data-in-memory off is for the folder datasets; '
+                         f'{given["dataset"]} is always held in memory')
     if given['seed'] < 0:  # also when --seeds replaces it
         raise UsageError('--seed and --seeds must be >= 0')
     per_seed = given['seeds'] is not None
@@ -204,7 +222,7 @@ def resolve(args):
     return RunConfig(
         phase='evaluate' if given['evaluate'] else 'teacher' if given['train_teacher']
         else 'students',
-        recipe=recipe, dataset=given['dataset'], num_classes=num_classes,
+        recipe=recipe, dataset=given['dataset'], num_classes=spec.num_classes,
         data_dir=given['data_dir'], out_dir=given['out_dir'], subset=given['subset'],
         val_fraction=given['val_fraction'], split_seed=given['split_seed'],
         test_every=(given['test_every'] if given['test_every'] is not None
@@ -223,7 +241,8 @@ def resolve(args):
         teacher_checkpoint_given=checkpoint is not None,
         device=given['device'], amp=given['amp'], stack_students=given['stack_students'],
         compile=given['compile'], resume=given['resume'], restart=given['restart'],
-        tensorboard=given['tensorboard'])
+        tensorboard=given['tensorboard'], image_size=given['image_size'],
+        data_in_memory=in_memory)
 
 
 def checked_arch(arch, flag):
@@ -276,7 +295,7 @@ FLAGS = ('phase', 'recipe', 'dataset', 'teacher_arch', 'student_arch', 'teacher_
          'logit_standardization', 'sets', 'seeds', 'data_dir',
          'out_dir', 'device', 'subset', 'val_fraction', 'split_seed', 'test_every', 'no_baseline',
          'teacher_checkpoint', 'amp', 'stack_students', 'compile', 'resume', 'restart',
-         'tensorboard')
+         'tensorboard', 'image_size', 'data_in_memory')
 
 
 def flag_args(config, dests):

@@ -9,7 +9,6 @@ import shutil
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from kd.data.datasets import get_dataset
 from kd.data.loader import make_loaders
 from kd.engine.distributed import DistInfo
 from kd.engine.loop import LoopCallbacks, LoopOptions, PhaseFiles, train_phase
@@ -133,7 +132,7 @@ def plan_phase(record, dist, arrays, teacher, log):
     config, device, specs = record.config, record.device, record.specs
     main_log = log if dist.is_main else (lambda *_: None)
     data = seed_loaders(config, device, dist, arrays, config.seeds[0])
-    dataset = get_dataset(config.dataset)  # the image size comes from the dataset
+    dataset = config.dataset_spec()  # the image size comes from the dataset
     check_image_sizes([s.arch for s in specs] + ([record.teacher.arch] if record.teacher else []),
                       dataset.image_shape)
     features = feature_plan(specs, teacher, record.teacher.arch, device, config.num_classes,
@@ -151,7 +150,7 @@ def plan_phase(record, dist, arrays, teacher, log):
                      data, features, batch_shape, dist, arrays, main_log)
     # what the images are, whichever folder they were read from
     digests = DataDigests(data.val_fingerprint(), data.arrays.train_sha256,
-                          data.arrays.test_sha256)
+                          data.arrays.test_sha256, data.normalization)
     return plan, replace(record, data=digests,
                          memory_estimate_mb=round(memory_estimate / 2**20, 1))
 

@@ -34,6 +34,7 @@ class DataDigests:
     val: Optional[str]            # the validation split's fingerprint (loader.val_fingerprint)
     train: str
     test: str
+    normalization: Optional[tuple] = None  # (mean, std) computed from the training images
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ class RunRecord:
                    train_images_sha256=self.data.train, test_images_sha256=self.data.test,
                    memory_estimate_mb=self.memory_estimate_mb, recipe=config.recipe.name,
                    recipe_values=config.recipe.to_dict())
+        if self.data.normalization is not None:  # a dataset that declares none (not CIFAR)
+            mean, std = self.data.normalization
+            out['normalization'] = {'mean': list(mean), 'std': list(std)}
         out.update(self._models())
         if self.precisions is not None:
             out.update(precision={n: precision_name(p)

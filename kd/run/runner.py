@@ -8,7 +8,8 @@ run(main.parse_config(['--train-teacher', '--epochs', '3'])).
 import os
 from dataclasses import replace
 
-from kd.data.datasets import effective_subset, get_dataset, load_dataset
+from kd.data.datasets import effective_subset, load_dataset
+from kd.data.streaming import decide_in_memory, decoded_bytes
 from kd.data.loader import split_train_val
 from kd.engine.distributed import barrier, init_distributed
 from kd.engine.signals import StopSignal
@@ -21,6 +22,7 @@ from kd.run.commands import missing_teacher_message, rerun_command
 from kd.run.config import UsageError
 from kd.run.configuration import print_configuration
 from kd.run.device import resolve_device
+from kd.run.memory import available_bytes
 from kd.run.evaluate import evaluate_checkpoints
 from kd.run.outdir import check_out_dir
 from kd.run.phase import run_info, train_phase_for_seeds
@@ -112,13 +114,20 @@ def select_data(record, dist, log):
     process downloads, the others wait), --subset applied and said, the split and the
     students' teacher checked against it before anything is written."""
     config = record.config
-    spec = get_dataset(config.dataset)
+    spec = config.dataset_spec()  # a folder dataset: its scan of --data-dir
     main_log = log if dist.is_main else (lambda *_: None)
+    in_memory = True
+    if spec.scan is not None:  # a folder dataset: decoded into memory, or streamed
+        in_memory, why = decide_in_memory(config.data_in_memory, decoded_bytes(spec),
+                                          available_bytes(record.device))
+        main_log(why)
     if dist.is_main:  # one process downloads; the others wait and read
-        full = load_dataset(config.data_dir, spec)
+        full = load_dataset(config.data_dir, spec, in_memory=in_memory)
     barrier()
     if not dist.is_main:
-        full = load_dataset(config.data_dir, spec, download=False)
+        full = load_dataset(config.data_dir, spec, download=False, in_memory=in_memory)
+    if spec.scan is not None:
+        main_log(describe_folder_data(spec, full))
     arrays = full  # --evaluate takes each checkpoint's own test images unless --subset is given
     if config.phase != 'evaluate':  # from here on, --subset is what it does: None when all
         subset = effective_subset(config.subset, len(full[1]), len(full[3]))
@@ -153,6 +162,15 @@ def report_phase(record, summaries, dirs, seconds, log):
         chosen = rerun_command(results['models'], config)
         if chosen:
             log(chosen)
+
+
+def describe_folder_data(spec, arrays):
+    """The line saying what a folder dataset's scan found and how it normalizes."""
+    mean, std = spec.mean or arrays.normalization[0], spec.std or arrays.normalization[1]
+    h, w = spec.image_size
+    return (f'{spec.title} in {spec.layout.root}: {len(arrays[1])} training and '
+            f'{len(arrays[3])} test images of {spec.num_classes} classes at {h}x{w}; '
+            f'normalized with the training images\' mean {mean} and std {std}')
 
 
 def describe_subset(asked, effective, title, num_train, num_test):

@@ -103,3 +103,18 @@ def test_a_teacher_trains_on_the_folder(tmp_path, capsys):
                       '--epochs', '1', '--batch-size', '6', '--no-amp',
                       '--image-size', '40']) == 0
     assert 'of 3 classes at 40x40' in capsys.readouterr().out
+
+
+def test_a_model_too_deep_for_the_images_is_refused_before_training(tmp_path, capsys):
+    """8x8 images: MobileNetV2's downsampling needs 16x16, so the run stops before writing
+    anything, with one line naming the size; a model that fits trains."""
+    root = write_imagefolder(str(tmp_path / 'data'), size=(8, 8))
+    out = tmp_path / 'out'
+    code = main.main(['--train-teacher', '--dataset', 'imagefolder', '--data-dir', root,
+                      '--teacher-arch', 'mobilenetv2', '--epochs', '1', '--batch-size', '8',
+                      '--device', 'cpu', '--no-amp', '--out-dir', str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        "error: model 'mobilenetv2' cannot run on 8x8 images: its downsampling needs at least "
+        "16x16"]
+    assert not any(p.suffix in ('.pth', '.pt', '.json') for p in out.rglob('*'))

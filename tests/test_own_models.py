@@ -296,3 +296,37 @@ def test_a_feature_method_without_the_teachers_points_is_refused(own, tmp_path, 
     err = refused(args, tmp_path, capsys)
     assert err == ('error: --loss fitnet at: the teacher torchvision:resnet18 names no feature '
                    'points; give them by module path (--teacher-points PATH,...)')
+
+
+BIG_POOL = '''
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BigPool(nn.Module):
+    """Pools 40x40 windows: it needs images of at least 40x40."""
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.avg_pool2d(self.conv(x), 40).flatten(1))
+'''
+
+
+def test_a_model_of_yours_that_cannot_run_on_the_images_is_refused_in_one_line(
+        cifar_dir, tmp_path, capsys):
+    """A model that declares no size is tried at the dataset's size before training: what its
+    forward raises becomes one line naming the size (exit 2), not a traceback."""
+    net = tmp_path / 'big_pool.py'
+    net.write_text(BIG_POOL)
+    code = main.main(['--train-teacher', '--teacher-arch', f'{net}:BigPool', '--epochs', '1',
+                      '--batch-size', '8', '--subset', '16', '--device', 'cpu', '--no-amp',
+                      '--data-dir', cifar_dir, '--out-dir', str(tmp_path / 'out')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: model '{net}:BigPool' cannot run on 32x32 images: ")
+    assert not list((tmp_path / 'out').glob('*.pt*'))
+    from kd.models.sizes import image_size_problem
+    assert image_size_problem(f'{net}:BigPool', (3, 48, 48)) is None

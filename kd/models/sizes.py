@@ -9,21 +9,41 @@ ResNet-18/50, the plain CNN, VGG and ShuffleNets, 16 for MobileNetV2, 9 for airb
 whitening and three max-pools). Padding would let some of them run on smaller images, on maps of
 padding rather than of the image, so they refuse instead.
 
-Models that are not registered here (torchvision:, timm:, a user's file) are not checked: their
-own forward says what they accept.
+A model that is not registered (torchvision:, timm:, a user's file) declares no size: it is
+tried instead, one forward of two blank images in eval mode, and what its forward raises becomes
+the one-line reason (Inception v3 on 32x32 images, say).
 """
-from kd.models.registry import MIN_SIZE
+import torch
+
+from kd.models.external import is_external
+from kd.models.registry import MIN_SIZE, build_model
 
 
-def image_size_problem(arch, image_shape):
-    """Why registered model `arch` cannot run on images of image_shape (C, H, W), in one line
-    naming the size; None when it can (or when `arch` is not a registered model)."""
-    smallest = MIN_SIZE.get(arch)
+def image_size_problem(arch, image_shape, num_classes=10):
+    """Why model `arch` cannot run on images of image_shape (C, H, W), in one line naming the
+    size; None when it can. A registered model is judged by its declared smallest size, any
+    other (torchvision:, timm:, a file's class) by a forward at that size."""
     height, width = image_shape[-2:]
-    if smallest is None or min(height, width) >= smallest:
-        return None
-    return (f'model {arch!r} cannot run on {height}x{width} images: its downsampling needs at '
-            f'least {smallest}x{smallest}')
+    smallest = MIN_SIZE.get(arch)
+    if smallest is not None and min(height, width) < smallest:
+        return (f'model {arch!r} cannot run on {height}x{width} images: its downsampling needs '
+                f'at least {smallest}x{smallest}')
+    if smallest is None and is_external(arch):
+        failure = _forward_failure(build_model(arch, num_classes), image_shape)
+        if failure:
+            return f'model {arch!r} cannot run on {height}x{width} images: {failure}'
+    return None
+
+
+def _forward_failure(model, image_shape):
+    """The first line of what a forward of two blank images raises, or None when it runs."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *image_shape))
+    except (RuntimeError, ValueError) as e:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
 
 
 def check_image_size(arch, image_shape):

@@ -116,11 +116,11 @@ def train_phase_for_seeds(record, dist, arrays, stop=None, teacher=None, log=pri
     return summaries, plan.dirs, record
 
 
-def check_image_sizes(archs, image_shape):
-    """A model whose downsampling cannot run on the dataset's images is refused before any
-    training (UsageError, one line naming the size)."""
+def check_image_sizes(archs, image_shape, num_classes):
+    """A model that cannot run on the dataset's images is refused before any training
+    (UsageError, one line naming the size)."""
     for arch in dict.fromkeys(archs):
-        problem = image_size_problem(arch, image_shape)
+        problem = image_size_problem(arch, image_shape, num_classes)
         if problem:
             raise UsageError(problem)
 
@@ -134,7 +134,7 @@ def plan_phase(record, dist, arrays, teacher, log):
     data = seed_loaders(config, device, dist, arrays, config.seeds[0])
     dataset = config.dataset_spec()  # the image size comes from the dataset
     check_image_sizes([s.arch for s in specs] + ([record.teacher.arch] if record.teacher else []),
-                      dataset.image_shape)
+                      dataset.image_shape, config.num_classes)
     features = feature_plan(specs, teacher, record.teacher.arch, device, config.num_classes,
                             dataset.image_shape, GivenPoints.of(config)) \
         if config.phase == 'students' else None

@@ -231,8 +231,8 @@ def data_flags(a):
       help='teacher weights for the students (default: OUT_DIR/best_teacher.pth)')
     a('--num-workers', type=int, default=default['num_workers'],
       help='unused, kept so reference commands still run: the data lives in device memory and '
-           f'is augmented in batches there, with no DataLoader workers (default: '
-           f'{default["num_workers"]})')
+           'is augmented in batches there (a streamed folder dataset takes one DataLoader '
+           f'worker per core, up to 8) (default: {default["num_workers"]})')
 
 
 def runtime_flags(a):

@@ -1,5 +1,6 @@
 """An image folder in torchvision ImageFolder's layout: PNGs at 48 x 48 at their own size, mixed
 sizes with and without --image-size, val/ or test/, the refusals, and a run in-process."""
+import json
 import os
 
 import numpy as np
@@ -39,8 +40,8 @@ def test_test_folder_and_grey_jpegs_converted_to_rgb(tmp_path):
 
 def test_mixed_sizes_need_image_size_then_resize_and_centre_crop(tmp_path, capsys):
     root = write_imagefolder(str(tmp_path / 'f'), sizes=[(40, 60), (48, 48), (30, 20)])
-    with pytest.raises(LayoutError, match=r'different sizes \(40x60 \(11\), 48x48 \(11\), '
-                                          r'30x20 \(11\)\); give --image-size'):
+    with pytest.raises(LayoutError, match=r'different sizes \(height x width: 40x60 \(11\), '
+                                          r'48x48 \(11\), 30x20 \(11\)\); give --image-size'):
         open_dataset('imagefolder', root)
     out = tmp_path / 'out'
     code = main.main(['--train-teacher', '--dataset', 'imagefolder', '--data-dir', root,
@@ -103,6 +104,17 @@ def test_a_teacher_trains_on_the_folder(tmp_path, capsys):
                       '--epochs', '1', '--batch-size', '6', '--no-amp',
                       '--image-size', '40']) == 0
     assert 'of 3 classes at 40x40' in capsys.readouterr().out
+    with open(os.path.join(out, 'results.json')) as f:
+        config = json.load(f)['phases']['teacher']['config']
+    # what ran: the crop's padding is an eighth of the 40 px side, not the recipe's 4 of 32
+    assert config['recipe_values']['crop_padding'] == 5 and config['image_size'] == 40
+    # every command the run suggests keeps the size the images were read at
+    from kd.run.commands import fast_run_commands, quick_run_commands
+    from kd.run.config import resolve
+    parsed = resolve(main.build_parser().parse_args(
+        ['--train-teacher', '--dataset', 'imagefolder', '--data-dir', root, '--image-size', '40']))
+    for line in quick_run_commands(parsed, 'cnn') + fast_run_commands(parsed):
+        assert '--image-size 40' in line, line
 
 
 def test_a_model_too_deep_for_the_images_is_refused_before_training(tmp_path, capsys):

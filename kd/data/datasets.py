@@ -70,6 +70,14 @@ class DatasetSpec:
         """Values per image (channels x height x width): a batch file's row length."""
         return self.channels * self.image_size[0] * self.image_size[1]
 
+    def crop_padding(self, recipe_padding, height=None):
+        """The training crop's zero padding in pixels: the recipe's (CIFAR: 4 px of 32), or, for
+        a dataset that scales it with its images (padding_share), that share of their height
+        (`height`, else the spec's image size)."""
+        if not self.padding_share:
+            return recipe_padding
+        return max(1, round((height or self.image_size[0]) * self.padding_share))
+
     def batch_shape(self, n):
         """The shape of a batch of n images, (n, channels, height, width): what the memory,
         precision and stacking checks and the feature plan's probes run on."""

@@ -179,8 +179,8 @@ def _common_size(splits):
     if len(counts) > 1:
         shown = ', '.join(f'{h}x{w} ({n})' for (h, w), n in
                           sorted(counts.items(), key=lambda kv: -kv[1])[:6])
-        raise LayoutError(f'the images have different sizes ({shown}); give --image-size N to '
-                          f'resize them (shorter side to N, centre crop N x N)')
+        raise LayoutError(f'the images have different sizes (height x width: {shown}); give '
+                          f'--image-size N to resize them (shorter side to N, centre crop N x N)')
     return sizes[0]
 
 

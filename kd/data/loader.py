@@ -362,7 +362,7 @@ def load_loaders(source, batch_size=128, eval_batch_size=1000, options=None):
     mean, std = normalization(spec, arrays)
     options = replace(options or LoaderOptions(), mean=mean, std=std)
     if spec.padding_share:  # the crop scales with the image (CIFAR's 4 px per 32 px)
-        options = replace(options, padding=max(1, round(train_x.shape[-2] * spec.padding_share)))
+        options = replace(options, padding=spec.crop_padding(options.padding, train_x.shape[-2]))
     train = CifarLoader(train_x[train_idx], train_y[train_idx], batch_size, True, options)
     # evaluation loaders neither shuffle nor augment: they keep the default seed and
     # augmentation, as they always had (their batches carry seed 0)

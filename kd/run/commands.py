@@ -11,7 +11,8 @@ from kd.run.config import flag_args
 
 QUICK_RUN = ['--epochs', '3', '--subset', '2000']
 # what a run's data and precision depend on, kept by every printed command
-DATA_FLAGS = ('recipe', 'dataset', 'data_dir', 'val_fraction', 'split_seed', 'device', 'amp')
+DATA_FLAGS = ('recipe', 'dataset', 'data_dir', 'image_size', 'val_fraction', 'split_seed', 'device',
+              'amp')
 
 
 def program():

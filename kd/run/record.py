@@ -83,6 +83,15 @@ class RunRecord:
                                       list(self.specs) or None,
                                       self.teacher.arch if self.teacher else None)
 
+    def _recipe_values(self):
+        """The recipe's values as they ran: a dataset that scales the crop's padding with its
+        images (Tiny-ImageNet, image folders: an eighth of the side) records the padding used."""
+        values = self.config.recipe.to_dict()
+        spec = self.config.dataset_spec()
+        if spec.padding_share:
+            values['crop_padding'] = spec.crop_padding(values['crop_padding'])
+        return values
+
     def to_dict(self):
         """The record as saved in training states and results.json: {key: value}, JSON-ready,
         in the order written before this object existed (needs the data's digests)."""
@@ -92,7 +101,7 @@ class RunRecord:
                    world_size=self.world_size, val_images_sha256=self.data.val,
                    train_images_sha256=self.data.train, test_images_sha256=self.data.test,
                    memory_estimate_mb=self.memory_estimate_mb, recipe=config.recipe.name,
-                   recipe_values=config.recipe.to_dict())
+                   recipe_values=self._recipe_values())
         if self.data.normalization is not None:  # a dataset that declares none (not CIFAR)
             mean, std = self.data.normalization
             out['normalization'] = {'mean': list(mean), 'std': list(std)}

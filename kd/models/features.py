@@ -35,12 +35,17 @@ def check_points(model, points):
     """Raise ValueError naming the first point whose module `model` does not have, and the
     model's module paths nearest to it."""
     for name, spec in points.items():
-        path, _ = parse_point(spec)
-        try:
-            model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f'feature point {name!r}: the model has no module {path!r} '
-                             f'(nearest: {nearest_modules(model, path)})') from None
+        require_module(model, parse_point(spec)[0], f'feature point {name!r}: the model')
+
+
+def require_module(model, path, what):
+    """Raise ValueError when `model` has no module at `path`: '{what} has no module ...',
+    with the model's module paths nearest to it."""
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f'{what} has no module {path!r} (nearest: '
+                         f'{nearest_modules(model, path)})') from None
 
 
 def given_points(specs, model, what='model'):
@@ -55,12 +60,7 @@ def given_points(specs, model, what='model'):
     for i, spec in enumerate(specs, 1):
         points[f'stage{i}'] = points[f'stage{i}_pre'] = spec
     for spec in specs:
-        path, _ = parse_point(spec)
-        try:
-            model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f'{what} has no module {path!r} (nearest: '
-                             f'{nearest_modules(model, path)})') from None
+        require_module(model, parse_point(spec)[0], what)
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if linears:
         points['pooled'] = f'{linears[-1]}:in'

@@ -371,7 +371,8 @@ def test_a_state_listing_more_gpus_than_the_machine_has_resumes(monkeypatch):
 def test_resume_from_a_state_saved_with_eight_gpus_finishes(trained_run, tmp_path):
     """A run killed on an 8-GPU machine (its state lists 8 CUDA generators) resumes here."""
     args = student_args(trained_run, tmp_path)
-    first = run_cli(*args[:1], '1', *args[2:])   # one epoch only, then a longer run resumes it
+    at = args.index('--epochs') + 1   # one epoch only, then a longer run resumes it
+    first = run_cli(*args[:at], '1', *args[at + 1:])
     assert first.returncode == 0, first.stderr
     path = tmp_path / 'last_students.pt'
     state = torch.load(path, weights_only=True)

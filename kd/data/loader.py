@@ -361,8 +361,8 @@ def load_loaders(source, batch_size=128, eval_batch_size=1000, options=None):
     train_idx, val_idx = split_train_val(len(train_y), source.val_fraction, source.split_seed)
     mean, std = normalization(spec, arrays)
     options = replace(options or LoaderOptions(), mean=mean, std=std)
-    if spec.padding_share:  # the crop scales with the image (CIFAR's 4 px per 32 px)
-        options = replace(options, padding=spec.crop_padding(options.padding, train_x.shape[-2]))
+    # the recipe's padding, or a share of the images' side for a dataset that scales it
+    options = replace(options, padding=spec.crop_padding(options.padding, train_x.shape[-2]))
     train = CifarLoader(train_x[train_idx], train_y[train_idx], batch_size, True, options)
     # evaluation loaders neither shuffle nor augment: they keep the default seed and
     # augmentation, as they always had (their batches carry seed 0)

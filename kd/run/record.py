@@ -87,9 +87,7 @@ class RunRecord:
         """The recipe's values as they ran: a dataset that scales the crop's padding with its
         images (Tiny-ImageNet, image folders: an eighth of the side) records the padding used."""
         values = self.config.recipe.to_dict()
-        spec = self.config.dataset_spec()
-        if spec.padding_share:
-            values['crop_padding'] = spec.crop_padding(values['crop_padding'])
+        values['crop_padding'] = self.config.dataset_spec().crop_padding(values['crop_padding'])
         return values
 
     def to_dict(self):
